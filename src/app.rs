@@ -1,0 +1,179 @@
+//! The broker assembled: [`Broker::bind`] builds the run-time objects from a
+//! validated config and binds both listeners (so callers, tests among them,
+//! learn the real addresses of port-0 binds before connecting), and
+//! [`Broker::run`] serves until the shutdown signal, then drains.
+//!
+//! This module owns the top-level tasks; session tasks belong to the
+//! [`Shutdown`] handle's tracker.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::serve::ListenerExt;
+use axum::Router;
+use tokio::net::TcpListener;
+use tracing::{info, warn};
+
+use crate::admin;
+use crate::config::Config;
+use crate::handshake;
+use crate::limits::ConnectionLimits;
+use crate::metrics::Metrics;
+use crate::routing::RouteTable;
+use crate::session::SessionManager;
+use crate::shutdown::{DrainOutcome, Shutdown};
+use crate::upstream::Upstream;
+
+/// State shared by every handler.
+pub struct AppState {
+    pub routes: RouteTable,
+    pub upstreams: Vec<Arc<Upstream>>,
+    pub limits: Arc<ConnectionLimits>,
+    pub sessions: Arc<SessionManager>,
+    pub metrics: Arc<Metrics>,
+    pub shutdown: Shutdown,
+}
+
+/// A broker with both listeners bound, not yet serving.
+pub struct Broker {
+    state: Arc<AppState>,
+    client: TcpListener,
+    admin: TcpListener,
+    grace: Duration,
+}
+
+/// Why the broker could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("binding {which} listener {addr}: {source}")]
+    Bind {
+        which: &'static str,
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl Broker {
+    /// Builds the broker from a validated config and binds its listeners.
+    pub async fn bind(config: Config) -> Result<Broker, StartError> {
+        let metrics = Arc::new(Metrics::new());
+        let shutdown = Shutdown::new();
+        let upstreams: Vec<Arc<Upstream>> = config
+            .upstreams
+            .iter()
+            .cloned()
+            .map(|u| Arc::new(Upstream::new(u)))
+            .collect();
+        let bind = |which: &'static str, addr: SocketAddr| async move {
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| StartError::Bind {
+                    which,
+                    addr,
+                    source,
+                })
+        };
+        let client = bind("client", config.server.listen).await?;
+        let admin = bind("admin", config.server.admin_listen).await?;
+        let state = Arc::new(AppState {
+            routes: RouteTable::new(&upstreams),
+            upstreams,
+            limits: ConnectionLimits::new(
+                config.server.max_connections,
+                config.server.max_connections_per_ip,
+            ),
+            sessions: SessionManager::new(Arc::clone(&metrics), shutdown.clone()),
+            metrics,
+            shutdown,
+        });
+        Ok(Broker {
+            state,
+            client,
+            admin,
+            grace: config.server.shutdown_grace,
+        })
+    }
+
+    pub fn client_addr(&self) -> SocketAddr {
+        self.client.local_addr().expect("bound listener")
+    }
+
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin.local_addr().expect("bound listener")
+    }
+
+    /// The handle that begins shutdown (for embedding and tests).
+    pub fn shutdown(&self) -> Shutdown {
+        self.state.shutdown.clone()
+    }
+
+    /// Serves until `signal` resolves (or shutdown is begun through the
+    /// handle), then stops accepting, closes every session with 1001 and
+    /// waits up to `shutdown_grace` for them.
+    pub async fn run(self, signal: impl Future<Output = ()>) -> DrainOutcome {
+        let Broker {
+            state,
+            client,
+            admin,
+            grace,
+        } = self;
+        let client_addr = client.local_addr().expect("bound listener");
+        let admin_addr = admin.local_addr().expect("bound listener");
+        let shutdown = state.shutdown.clone();
+
+        let client_app = Router::new()
+            .fallback(handshake::handle)
+            .with_state(Arc::clone(&state));
+        let client_listener = client.tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
+        let stop_accepting = shutdown.clone();
+        let client_server = tokio::spawn(async move {
+            axum::serve(
+                client_listener,
+                client_app.into_make_service_with_connect_info::<SocketAddr>(),
+            )
+            .with_graceful_shutdown(async move { stop_accepting.begun().await })
+            .await
+        });
+        let (admin_stop, admin_stopped) = tokio::sync::oneshot::channel::<()>();
+        let admin_server = tokio::spawn(async move {
+            axum::serve(admin, admin::router(state))
+                .with_graceful_shutdown(async move {
+                    let _ = admin_stopped.await;
+                })
+                .await
+        });
+        info!(%client_addr, %admin_addr, "muxgate listening");
+
+        tokio::select! {
+            _ = signal => {}
+            _ = shutdown.begun() => {}
+        }
+        info!(
+            sessions = shutdown.running(),
+            grace = %humantime::format_duration(grace),
+            "draining sessions"
+        );
+        let outcome = shutdown.drain(grace).await;
+        match outcome {
+            DrainOutcome::Drained => info!("all sessions closed"),
+            DrainOutcome::TimedOut { remaining } => {
+                warn!(
+                    remaining,
+                    "shutdown_grace ran out; aborting remaining sessions"
+                )
+            }
+        }
+        // Idle HTTP connections are closed by the graceful shutdown; give
+        // a stuck one no longer than what is left of the budget.
+        let _ = tokio::time::timeout(Duration::from_secs(1), client_server).await;
+        let _ = admin_stop.send(());
+        let _ = tokio::time::timeout(Duration::from_secs(1), admin_server).await;
+        outcome
+    }
+}

@@ -1,0 +1,270 @@
+//! Reading a config file: the file, YAML with `${NAME}` expansion, then
+//! validation. This is the only module that touches serde_yaml, so the
+//! parser can be swapped in one place.
+//!
+//! Every error names the file, the field path and, where the YAML parser
+//! knows it, the line and column. serde_yaml reports those for what it
+//! finds itself; for the semantic checks of [`super::validate`], which run on
+//! the parsed structs, [`locate`] walks the document again to the offending
+//! path and lets serde_yaml tell where it stands.
+
+use std::fmt;
+use std::path::Path;
+
+use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::Deserializer;
+
+use super::validate::validate;
+use super::Config;
+
+/// Why a config could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{file}: cannot read: {source}")]
+    Read {
+        file: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}", render(file, errors))]
+    Invalid {
+        file: String,
+        errors: Vec<FieldError>,
+    },
+}
+
+impl ConfigError {
+    /// The individual field errors, empty for an unreadable file.
+    pub fn field_errors(&self) -> &[FieldError] {
+        match self {
+            ConfigError::Read { .. } => &[],
+            ConfigError::Invalid { errors, .. } => errors,
+        }
+    }
+}
+
+fn render(file: &str, errors: &[FieldError]) -> String {
+    errors
+        .iter()
+        .map(|e| format!("{file}: {e}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// One problem in the file: `path: message at line L column C`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    /// `upstreams[1].websocket_config.pong_wait`; empty for the document itself.
+    pub path: String,
+    pub message: String,
+    /// 1-based line and column, where known.
+    pub location: Option<(usize, usize)>,
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if !self.path.is_empty() && self.path != "." {
+            write!(f, "{}: ", self.path)?;
+        }
+        f.write_str(&self.message)?;
+        if let Some((line, column)) = self.location {
+            write!(f, " at line {line} column {column}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Loads and validates the file at `path`.
+pub fn load_file(path: &Path) -> Result<Config, ConfigError> {
+    let file = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        file: file.clone(),
+        source,
+    })?;
+    load_str(&file, &text)
+}
+
+/// Parses and validates `text`; `file` names it in errors.
+pub fn load_str(file: &str, text: &str) -> Result<Config, ConfigError> {
+    let invalid = |errors| ConfigError::Invalid {
+        file: file.to_string(),
+        errors,
+    };
+    let config: Config = serde_yaml::from_str(text).map_err(|e| invalid(vec![from_yaml(&e)]))?;
+    let problems = validate(&config);
+    if problems.is_empty() {
+        return Ok(config);
+    }
+    Err(invalid(
+        problems
+            .into_iter()
+            .map(|p| FieldError {
+                location: locate(text, &p.path),
+                path: p.path.to_string(),
+                message: p.message,
+            })
+            .collect(),
+    ))
+}
+
+/// Splits serde_yaml's `path: message at line L column C` into its parts.
+fn from_yaml(e: &serde_yaml::Error) -> FieldError {
+    let mut text = e.to_string();
+    let location = e.location().map(|l| (l.line(), l.column()));
+    if let Some((line, column)) = location {
+        let suffix = format!(" at line {line} column {column}");
+        if let Some(stripped) = text.strip_suffix(&suffix) {
+            text = stripped.to_string();
+        }
+    }
+    // serde_yaml prefixes the path as `a.b[1].c: `; a top-level error has none.
+    let (path, message) = match text.split_once(": ") {
+        Some((p, m)) if !p.contains(' ') && !p.is_empty() => (p.to_string(), m.to_string()),
+        _ => (String::new(), text),
+    };
+    FieldError {
+        path,
+        message,
+        location,
+    }
+}
+
+/// One step of a field path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Segment {
+    Key(&'static str),
+    Index(usize),
+}
+
+/// A field path such as `upstreams[1].websocket_config.pong_wait`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FieldPath(Vec<Segment>);
+
+impl FieldPath {
+    pub fn key(&self, k: &'static str) -> FieldPath {
+        let mut p = self.clone();
+        p.0.push(Segment::Key(k));
+        p
+    }
+    pub fn index(&self, i: usize) -> FieldPath {
+        let mut p = self.clone();
+        p.0.push(Segment::Index(i));
+        p
+    }
+}
+
+impl fmt::Display for FieldPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, seg) in self.0.iter().enumerate() {
+            match seg {
+                Segment::Key(k) if i == 0 => f.write_str(k)?,
+                Segment::Key(k) => write!(f, ".{k}")?,
+                Segment::Index(n) => write!(f, "[{n}]")?,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Where `path` stands in the YAML `text`, as 1-based (line, column).
+///
+/// Deserialises the document once more with a seed that skips everything
+/// off the path and fails on arrival; serde_yaml stamps that failure with the
+/// position of the node it was reading. A path that is absent from the text
+/// (a defaulted field) falls back to its nearest present parent.
+pub fn locate(text: &str, path: &FieldPath) -> Option<(usize, usize)> {
+    const HERE: &str = "muxgate-locate-here";
+    let mut segments = path.0.as_slice();
+    loop {
+        let de = serde_yaml::Deserializer::from_str(text);
+        match (Probe { path: segments }).deserialize(de) {
+            Err(e) if e.to_string().contains(HERE) => {
+                return e.location().map(|l| (l.line(), l.column()));
+            }
+            _ if segments.is_empty() => return None,
+            _ => segments = &segments[..segments.len() - 1],
+        }
+    }
+
+    struct Probe<'a> {
+        path: &'a [Segment],
+    }
+
+    impl<'de> DeserializeSeed<'de> for Probe<'_> {
+        type Value = ();
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+            match self.path.first() {
+                None => d.deserialize_any(Arrive),
+                Some(Segment::Key(_)) => d.deserialize_map(self),
+                Some(Segment::Index(_)) => d.deserialize_seq(self),
+            }
+        }
+    }
+
+    impl<'de> Visitor<'de> for Probe<'_> {
+        type Value = ();
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("any YAML")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+            let Some(Segment::Key(want)) = self.path.first() else {
+                return Ok(());
+            };
+            while let Some(key) = map.next_key::<String>()? {
+                if key == *want {
+                    return map.next_value_seed(Probe {
+                        path: &self.path[1..],
+                    });
+                }
+                map.next_value::<IgnoredAny>()?;
+            }
+            Ok(())
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+            let Some(Segment::Index(want)) = self.path.first() else {
+                return Ok(());
+            };
+            for _ in 0..*want {
+                if seq.next_element::<IgnoredAny>()?.is_none() {
+                    return Ok(());
+                }
+            }
+            seq.next_element_seed(Probe {
+                path: &self.path[1..],
+            })
+            .map(|_| ())
+        }
+    }
+
+    struct Arrive;
+    impl<'de> Visitor<'de> for Arrive {
+        type Value = ();
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("any YAML")
+        }
+        fn visit_bool<E: de::Error>(self, _: bool) -> Result<(), E> {
+            Err(E::custom(HERE))
+        }
+        fn visit_i64<E: de::Error>(self, _: i64) -> Result<(), E> {
+            Err(E::custom(HERE))
+        }
+        fn visit_u64<E: de::Error>(self, _: u64) -> Result<(), E> {
+            Err(E::custom(HERE))
+        }
+        fn visit_f64<E: de::Error>(self, _: f64) -> Result<(), E> {
+            Err(E::custom(HERE))
+        }
+        fn visit_str<E: de::Error>(self, _: &str) -> Result<(), E> {
+            Err(E::custom(HERE))
+        }
+        fn visit_unit<E: de::Error>(self) -> Result<(), E> {
+            Err(E::custom(HERE))
+        }
+        fn visit_map<A: MapAccess<'de>>(self, _: A) -> Result<(), A::Error> {
+            Err(de::Error::custom(HERE))
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, _: A) -> Result<(), A::Error> {
+            Err(de::Error::custom(HERE))
+        }
+    }
+}

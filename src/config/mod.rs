@@ -1,0 +1,383 @@
+//! The configuration model: serde structs that mirror `shared/config.md`.
+//!
+//! Every struct denies unknown fields, so a misspelt key is an error that
+//! names its path and line instead of a silently ignored setting. Defaults
+//! live here as named constants, documented once and used by both the
+//! `default_*` functions and the README's table. Loading (file, `${NAME}`
+//! expansion, YAML) is in [`load`]; the checks serde cannot express are in
+//! [`validate`].
+
+mod load;
+mod validate;
+mod values;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+pub use load::{load_file, load_str, ConfigError, FieldError};
+pub use values::{Secret, Size, Text};
+
+/// Client-facing WebSocket listener.
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:8080";
+/// Listener for `/metrics`, `/healthz` and `/readyz`.
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9090";
+/// Concurrent client sessions before new handshakes get HTTP 503.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 100_000;
+/// How long SIGTERM waits for sessions to close before exiting.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// How often the broker pings each socket.
+pub const DEFAULT_PING_PERIOD: Duration = Duration::from_secs(30);
+/// How long a socket may stay silent after a ping before it is dropped.
+pub const DEFAULT_PONG_WAIT: Duration = Duration::from_secs(45);
+/// Upper bound on connecting to a target and completing its handshake.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a closing side may take to answer a close frame.
+pub const DEFAULT_CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Per-socket read buffer, in bytes.
+pub const DEFAULT_READ_BUFFER_SIZE: u64 = 4096;
+/// Per-socket write buffer, in bytes: frames are batched up to this before a write.
+pub const DEFAULT_WRITE_BUFFER_SIZE: u64 = 4096;
+/// Largest message accepted from either side.
+pub const DEFAULT_MAX_MESSAGE_SIZE: u64 = 1 << 20;
+/// Mux connections per multiplexed upstream.
+pub const DEFAULT_POOL_SIZE: usize = 4;
+/// Per-session queue toward the client, in messages (multiplexed mode).
+pub const DEFAULT_CLIENT_QUEUE: usize = 256;
+/// Per-session messages held while no mux connection is live.
+pub const DEFAULT_RESUME_BUFFER: usize = 64;
+/// How long a session may wait to be re-bound to a live mux connection.
+pub const DEFAULT_RESUME_TIMEOUT: Duration = Duration::from_secs(5);
+/// Failures within `interval` before a target is unhealthy.
+pub const DEFAULT_HEALTH_THRESHOLD: u32 = 3;
+/// Seconds before a target's failure count resets.
+pub const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_secs(60);
+
+/// The whole file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub server: ServerConfig,
+    #[serde(default)]
+    pub jwt: Option<JwtConfig>,
+    pub upstreams: Vec<UpstreamConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    #[serde(default = "default_listen", deserialize_with = "values::socket_addr")]
+    pub listen: SocketAddr,
+    #[serde(
+        default = "default_admin_listen",
+        deserialize_with = "values::socket_addr"
+    )]
+    pub admin_listen: SocketAddr,
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// 0 means no per-IP limit.
+    #[serde(default)]
+    pub max_connections_per_ip: usize,
+    #[serde(
+        default = "default_shutdown_grace",
+        deserialize_with = "values::duration"
+    )]
+    pub shutdown_grace: Duration,
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: default_listen(),
+            admin_listen: default_admin_listen(),
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_connections_per_ip: 0,
+            shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+            tls: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    pub cert_file: Text,
+    pub key_file: Text,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtConfig {
+    #[serde(default)]
+    pub secret: Option<Secret>,
+    #[serde(default)]
+    pub public_key_file: Option<Text>,
+    #[serde(default)]
+    pub issuer: Option<Text>,
+    #[serde(default)]
+    pub audience: Option<Text>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    pub name: Text,
+    pub routes: Vec<RouteConfig>,
+    pub targets: Vec<TargetConfig>,
+    #[serde(default)]
+    pub load_balancing: LoadBalancing,
+    #[serde(default)]
+    pub hash_on: Option<Text>,
+    #[serde(default)]
+    pub auth_required: bool,
+    /// Empty means any `Origin`.
+    #[serde(default)]
+    pub allowed_origins: Vec<Text>,
+    /// Client request headers copied onto the upstream handshake.
+    #[serde(default)]
+    pub forward_headers: Vec<Text>,
+    #[serde(default)]
+    pub websocket_config: WebSocketSettings,
+    #[serde(default)]
+    pub health_checks: HealthChecks,
+    #[serde(default)]
+    pub plugins: Vec<PluginConfig>,
+}
+
+impl UpstreamConfig {
+    /// `direct` or `multiplexed`: the label used in metrics and logs.
+    pub fn mode(&self) -> Mode {
+        if self.websocket_config.enable_direct_communication {
+            Mode::Direct
+        } else {
+            Mode::Multiplexed
+        }
+    }
+}
+
+/// How an upstream carries its clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Direct,
+    Multiplexed,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Direct => "direct",
+            Mode::Multiplexed => "multiplexed",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    pub external_path: Text,
+    pub internal_path: Text,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetConfig {
+    pub url: Text,
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LoadBalancing {
+    #[default]
+    RoundRobin,
+    LeastConnections,
+    ConsistentHash,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Envelope {
+    #[default]
+    Json,
+    Binary,
+}
+
+/// TrustGate's `websocket_config`, with its names and defaults.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebSocketSettings {
+    /// true: one upstream socket per client; false: multiplexed.
+    #[serde(default)]
+    pub enable_direct_communication: bool,
+    #[serde(default)]
+    pub return_error_details: bool,
+    #[serde(default = "default_ping_period", deserialize_with = "values::duration")]
+    pub ping_period: Duration,
+    #[serde(default = "default_pong_wait", deserialize_with = "values::duration")]
+    pub pong_wait: Duration,
+    #[serde(
+        default = "default_handshake_timeout",
+        deserialize_with = "values::duration"
+    )]
+    pub handshake_timeout: Duration,
+    #[serde(
+        default = "default_close_timeout",
+        deserialize_with = "values::duration"
+    )]
+    pub close_timeout: Duration,
+    #[serde(default = "default_read_buffer_size")]
+    pub read_buffer_size: Size,
+    #[serde(default = "default_write_buffer_size")]
+    pub write_buffer_size: Size,
+    #[serde(default = "default_max_message_size")]
+    pub max_message_size: Size,
+    #[serde(default = "default_pool_size")]
+    pub pool_size: usize,
+    #[serde(default)]
+    pub envelope: Envelope,
+    #[serde(default = "default_client_queue")]
+    pub client_queue: usize,
+    #[serde(default = "default_resume_buffer")]
+    pub resume_buffer: usize,
+    #[serde(
+        default = "default_resume_timeout",
+        deserialize_with = "values::duration"
+    )]
+    pub resume_timeout: Duration,
+}
+
+impl Default for WebSocketSettings {
+    fn default() -> Self {
+        Self {
+            enable_direct_communication: false,
+            return_error_details: false,
+            ping_period: DEFAULT_PING_PERIOD,
+            pong_wait: DEFAULT_PONG_WAIT,
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            close_timeout: DEFAULT_CLOSE_TIMEOUT,
+            read_buffer_size: default_read_buffer_size(),
+            write_buffer_size: default_write_buffer_size(),
+            max_message_size: default_max_message_size(),
+            pool_size: DEFAULT_POOL_SIZE,
+            envelope: Envelope::Json,
+            client_queue: DEFAULT_CLIENT_QUEUE,
+            resume_buffer: DEFAULT_RESUME_BUFFER,
+            resume_timeout: DEFAULT_RESUME_TIMEOUT,
+        }
+    }
+}
+
+/// TrustGate's `health_checks`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthChecks {
+    #[serde(default = "default_true")]
+    pub passive: bool,
+    #[serde(default = "default_health_threshold")]
+    pub threshold: u32,
+    /// Seconds (a bare integer) or a humantime string.
+    #[serde(
+        default = "default_health_interval",
+        deserialize_with = "values::seconds_or_duration"
+    )]
+    pub interval: Duration,
+    /// Non-empty: active HTTP checks on this path.
+    #[serde(default)]
+    pub path: Text,
+    #[serde(default)]
+    pub headers: BTreeMap<String, Text>,
+}
+
+impl Default for HealthChecks {
+    fn default() -> Self {
+        Self {
+            passive: true,
+            threshold: DEFAULT_HEALTH_THRESHOLD,
+            interval: DEFAULT_HEALTH_INTERVAL,
+            path: Text::default(),
+            headers: BTreeMap::new(),
+        }
+    }
+}
+
+/// Where in a session a plugin runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PluginStage {
+    Handshake,
+    PreRequest,
+    PostResponse,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginConfig {
+    pub name: Text,
+    pub stage: PluginStage,
+    #[serde(default)]
+    pub settings: serde::de::IgnoredAny,
+}
+
+fn default_listen() -> SocketAddr {
+    DEFAULT_LISTEN.parse().expect("valid default address")
+}
+fn default_admin_listen() -> SocketAddr {
+    DEFAULT_ADMIN_LISTEN.parse().expect("valid default address")
+}
+fn default_max_connections() -> usize {
+    DEFAULT_MAX_CONNECTIONS
+}
+fn default_shutdown_grace() -> Duration {
+    DEFAULT_SHUTDOWN_GRACE
+}
+fn default_weight() -> u32 {
+    1
+}
+fn default_true() -> bool {
+    true
+}
+fn default_ping_period() -> Duration {
+    DEFAULT_PING_PERIOD
+}
+fn default_pong_wait() -> Duration {
+    DEFAULT_PONG_WAIT
+}
+fn default_handshake_timeout() -> Duration {
+    DEFAULT_HANDSHAKE_TIMEOUT
+}
+fn default_close_timeout() -> Duration {
+    DEFAULT_CLOSE_TIMEOUT
+}
+fn default_read_buffer_size() -> Size {
+    Size(DEFAULT_READ_BUFFER_SIZE)
+}
+fn default_write_buffer_size() -> Size {
+    Size(DEFAULT_WRITE_BUFFER_SIZE)
+}
+fn default_max_message_size() -> Size {
+    Size(DEFAULT_MAX_MESSAGE_SIZE)
+}
+fn default_pool_size() -> usize {
+    DEFAULT_POOL_SIZE
+}
+fn default_client_queue() -> usize {
+    DEFAULT_CLIENT_QUEUE
+}
+fn default_resume_buffer() -> usize {
+    DEFAULT_RESUME_BUFFER
+}
+fn default_resume_timeout() -> Duration {
+    DEFAULT_RESUME_TIMEOUT
+}
+fn default_health_threshold() -> u32 {
+    DEFAULT_HEALTH_THRESHOLD
+}
+fn default_health_interval() -> Duration {
+    DEFAULT_HEALTH_INTERVAL
+}

@@ -1,0 +1,227 @@
+//! Semantic checks that serde cannot express: value ranges, cross-field
+//! rules, uniqueness across upstreams, URL schemes. All problems are
+//! collected in one pass, each with the path of the field at fault, so a user
+//! fixes a file in one round trip.
+//!
+//! Rules the libraries would otherwise enforce by panicking at run time live
+//! here too, so they fail before any port is bound.
+
+use std::collections::HashMap;
+
+use super::load::FieldPath;
+use super::{Config, LoadBalancing, UpstreamConfig, WebSocketSettings};
+
+/// One semantic problem.
+#[derive(Debug)]
+pub struct Problem {
+    pub path: FieldPath,
+    pub message: String,
+}
+
+struct Problems(Vec<Problem>);
+
+impl Problems {
+    fn push(&mut self, path: FieldPath, message: impl Into<String>) {
+        self.0.push(Problem {
+            path,
+            message: message.into(),
+        });
+    }
+}
+
+pub fn validate(config: &Config) -> Vec<Problem> {
+    let mut out = Problems(Vec::new());
+    let root = FieldPath::default();
+    let server = root.key("server");
+    if config.server.max_connections == 0 {
+        out.push(server.key("max_connections"), "must be greater than 0");
+    }
+    if config.server.listen == config.server.admin_listen && config.server.listen.port() != 0 {
+        out.push(
+            server.key("admin_listen"),
+            format!("must differ from server.listen ({})", config.server.listen),
+        );
+    }
+    if config.server.tls.is_some() {
+        out.push(
+            server.key("tls"),
+            "serving wss:// is not available in this build yet; terminate TLS in front of muxgate",
+        );
+    }
+    if let Some(jwt) = &config.jwt {
+        let path = root.key("jwt");
+        match (&jwt.secret, &jwt.public_key_file) {
+            (None, None) => out.push(path, "needs `secret` or `public_key_file`"),
+            (Some(_), Some(_)) => out.push(
+                path.key("public_key_file"),
+                "give either `secret` or `public_key_file`, not both",
+            ),
+            (Some(s), None) if s.expose().is_empty() => {
+                out.push(path.key("secret"), "must not be empty")
+            }
+            _ => {}
+        }
+    }
+
+    let upstreams = root.key("upstreams");
+    if config.upstreams.is_empty() {
+        out.push(upstreams.clone(), "at least one upstream is required");
+    }
+    let mut names: HashMap<&str, usize> = HashMap::new();
+    let mut paths: HashMap<&str, (usize, usize)> = HashMap::new();
+    for (i, upstream) in config.upstreams.iter().enumerate() {
+        let at = upstreams.index(i);
+        if upstream.name.trim().is_empty() {
+            out.push(at.key("name"), "must not be empty");
+        } else if let Some(first) = names.insert(&upstream.name, i) {
+            out.push(
+                at.key("name"),
+                format!(
+                    "duplicate upstream name `{}` (also upstreams[{first}].name)",
+                    upstream.name
+                ),
+            );
+        }
+        if upstream.routes.is_empty() {
+            out.push(at.key("routes"), "at least one route is required");
+        }
+        for (j, route) in upstream.routes.iter().enumerate() {
+            let rp = at.key("routes").index(j);
+            check_path(&mut out, rp.key("external_path"), &route.external_path);
+            check_path(&mut out, rp.key("internal_path"), &route.internal_path);
+            if let Some((fi, fj)) = paths.insert(&route.external_path, (i, j)) {
+                out.push(
+                    rp.key("external_path"),
+                    format!(
+                        "duplicate external_path `{}` (also upstreams[{fi}].routes[{fj}].external_path)",
+                        route.external_path
+                    ),
+                );
+            }
+        }
+        check_upstream(&mut out, &at, upstream);
+    }
+    out.0
+}
+
+fn check_path(out: &mut Problems, path: FieldPath, value: &str) {
+    if !value.starts_with('/') {
+        out.push(path, format!("must start with `/`, got {value:?}"));
+    } else if value.contains('?') || value.contains('#') {
+        out.push(
+            path,
+            format!("must be a plain path without `?` or `#`, got {value:?}"),
+        );
+    }
+}
+
+fn check_upstream(out: &mut Problems, at: &FieldPath, upstream: &UpstreamConfig) {
+    if upstream.targets.is_empty() {
+        out.push(at.key("targets"), "at least one target is required");
+    }
+    for (k, target) in upstream.targets.iter().enumerate() {
+        let tp = at.key("targets").index(k);
+        if let Err(why) = crate::upstream::TargetUrl::parse(&target.url) {
+            out.push(tp.key("url"), why);
+        }
+        if target.weight == 0 {
+            out.push(tp.key("weight"), "must be greater than 0");
+        }
+    }
+    match upstream.load_balancing {
+        LoadBalancing::RoundRobin | LoadBalancing::LeastConnections => {}
+        LoadBalancing::ConsistentHash => out.push(
+            at.key("load_balancing"),
+            "consistent_hash is not available in this build yet; use round_robin or least_connections",
+        ),
+    }
+    if upstream.auth_required {
+        out.push(
+            at.key("auth_required"),
+            "JWT authentication is not available in this build yet; refusing to serve the route unauthenticated",
+        );
+    }
+    for (k, origin) in upstream.allowed_origins.iter().enumerate() {
+        if origin.trim().is_empty() {
+            out.push(at.key("allowed_origins").index(k), "must not be empty");
+        }
+    }
+    for (k, name) in upstream.forward_headers.iter().enumerate() {
+        if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+            out.push(
+                at.key("forward_headers").index(k),
+                format!("{name:?} is not a valid HTTP header name"),
+            );
+        }
+    }
+    check_websocket(out, &at.key("websocket_config"), &upstream.websocket_config);
+
+    let hc = &upstream.health_checks;
+    let hp = at.key("health_checks");
+    if hc.threshold == 0 {
+        out.push(hp.key("threshold"), "must be at least 1");
+    }
+    if hc.interval.is_zero() {
+        out.push(hp.key("interval"), "must be greater than 0");
+    }
+    if !hc.path.is_empty() {
+        out.push(
+            hp.key("path"),
+            "active health checks are not available in this build yet; leave path empty",
+        );
+    }
+    if !upstream.plugins.is_empty() {
+        out.push(
+            at.key("plugins"),
+            "plugins are not available in this build yet",
+        );
+    }
+}
+
+fn check_websocket(out: &mut Problems, wp: &FieldPath, ws: &WebSocketSettings) {
+    if !ws.enable_direct_communication {
+        out.push(
+            wp.key("enable_direct_communication"),
+            "multiplexed mode (false, the default) is not available in this build yet; set it to true",
+        );
+    }
+    if ws.ping_period.is_zero() {
+        out.push(wp.key("ping_period"), "must be greater than 0");
+    }
+    if ws.pong_wait <= ws.ping_period {
+        out.push(
+            wp.key("pong_wait"),
+            format!(
+                "must be greater than ping_period ({}), got {}",
+                humantime::format_duration(ws.ping_period),
+                humantime::format_duration(ws.pong_wait)
+            ),
+        );
+    }
+    for (name, value) in [
+        ("handshake_timeout", ws.handshake_timeout),
+        ("close_timeout", ws.close_timeout),
+        ("resume_timeout", ws.resume_timeout),
+    ] {
+        if value.is_zero() {
+            out.push(wp.key(name), "must be greater than 0");
+        }
+    }
+    for (name, value) in [
+        ("read_buffer_size", ws.read_buffer_size),
+        ("write_buffer_size", ws.write_buffer_size),
+        ("max_message_size", ws.max_message_size),
+    ] {
+        if value.0 == 0 {
+            out.push(wp.key(name), "must be greater than 0");
+        }
+    }
+    for (name, value) in [
+        ("pool_size", ws.pool_size),
+        ("client_queue", ws.client_queue),
+    ] {
+        if value == 0 {
+            out.push(wp.key(name), "must be at least 1");
+        }
+    }
+}

@@ -1,0 +1,588 @@
+//! Direct mode (`enable_direct_communication: true`): one dedicated
+//! upstream WebSocket per client.
+//!
+//! [`connect_upstream`] runs before the client's upgrade is accepted, so a
+//! dead backend is an HTTP status, not a broken socket. [`run`] then relays
+//! between the two sockets in one task: each direction holds at most one
+//! message in flight (the `outbox` of the leg it is written to), and while
+//! that slot is full the source leg is not read, so a slow reader pushes back
+//! on the fast writer through TCP, as `copy_bidirectional` does. Frames are
+//! fed while more are ready and flushed once per burst. The same task pings
+//! both legs every `ping_period` and drops a leg silent for `pong_wait`.
+
+use std::future::poll_fn;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{Sink, Stream, StreamExt};
+use http::HeaderMap;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError, ProtocolError};
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+use tracing::{debug, info, warn};
+
+use crate::close;
+use crate::limits::ConnectionPermit;
+use crate::metrics::{Direction, MessageCounters, Metrics, Side};
+use crate::session::SessionGuard;
+use crate::upstream::{self, ConnectError, Connected, TargetLease, Upstream};
+
+/// Messages relayed per direction before yielding, so one busy direction
+/// cannot starve the other or the timers.
+const BURST: usize = 64;
+
+/// Connects to a healthy target of `upstream`, recording the outcome in
+/// metrics and passive health. `None` target means none is healthy.
+pub async fn connect_upstream(
+    upstream: &Arc<Upstream>,
+    path_and_query: &str,
+    headers: HeaderMap,
+    metrics: &Metrics,
+) -> Result<(Connected, TargetLease), UpstreamUnavailable> {
+    let lease = upstream
+        .pick()
+        .ok_or(UpstreamUnavailable::NoHealthyTarget)?;
+    let target = lease.target();
+    let ws = &upstream.config.websocket_config;
+    match upstream::connect(
+        &target.url,
+        path_and_query,
+        headers,
+        upstream.socket_config,
+        ws.handshake_timeout,
+    )
+    .await
+    {
+        Ok(connected) => {
+            metrics.upstream_connected(&upstream.name, &target.label);
+            Ok((connected, lease))
+        }
+        Err(error) => {
+            metrics.upstream_connect_failed(&upstream.name, &target.label, error.reason());
+            if target.health.record_failure(error.to_string()) {
+                warn!(upstream = %upstream.name, target = %target.label, %error, "target marked unhealthy");
+            }
+            Err(UpstreamUnavailable::Connect(error))
+        }
+    }
+}
+
+/// Why no upstream socket could be had for a new session.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamUnavailable {
+    #[error("no healthy target")]
+    NoHealthyTarget,
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+}
+
+/// Everything a direct session owns; dropping it releases the connection
+/// permit, the target lease and the registry entry.
+pub struct DirectSession {
+    pub guard: SessionGuard,
+    pub permit: ConnectionPermit,
+    pub lease: TargetLease,
+    pub upstream: Arc<Upstream>,
+    pub metrics: Arc<Metrics>,
+    pub request_id: String,
+    pub remote: SocketAddr,
+}
+
+/// One socket of a session, with the relay's state for it.
+struct Leg<S> {
+    side: Side,
+    ws: WebSocketStream<S>,
+    /// The next message to write to this leg. One slot: while it is full,
+    /// the other leg is not read (backpressure).
+    outbox: Option<Message>,
+    unflushed: bool,
+    /// This leg sent us a close frame (tungstenite has answered it).
+    got_close: bool,
+    /// The code of the close frame we wrote to this leg (1005: none given).
+    sent_close: Option<u16>,
+    /// Last time anything arrived from this leg.
+    last_seen: Instant,
+    next_ping: Instant,
+    /// Counters for messages read from this leg.
+    counters: MessageCounters,
+    messages_read: u64,
+}
+
+impl<S> Leg<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    fn new(side: Side, ws: WebSocketStream<S>, counters: MessageCounters, ping: Duration) -> Self {
+        let now = Instant::now();
+        Leg {
+            side,
+            ws,
+            outbox: None,
+            unflushed: false,
+            got_close: false,
+            sent_close: None,
+            last_seen: now,
+            next_ping: now + ping,
+            counters,
+            messages_read: 0,
+        }
+    }
+
+    /// Writes the outbox if the socket will take it.
+    fn poll_write_outbox(
+        &mut self,
+        cx: &mut Context<'_>,
+        metrics: &Metrics,
+        upstream: &str,
+    ) -> Poll<Result<(), WsError>> {
+        let Some(msg) = self.outbox.take() else {
+            return Poll::Ready(Ok(()));
+        };
+        match Pin::new(&mut self.ws).poll_ready(cx) {
+            Poll::Pending => {
+                self.outbox = Some(msg);
+                return Poll::Pending;
+            }
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+            Poll::Ready(Ok(())) => {}
+        }
+        if let Message::Close(frame) = &msg {
+            let code = close_code_of(frame);
+            self.sent_close = Some(code);
+            metrics.close_sent(upstream, self.side, code);
+        }
+        Pin::new(&mut self.ws).start_send(msg)?;
+        self.unflushed = true;
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), WsError>> {
+        if !self.unflushed {
+            return Poll::Ready(Ok(()));
+        }
+        let r = Pin::new(&mut self.ws).poll_flush(cx);
+        if let Poll::Ready(Ok(())) = r {
+            self.unflushed = false;
+        }
+        r
+    }
+}
+
+fn close_code_of(frame: &Option<CloseFrame>) -> u16 {
+    frame.as_ref().map(|f| u16::from(f.code)).unwrap_or(1005)
+}
+
+/// Why the relay stopped.
+#[derive(Debug)]
+enum Stop {
+    /// `side`'s stream ended: after its close handshake (`clean`) or not.
+    Ended {
+        side: Side,
+        clean: bool,
+    },
+    ReadFailed {
+        side: Side,
+        error: WsError,
+    },
+    WriteFailed {
+        side: Side,
+        error: WsError,
+    },
+    PingTimeout {
+        side: Side,
+    },
+    Shutdown,
+}
+
+/// Moves messages from `from` to `to` until neither can make progress.
+fn poll_direction<A, B>(
+    from: &mut Leg<A>,
+    to: &mut Leg<B>,
+    cx: &mut Context<'_>,
+    metrics: &Metrics,
+    upstream: &str,
+) -> Poll<Stop>
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut budget = BURST;
+    loop {
+        match to.poll_write_outbox(cx, metrics, upstream) {
+            Poll::Ready(Ok(())) => {}
+            Poll::Ready(Err(error)) => {
+                return Poll::Ready(Stop::WriteFailed {
+                    side: to.side,
+                    error,
+                })
+            }
+            // `to` is full: leave `from` unread; its flush is in progress.
+            Poll::Pending => return Poll::Pending,
+        }
+        if budget == 0 {
+            cx.waker().wake_by_ref();
+            break;
+        }
+        budget -= 1;
+        match Pin::new(&mut from.ws).poll_next(cx) {
+            Poll::Ready(Some(Ok(msg))) => {
+                from.last_seen = Instant::now();
+                match msg {
+                    Message::Text(t) => {
+                        from.counters.text(t.len());
+                        from.messages_read += 1;
+                        to.outbox = Some(Message::Text(t));
+                    }
+                    Message::Binary(b) => {
+                        from.counters.binary(b.len());
+                        from.messages_read += 1;
+                        to.outbox = Some(Message::Binary(b));
+                    }
+                    // Pings are hop-by-hop: tungstenite has queued the pong.
+                    Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
+                    Message::Close(frame) => {
+                        from.got_close = true;
+                        // A close from `to` already started the handshake:
+                        // this one is its answer and goes nowhere.
+                        if !to.got_close && to.sent_close.is_none() {
+                            let frame = match to.side {
+                                Side::Client => frame.map(|f| {
+                                    close::frame(close::client_code(f.code.into()), &f.reason)
+                                }),
+                                Side::Upstream => frame,
+                            };
+                            to.outbox = Some(Message::Close(frame));
+                        }
+                    }
+                }
+            }
+            Poll::Ready(Some(Err(error))) => {
+                return Poll::Ready(Stop::ReadFailed {
+                    side: from.side,
+                    error,
+                })
+            }
+            Poll::Ready(None) => {
+                return Poll::Ready(Stop::Ended {
+                    side: from.side,
+                    clean: from.got_close,
+                })
+            }
+            Poll::Pending => break,
+        }
+    }
+    match to.poll_flush(cx) {
+        Poll::Ready(Err(error)) => Poll::Ready(Stop::WriteFailed {
+            side: to.side,
+            error,
+        }),
+        _ => Poll::Pending,
+    }
+}
+
+/// Relays between `client` and the upstream socket until the session ends,
+/// then closes both sides with the right codes.
+pub async fn run<C>(
+    session: DirectSession,
+    client: WebSocketStream<C>,
+    upstream_ws: upstream::UpstreamSocket,
+) where
+    C: AsyncRead + AsyncWrite + Unpin,
+{
+    let ws = &session.upstream.config.websocket_config;
+    let name = Arc::clone(&session.upstream.name);
+    let metrics = Arc::clone(&session.metrics);
+    let cancel = session.guard.handle.cancel.clone();
+    let mut c = Leg::new(
+        Side::Client,
+        client,
+        metrics.message_counters(&name, Direction::ClientToUpstream),
+        ws.ping_period,
+    );
+    let mut u = Leg::new(
+        Side::Upstream,
+        upstream_ws,
+        metrics.message_counters(&name, Direction::UpstreamToClient),
+        ws.ping_period,
+    );
+    info!(
+        session = %session.guard.handle.id,
+        upstream = %name,
+        target = %session.lease.target().label,
+        mode = "direct",
+        remote = %session.remote,
+        request_id = %session.request_id,
+        "session opened"
+    );
+
+    let stop = loop {
+        let wake = c
+            .next_ping
+            .min(u.next_ping)
+            .min(c.last_seen + ws.pong_wait)
+            .min(u.last_seen + ws.pong_wait);
+        tokio::select! {
+            biased;
+            _ = cancel.cancelled() => break Stop::Shutdown,
+            stop = poll_fn(|cx| {
+                if let Poll::Ready(s) = poll_direction(&mut c, &mut u, cx, &metrics, &name) {
+                    return Poll::Ready(s);
+                }
+                poll_direction(&mut u, &mut c, cx, &metrics, &name)
+            }) => break stop,
+            _ = tokio::time::sleep_until(wake) => {
+                let now = Instant::now();
+                // A leg that is not being read because the other side is
+                // backed up cannot be blamed for silence.
+                if u.outbox.is_some() { c.last_seen = now; }
+                if c.outbox.is_some() { u.last_seen = now; }
+                if now >= c.last_seen + ws.pong_wait {
+                    break Stop::PingTimeout { side: Side::Client };
+                }
+                if now >= u.last_seen + ws.pong_wait {
+                    break Stop::PingTimeout { side: Side::Upstream };
+                }
+                for (next_ping, outbox) in [(&mut c.next_ping, &mut c.outbox), (&mut u.next_ping, &mut u.outbox)] {
+                    if now >= *next_ping {
+                        if outbox.is_none() {
+                            *outbox = Some(Message::Ping(Bytes::new()));
+                        }
+                        *next_ping = now + ws.ping_period;
+                    }
+                }
+            }
+        }
+    };
+
+    finish(session, c, u, stop).await;
+}
+
+/// What each side is told when the session ends.
+struct Ending {
+    /// Close frame for the client; `None` with `drop_client` means no close
+    /// handshake is possible.
+    client: Option<CloseFrame>,
+    upstream: Option<CloseFrame>,
+    drop_client: bool,
+    drop_upstream: bool,
+    /// Short cause for the log line.
+    cause: String,
+    /// The upstream failed: counts against the target's passive health.
+    upstream_failed: bool,
+}
+
+fn decide(stop: &Stop, details: bool) -> Ending {
+    let gone_client = |cause: String| Ending {
+        client: None,
+        upstream: Some(close::frame(close::GOING_AWAY, "client went away")),
+        drop_client: true,
+        drop_upstream: false,
+        cause,
+        upstream_failed: false,
+    };
+    let gone_upstream = |cause: String| Ending {
+        client: Some(close::frame(
+            close::BAD_GATEWAY,
+            &close::reason("upstream went away", Some(&cause), details),
+        )),
+        upstream: None,
+        drop_client: false,
+        drop_upstream: true,
+        cause,
+        upstream_failed: true,
+    };
+    match stop {
+        Stop::Ended { clean: true, side } => Ending {
+            client: None,
+            upstream: None,
+            drop_client: false,
+            drop_upstream: false,
+            cause: format!("{} closed", side.as_str()),
+            upstream_failed: false,
+        },
+        Stop::Ended {
+            clean: false,
+            side: Side::Client,
+        } => gone_client("client vanished without a close handshake".into()),
+        Stop::Ended {
+            clean: false,
+            side: Side::Upstream,
+        } => gone_upstream("upstream vanished without a close handshake".into()),
+        Stop::WriteFailed {
+            side: Side::Client,
+            error,
+        } => gone_client(format!("writing to client: {error}")),
+        Stop::WriteFailed {
+            side: Side::Upstream,
+            error,
+        } => gone_upstream(format!("writing to upstream: {error}")),
+        Stop::PingTimeout { side: Side::Client } => gone_client("client missed its pong".into()),
+        Stop::PingTimeout {
+            side: Side::Upstream,
+        } => gone_upstream("upstream missed its pong".into()),
+        Stop::Shutdown => Ending {
+            client: Some(close::frame(close::GOING_AWAY, "server shutting down")),
+            upstream: Some(close::frame(close::GOING_AWAY, "server shutting down")),
+            drop_client: false,
+            drop_upstream: false,
+            cause: "shutdown".into(),
+            upstream_failed: false,
+        },
+        Stop::ReadFailed { side, error } => {
+            let (code, generic) = match error {
+                WsError::Capacity(CapacityError::MessageTooLong { .. }) => {
+                    (close::MESSAGE_TOO_BIG, "message too big")
+                }
+                WsError::Utf8(_) => (close::INVALID_PAYLOAD, "invalid UTF-8"),
+                WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) | WsError::Io(_) => {
+                    let cause = format!("reading from {}: {error}", side.as_str());
+                    return match side {
+                        Side::Client => gone_client(cause),
+                        Side::Upstream => gone_upstream(cause),
+                    };
+                }
+                _ => (close::PROTOCOL_ERROR, "protocol error"),
+            };
+            let own = close::frame(code, &close::reason(generic, Some(error), details));
+            let cause = format!("{} sent a bad message: {error}", side.as_str());
+            match side {
+                Side::Client => Ending {
+                    client: Some(own),
+                    upstream: Some(close::frame(close::GOING_AWAY, "client closed")),
+                    drop_client: false,
+                    drop_upstream: false,
+                    cause,
+                    upstream_failed: false,
+                },
+                Side::Upstream => Ending {
+                    client: Some(close::frame(
+                        close::BAD_GATEWAY,
+                        &close::reason("upstream failed", Some(error), details),
+                    )),
+                    upstream: Some(own),
+                    drop_client: false,
+                    drop_upstream: false,
+                    cause,
+                    upstream_failed: true,
+                },
+            }
+        }
+    }
+}
+
+async fn finish<C, U>(session: DirectSession, mut c: Leg<C>, mut u: Leg<U>, stop: Stop)
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    let ws = &session.upstream.config.websocket_config;
+    let name = &session.upstream.name;
+    let metrics = &session.metrics;
+    let ending = decide(&stop, ws.return_error_details);
+    if let Stop::PingTimeout { side } = stop {
+        metrics.ping_timeout(name, side);
+    }
+    if ending.upstream_failed {
+        let target = session.lease.target();
+        if target.health.record_failure(ending.cause.clone()) {
+            warn!(upstream = %name, target = %target.label, cause = %ending.cause, "target marked unhealthy");
+        }
+    }
+    let close_both = async {
+        tokio::join!(
+            close_leg(
+                &mut c,
+                ending.client,
+                ending.drop_client,
+                metrics,
+                name,
+                Direction::ClientToUpstream
+            ),
+            close_leg(
+                &mut u,
+                ending.upstream,
+                ending.drop_upstream,
+                metrics,
+                name,
+                Direction::UpstreamToClient
+            ),
+        )
+    };
+    if tokio::time::timeout(ws.close_timeout, close_both)
+        .await
+        .is_err()
+    {
+        debug!(session = %session.guard.handle.id, "close handshake timed out");
+    }
+    let handle = &session.guard.handle;
+    info!(
+        session = %handle.id,
+        upstream = %name,
+        target = %session.lease.target().label,
+        mode = "direct",
+        duration_ms = handle.started.elapsed().as_millis() as u64,
+        client_messages = c.messages_read,
+        upstream_messages = u.messages_read,
+        client_close_code = c.sent_close,
+        upstream_close_code = u.sent_close,
+        cause = %ending.cause,
+        "session ended"
+    );
+}
+
+/// Ends one leg: writes a pending close (or `frame`), then reads until
+/// the peer finishes the close handshake.
+async fn close_leg<S>(
+    leg: &mut Leg<S>,
+    frame: Option<CloseFrame>,
+    drop: bool,
+    metrics: &Metrics,
+    upstream: &str,
+    read_direction: Direction,
+) where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut dropped = 0u64;
+    match leg.outbox.take() {
+        Some(close @ Message::Close(_)) => leg.outbox = Some(close),
+        Some(Message::Text(_) | Message::Binary(_)) => dropped += 1,
+        _ => {}
+    }
+    let other = match read_direction {
+        Direction::ClientToUpstream => Direction::UpstreamToClient,
+        Direction::UpstreamToClient => Direction::ClientToUpstream,
+    };
+    metrics.messages_dropped(upstream, other, "session_closed", dropped);
+    if drop {
+        return;
+    }
+    if leg.outbox.is_none() && leg.sent_close.is_none() && !leg.got_close {
+        if let Some(f) = frame {
+            leg.outbox = Some(Message::Close(Some(f)));
+        }
+    }
+    let wrote = poll_fn(|cx| match leg.poll_write_outbox(cx, metrics, upstream) {
+        Poll::Ready(Ok(())) => leg.poll_flush(cx),
+        other => other,
+    })
+    .await;
+    if wrote.is_err() {
+        return;
+    }
+    // Read until the peer answers the close and the stream ends; what the
+    // other side can no longer receive is counted as dropped.
+    let mut dropped = 0u64;
+    while let Some(Ok(msg)) = leg.ws.next().await {
+        if matches!(msg, Message::Text(_) | Message::Binary(_)) {
+            dropped += 1;
+        }
+    }
+    metrics.messages_dropped(upstream, read_direction, "session_closed", dropped);
+}

@@ -1,0 +1,354 @@
+//! The client-facing HTTP handler: everything that happens before a
+//! WebSocket exists. Routing, method and upgrade checks, `Origin`, limits,
+//! and (in direct mode) the upstream connection all run here, so every
+//! refusal is an HTTP status with a clear body rather than an accepted
+//! socket that closes at once.
+//!
+//! Statuses: unknown path 404, not GET 405, no WebSocket upgrade 426,
+//! malformed upgrade 400, bad `Origin` 403, per-IP limit 429, global limit,
+//! shutdown or no healthy target 503, upstream refused or failed its
+//! handshake 502, upstream handshake timed out 504.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Request, State};
+use axum::response::{IntoResponse, Response};
+use base64::Engine;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::Role;
+use tokio_tungstenite::WebSocketStream;
+use tracing::debug;
+
+use crate::app::AppState;
+use crate::config::Mode;
+use crate::direct::{self, DirectSession, UpstreamUnavailable};
+use crate::limits::LimitRefusal;
+use crate::routing::Route;
+use crate::upstream::ConnectError;
+
+/// Why a client's handshake was refused, each variant one HTTP status.
+#[derive(Debug, thiserror::Error)]
+pub enum HandshakeError {
+    #[error("no route for this path")]
+    NotFound,
+    #[error("only GET can open a WebSocket")]
+    MethodNotAllowed,
+    #[error("this path serves WebSocket only; send an Upgrade: websocket request")]
+    UpgradeRequired,
+    #[error("malformed WebSocket upgrade: {0}")]
+    BadRequest(&'static str),
+    #[error("unsupported Sec-WebSocket-Version; this server speaks 13")]
+    UnsupportedVersion,
+    #[error("origin not allowed")]
+    OriginNotAllowed,
+    #[error("too many connections from this address")]
+    TooManyFromIp,
+    #[error("server at connection capacity")]
+    AtCapacity,
+    #[error("server shutting down")]
+    ShuttingDown,
+    #[error("no healthy upstream target")]
+    NoHealthyTarget,
+    #[error("upstream unavailable")]
+    Upstream(#[source] ConnectError),
+    #[error("connection cannot be upgraded")]
+    NotUpgradable,
+}
+
+impl HandshakeError {
+    pub fn status(&self) -> StatusCode {
+        use HandshakeError::*;
+        match self {
+            NotFound => StatusCode::NOT_FOUND,
+            MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            UpgradeRequired => StatusCode::UPGRADE_REQUIRED,
+            BadRequest(_) | UnsupportedVersion => StatusCode::BAD_REQUEST,
+            OriginNotAllowed => StatusCode::FORBIDDEN,
+            TooManyFromIp => StatusCode::TOO_MANY_REQUESTS,
+            AtCapacity | ShuttingDown | NoHealthyTarget => StatusCode::SERVICE_UNAVAILABLE,
+            Upstream(ConnectError::Timeout { .. }) => StatusCode::GATEWAY_TIMEOUT,
+            Upstream(_) => StatusCode::BAD_GATEWAY,
+            NotUpgradable => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// A bounded label for metrics.
+    pub fn reason(&self) -> &'static str {
+        use HandshakeError::*;
+        match self {
+            NotFound => "not_found",
+            MethodNotAllowed => "method_not_allowed",
+            UpgradeRequired => "upgrade_required",
+            BadRequest(_) => "bad_request",
+            UnsupportedVersion => "unsupported_version",
+            OriginNotAllowed => "origin_not_allowed",
+            TooManyFromIp => "per_ip_limit",
+            AtCapacity => "max_connections",
+            ShuttingDown => "shutting_down",
+            NoHealthyTarget => "no_healthy_target",
+            Upstream(e) => match e {
+                ConnectError::Refused { .. } => "upstream_connect",
+                ConnectError::Handshake { .. } => "upstream_handshake",
+                ConnectError::Timeout { .. } => "upstream_timeout",
+            },
+            NotUpgradable => "not_upgradable",
+        }
+    }
+
+    /// The response; `details` adds the underlying error to the body
+    /// (`return_error_details`).
+    pub fn into_response_with(self, details: bool) -> Response {
+        let mut body = self.to_string();
+        if details {
+            if let HandshakeError::Upstream(e) = &self {
+                body = format!("{body}: {e}");
+            }
+        }
+        body.push('\n');
+        let mut response = (self.status(), body).into_response();
+        let h = response.headers_mut();
+        match self {
+            HandshakeError::MethodNotAllowed => {
+                h.insert(header::ALLOW, HeaderValue::from_static("GET"));
+            }
+            HandshakeError::UpgradeRequired => {
+                h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+                h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+                h.insert(
+                    header::SEC_WEBSOCKET_VERSION,
+                    HeaderValue::from_static("13"),
+                );
+            }
+            HandshakeError::UnsupportedVersion => {
+                h.insert(
+                    header::SEC_WEBSOCKET_VERSION,
+                    HeaderValue::from_static("13"),
+                );
+            }
+            _ => {}
+        }
+        response
+    }
+}
+
+/// axum handler for every path on the client listener.
+pub async fn handle(
+    State(app): State<Arc<AppState>>,
+    ConnectInfo(remote): ConnectInfo<SocketAddr>,
+    mut request: Request,
+) -> Response {
+    let started = Instant::now();
+    let details = app
+        .routes
+        .lookup(request.uri().path())
+        .is_some_and(|r| r.upstream.config.websocket_config.return_error_details);
+    match accept(&app, remote, &mut request, started).await {
+        Ok(response) => response,
+        Err(error) => {
+            let status = error.status();
+            app.metrics
+                .handshake_rejected(status.as_u16(), error.reason());
+            debug!(%remote, path = %request.uri().path(), status = status.as_u16(), %error, "handshake refused");
+            error.into_response_with(details)
+        }
+    }
+}
+
+fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// Checks the upgrade request itself (RFC 6455 §4.2.1) and returns the key.
+fn check_upgrade(request: &Request) -> Result<HeaderValue, HandshakeError> {
+    if request.method() != Method::GET {
+        return Err(HandshakeError::MethodNotAllowed);
+    }
+    let headers = request.headers();
+    if !has_token(headers, header::UPGRADE, "websocket") {
+        return Err(HandshakeError::UpgradeRequired);
+    }
+    if !has_token(headers, header::CONNECTION, "upgrade") {
+        return Err(HandshakeError::BadRequest(
+            "Connection header must include Upgrade",
+        ));
+    }
+    match headers.get(header::SEC_WEBSOCKET_VERSION) {
+        Some(v) if v.as_bytes() == b"13" => {}
+        Some(_) => return Err(HandshakeError::UnsupportedVersion),
+        None => return Err(HandshakeError::BadRequest("missing Sec-WebSocket-Version")),
+    }
+    let key = headers
+        .get(header::SEC_WEBSOCKET_KEY)
+        .ok_or(HandshakeError::BadRequest("missing Sec-WebSocket-Key"))?;
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(key.as_bytes())
+        .map_err(|_| HandshakeError::BadRequest("Sec-WebSocket-Key is not base64"))?;
+    if decoded.len() != 16 {
+        return Err(HandshakeError::BadRequest(
+            "Sec-WebSocket-Key must encode 16 bytes",
+        ));
+    }
+    Ok(key.clone())
+}
+
+/// Headers the broker sets on the upgrade it sends upstream.
+fn upstream_headers(
+    route: &Route,
+    request: &Request,
+    remote: SocketAddr,
+    request_id: &str,
+) -> HeaderMap {
+    let incoming = request.headers();
+    let mut out = HeaderMap::new();
+    for name in &route.upstream.config.forward_headers {
+        if let Ok(name) = HeaderName::from_bytes(name.as_bytes()) {
+            for v in incoming.get_all(&name) {
+                out.append(name.clone(), v.clone());
+            }
+        }
+    }
+    for name in [
+        header::COOKIE,
+        header::AUTHORIZATION,
+        header::SEC_WEBSOCKET_PROTOCOL,
+    ] {
+        for v in incoming.get_all(&name) {
+            out.append(name.clone(), v.clone());
+        }
+    }
+    // Never forwarded: the broker reads frames and implements no extension.
+    out.remove(header::SEC_WEBSOCKET_EXTENSIONS);
+    let ip = remote.ip().to_string();
+    let xff = match incoming
+        .get("x-forwarded-for")
+        .and_then(|v| v.to_str().ok())
+    {
+        Some(prior) => format!("{prior}, {ip}"),
+        None => ip,
+    };
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        out.insert("x-forwarded-for", v);
+    }
+    out.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+    if let Some(host) = incoming.get(header::HOST) {
+        out.insert("x-forwarded-host", host.clone());
+    }
+    if let Ok(v) = HeaderValue::from_str(request_id) {
+        out.insert("x-request-id", v);
+    }
+    out
+}
+
+async fn accept(
+    app: &Arc<AppState>,
+    remote: SocketAddr,
+    request: &mut Request,
+    started: Instant,
+) -> Result<Response, HandshakeError> {
+    let route = app
+        .routes
+        .lookup(request.uri().path())
+        .ok_or(HandshakeError::NotFound)?
+        .clone();
+    let key = check_upgrade(request)?;
+    if app.shutdown.is_shutting_down() {
+        return Err(HandshakeError::ShuttingDown);
+    }
+    let upstream = Arc::clone(&route.upstream);
+    let allowed = &upstream.config.allowed_origins;
+    if !allowed.is_empty() {
+        let origin = request
+            .headers()
+            .get(header::ORIGIN)
+            .and_then(|o| o.to_str().ok());
+        if !origin.is_some_and(|o| allowed.iter().any(|a| &**a == o)) {
+            return Err(HandshakeError::OriginNotAllowed);
+        }
+    }
+    let permit = app.limits.try_acquire(remote.ip()).map_err(|r| match r {
+        LimitRefusal::Global => HandshakeError::AtCapacity,
+        LimitRefusal::PerIp => HandshakeError::TooManyFromIp,
+    })?;
+    let request_id = request
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 200)
+        .map(str::to_owned)
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    let on_upgrade = request
+        .extensions_mut()
+        .remove::<hyper::upgrade::OnUpgrade>()
+        .ok_or(HandshakeError::NotUpgradable)?;
+
+    // Multiplexed upstreams are rejected by validation until that mode exists.
+    debug_assert_eq!(upstream.mode(), Mode::Direct);
+    let path = route.upstream_path(request.uri().query());
+    let headers = upstream_headers(&route, request, remote, &request_id);
+    let (connected, lease) = direct::connect_upstream(&upstream, &path, headers, &app.metrics)
+        .await
+        .map_err(|e| match e {
+            UpstreamUnavailable::NoHealthyTarget => HandshakeError::NoHealthyTarget,
+            UpstreamUnavailable::Connect(e) => HandshakeError::Upstream(e),
+        })?;
+
+    let guard = app
+        .sessions
+        .open(Arc::clone(&upstream.name), Mode::Direct, remote);
+    let mut response = Response::new(Body::empty());
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = response.headers_mut();
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    h.insert(
+        header::SEC_WEBSOCKET_ACCEPT,
+        HeaderValue::from_str(&derive_accept_key(key.as_bytes())).expect("base64 accept key"),
+    );
+    if let Some(protocol) = &connected.protocol {
+        h.insert(header::SEC_WEBSOCKET_PROTOCOL, protocol.clone());
+    }
+    if let Ok(v) = HeaderValue::from_str(&request_id) {
+        h.insert("x-request-id", v);
+    }
+    app.metrics
+        .handshake_completed(&upstream.name, started.elapsed());
+
+    let session = DirectSession {
+        guard,
+        permit,
+        lease,
+        upstream: Arc::clone(&upstream),
+        metrics: Arc::clone(&app.metrics),
+        request_id,
+        remote,
+    };
+    let socket_config = upstream.socket_config;
+    app.shutdown.spawn(async move {
+        match on_upgrade.await {
+            Ok(upgraded) => {
+                let client = WebSocketStream::from_raw_socket(
+                    TokioIo::new(upgraded),
+                    Role::Server,
+                    Some(socket_config),
+                )
+                .await;
+                direct::run(session, client, connected.socket).await;
+            }
+            Err(error) => {
+                debug!(session = %session.guard.handle.id, %error, "client upgrade failed")
+            }
+        }
+    });
+    Ok(response)
+}

@@ -1,0 +1,49 @@
+//! muxgate: a WebSocket broker.
+//!
+//! Clients open WebSockets to the broker; each request path leads to an
+//! upstream, which runs in direct mode (one upstream WebSocket per client)
+//! or, later, multiplexed mode (shared mux connections, see
+//! `shared/mux-protocol.md`).
+//!
+//! # Layout
+//!
+//! - [`config`]: the YAML model of `shared/config.md`, loading and validation.
+//! - [`app`]: binds the listeners, owns the top-level tasks, serves and drains.
+//! - [`shutdown`]: the signal, the root cancellation token and the session tracker.
+//! - [`routing`]: `external_path` to upstream and `internal_path`.
+//! - [`handshake`]: the client HTTP handler; every refusal is an HTTP status.
+//! - [`limits`]: `max_connections` and per-IP permits, released when a session ends.
+//! - [`session`]: session ids and the registry both modes share.
+//! - [`direct`]: direct mode, the connect-first handshake and the relay.
+//! - [`upstream`]: targets, passive health, balancing, connecting.
+//! - [`close`]: the close-code policy.
+//! - [`metrics`]: every Prometheus collector, one method per event.
+//! - [`admin`]: `/metrics`, `/healthz`, `/readyz`.
+//!
+//! # One message in direct mode
+//!
+//! The handshake handler checks route, upgrade, origin and limits, connects
+//! to a healthy target with the client's subprotocols and forwarded headers,
+//! and only then answers 101 with the subprotocol the target chose. The
+//! session task then relays: a message read from one socket waits in the
+//! other's one-slot outbox until that socket takes it, so nothing is queued
+//! without bound and a slow side slows the fast one down instead. Close
+//! frames pass through with their codes; a side that vanishes or misses its
+//! pong closes the other with 1001 (client gone) or 1014 (upstream gone).
+
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod app;
+pub mod close;
+pub mod config;
+pub mod direct;
+pub mod handshake;
+pub mod limits;
+pub mod metrics;
+pub mod routing;
+pub mod session;
+pub mod shutdown;
+pub mod upstream;
+
+pub use app::Broker;

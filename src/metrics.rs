@@ -1,0 +1,267 @@
+//! Every Prometheus collector of the broker, registered once at start-up,
+//! with one method per event. Labels come from bounded sets (upstream and
+//! target names from the config, modes, directions, reasons, close codes),
+//! never from session ids or raw error text.
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+
+/// Which way a message travels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    ClientToUpstream,
+    UpstreamToClient,
+}
+
+impl Direction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::ClientToUpstream => "client_to_upstream",
+            Direction::UpstreamToClient => "upstream_to_client",
+        }
+    }
+}
+
+/// One end of a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Client,
+    Upstream,
+}
+
+impl Side {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Side::Client => "client",
+            Side::Upstream => "upstream",
+        }
+    }
+}
+
+pub struct Metrics {
+    registry: Registry,
+    sessions_active: IntGaugeVec,
+    sessions_total: IntCounterVec,
+    messages_total: IntCounterVec,
+    message_bytes_total: IntCounterVec,
+    messages_dropped_total: IntCounterVec,
+    upstream_connects_total: IntCounterVec,
+    upstream_connect_failures_total: IntCounterVec,
+    handshake_duration_seconds: HistogramVec,
+    ping_timeouts_total: IntCounterVec,
+    close_codes_sent_total: IntCounterVec,
+    handshakes_rejected_total: IntCounterVec,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let registry = Registry::new_custom(Some("muxgate".into()), None).expect("registry");
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("counter");
+            registry.register(Box::new(c.clone())).expect("register");
+            c
+        };
+        let sessions_total = counter(
+            "sessions_total",
+            "Client sessions opened, by upstream and mode.",
+            &["upstream", "mode"],
+        );
+        let messages_total = counter(
+            "messages_total",
+            "Messages relayed, by upstream, direction and kind (text, binary).",
+            &["upstream", "direction", "kind"],
+        );
+        let message_bytes_total = counter(
+            "message_bytes_total",
+            "Payload bytes relayed, by upstream, direction and kind.",
+            &["upstream", "direction", "kind"],
+        );
+        let messages_dropped_total = counter(
+            "messages_dropped_total",
+            "Messages read but not delivered, by upstream, direction and reason.",
+            &["upstream", "direction", "reason"],
+        );
+        let upstream_connects_total = counter(
+            "upstream_connects_total",
+            "Successful upstream WebSocket handshakes, by upstream and target.",
+            &["upstream", "target"],
+        );
+        let upstream_connect_failures_total = counter(
+            "upstream_connect_failures_total",
+            "Failed upstream connects, by upstream, target and reason (connect, handshake, timeout).",
+            &["upstream", "target", "reason"],
+        );
+        let ping_timeouts_total = counter(
+            "ping_timeouts_total",
+            "Sockets dropped for not answering a ping within pong_wait, by upstream and side.",
+            &["upstream", "side"],
+        );
+        let close_codes_sent_total = counter(
+            "close_codes_sent_total",
+            "Close frames sent by the broker, by upstream, side and code.",
+            &["upstream", "side", "code"],
+        );
+        let handshakes_rejected_total = counter(
+            "handshakes_rejected_total",
+            "Client handshakes answered with an HTTP error, by status and reason.",
+            &["status", "reason"],
+        );
+        let sessions_active = IntGaugeVec::new(
+            Opts::new(
+                "sessions_active",
+                "Client sessions open now, by upstream and mode.",
+            ),
+            &["upstream", "mode"],
+        )
+        .expect("gauge");
+        registry
+            .register(Box::new(sessions_active.clone()))
+            .expect("register");
+        let handshake_duration_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "handshake_duration_seconds",
+                "Time from a client's upgrade request to the broker's answer, by upstream.",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0,
+            ]),
+            &["upstream"],
+        )
+        .expect("histogram");
+        registry
+            .register(Box::new(handshake_duration_seconds.clone()))
+            .expect("register");
+        Metrics {
+            registry,
+            sessions_active,
+            sessions_total,
+            messages_total,
+            message_bytes_total,
+            messages_dropped_total,
+            upstream_connects_total,
+            upstream_connect_failures_total,
+            handshake_duration_seconds,
+            ping_timeouts_total,
+            close_codes_sent_total,
+            handshakes_rejected_total,
+        }
+    }
+
+    /// The text exposition format served on `/metrics`.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .expect("text encoding");
+        String::from_utf8(buf).expect("exposition is UTF-8")
+    }
+
+    pub fn session_opened(&self, upstream: &str, mode: &str) {
+        self.sessions_total
+            .with_label_values(&[upstream, mode])
+            .inc();
+        self.sessions_active
+            .with_label_values(&[upstream, mode])
+            .inc();
+    }
+
+    pub fn session_closed(&self, upstream: &str, mode: &str) {
+        self.sessions_active
+            .with_label_values(&[upstream, mode])
+            .dec();
+    }
+
+    /// Counter handles for one session's messages, resolved once so the
+    /// per-message path is two atomic adds.
+    pub fn message_counters(&self, upstream: &str, direction: Direction) -> MessageCounters {
+        let d = direction.as_str();
+        MessageCounters {
+            text: self
+                .messages_total
+                .with_label_values(&[upstream, d, "text"]),
+            text_bytes: self
+                .message_bytes_total
+                .with_label_values(&[upstream, d, "text"]),
+            binary: self
+                .messages_total
+                .with_label_values(&[upstream, d, "binary"]),
+            binary_bytes: self
+                .message_bytes_total
+                .with_label_values(&[upstream, d, "binary"]),
+        }
+    }
+
+    pub fn messages_dropped(&self, upstream: &str, direction: Direction, reason: &str, n: u64) {
+        if n > 0 {
+            self.messages_dropped_total
+                .with_label_values(&[upstream, direction.as_str(), reason])
+                .inc_by(n);
+        }
+    }
+
+    pub fn upstream_connected(&self, upstream: &str, target: &str) {
+        self.upstream_connects_total
+            .with_label_values(&[upstream, target])
+            .inc();
+    }
+
+    /// A client handshake answered with 101, `took` after it arrived.
+    pub fn handshake_completed(&self, upstream: &str, took: std::time::Duration) {
+        self.handshake_duration_seconds
+            .with_label_values(&[upstream])
+            .observe(took.as_secs_f64());
+    }
+
+    pub fn upstream_connect_failed(&self, upstream: &str, target: &str, reason: &str) {
+        self.upstream_connect_failures_total
+            .with_label_values(&[upstream, target, reason])
+            .inc();
+    }
+
+    pub fn ping_timeout(&self, upstream: &str, side: Side) {
+        self.ping_timeouts_total
+            .with_label_values(&[upstream, side.as_str()])
+            .inc();
+    }
+
+    pub fn close_sent(&self, upstream: &str, side: Side, code: u16) {
+        self.close_codes_sent_total
+            .with_label_values(&[upstream, side.as_str(), &code.to_string()])
+            .inc();
+    }
+
+    pub fn handshake_rejected(&self, status: u16, reason: &str) {
+        self.handshakes_rejected_total
+            .with_label_values(&[&status.to_string(), reason])
+            .inc();
+    }
+}
+
+/// Pre-resolved message counters of one direction of one session.
+#[derive(Clone)]
+pub struct MessageCounters {
+    text: IntCounter,
+    text_bytes: IntCounter,
+    binary: IntCounter,
+    binary_bytes: IntCounter,
+}
+
+impl MessageCounters {
+    pub fn text(&self, bytes: usize) {
+        self.text.inc();
+        self.text_bytes.inc_by(bytes as u64);
+    }
+    pub fn binary(&self, bytes: usize) {
+        self.binary.inc();
+        self.binary_bytes.inc_by(bytes as u64);
+    }
+}

@@ -1,0 +1,124 @@
+//! Sessions: one per client WebSocket, whatever the upstream's mode.
+//!
+//! The [`SessionManager`] is the one interface both modes share: it gives a
+//! session its id, its cancellation token and its registry entry, keeps the
+//! per-upstream gauges, and forgets the session when its [`SessionGuard`]
+//! drops. Direct mode (`crate::direct`) owns two sockets per session;
+//! multiplexed mode will bind sessions to shared mux connections through the
+//! same guard.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use dashmap::DashMap;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::config::Mode;
+use crate::metrics::Metrics;
+use crate::shutdown::Shutdown;
+
+/// A session's id: a random UUID, logged as the field `session`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SessionId(pub Uuid);
+
+impl SessionId {
+    pub fn new() -> SessionId {
+        SessionId(Uuid::new_v4())
+    }
+}
+
+impl Default for SessionId {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Display for SessionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.0.hyphenated(), f)
+    }
+}
+
+/// What the registry knows of an open session. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct SessionHandle {
+    pub id: SessionId,
+    pub upstream: Arc<str>,
+    pub mode: Mode,
+    pub remote: SocketAddr,
+    pub started: Instant,
+    /// Cancelling it ends the session (the client gets 1001).
+    pub cancel: CancellationToken,
+}
+
+/// The registry of open sessions.
+pub struct SessionManager {
+    sessions: DashMap<SessionId, SessionHandle>,
+    metrics: Arc<Metrics>,
+    shutdown: Shutdown,
+}
+
+impl SessionManager {
+    pub fn new(metrics: Arc<Metrics>, shutdown: Shutdown) -> Arc<SessionManager> {
+        Arc::new(SessionManager {
+            sessions: DashMap::new(),
+            metrics,
+            shutdown,
+        })
+    }
+
+    /// Registers a new session; it stays registered while the guard lives.
+    pub fn open(
+        self: &Arc<Self>,
+        upstream: Arc<str>,
+        mode: Mode,
+        remote: SocketAddr,
+    ) -> SessionGuard {
+        let handle = SessionHandle {
+            id: SessionId::new(),
+            upstream,
+            mode,
+            remote,
+            started: Instant::now(),
+            cancel: self.shutdown.token(),
+        };
+        self.metrics.session_opened(&handle.upstream, mode.as_str());
+        self.sessions.insert(handle.id, handle.clone());
+        SessionGuard {
+            manager: Arc::clone(self),
+            handle,
+        }
+    }
+
+    /// A clone of the session's handle; never a reference into the map.
+    pub fn lookup(&self, id: SessionId) -> Option<SessionHandle> {
+        self.sessions.get(&id).map(|h| h.clone())
+    }
+
+    /// Open sessions.
+    pub fn len(&self) -> usize {
+        self.sessions.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.sessions.is_empty()
+    }
+}
+
+/// A registered session; dropping it unregisters the session.
+pub struct SessionGuard {
+    manager: Arc<SessionManager>,
+    pub handle: SessionHandle,
+}
+
+impl Drop for SessionGuard {
+    fn drop(&mut self) {
+        self.manager.sessions.remove(&self.handle.id);
+        self.manager
+            .metrics
+            .session_closed(&self.handle.upstream, self.handle.mode.as_str());
+    }
+}

@@ -1,0 +1,302 @@
+//! Upstream targets: their addresses, their health, the balancer that picks
+//! one, and [`connect`], which opens one WebSocket to a target under the
+//! handshake timeout and sorts its failures into the HTTP statuses a client
+//! sees (refused or bad handshake: 502, timeout: 504).
+
+mod balance;
+mod health;
+
+use std::fmt;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::header::{self, HeaderMap, HeaderValue};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::handshake::client::generate_key;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::WebSocketStream;
+
+pub use balance::Balancer;
+pub use health::PassiveHealth;
+
+use crate::config::{Mode, UpstreamConfig};
+
+/// A WebSocket to a target.
+pub type UpstreamSocket = WebSocketStream<TcpStream>;
+
+/// `ws://host:port` of a target, checked once at load time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TargetUrl {
+    secure: bool,
+    /// `host:port`, as written (with the default port filled in).
+    authority: String,
+}
+
+impl TargetUrl {
+    /// Parses `ws://host[:port][/]` or `wss://...`; the path comes from the
+    /// route's `internal_path`, so the URL must not carry one of its own.
+    pub fn parse(raw: &str) -> Result<TargetUrl, String> {
+        let uri: http::Uri = raw
+            .parse()
+            .map_err(|e| format!("invalid URL {raw:?}: {e}"))?;
+        let secure = match uri.scheme_str() {
+            Some("ws") => false,
+            Some("wss") => true,
+            _ => return Err(format!("URL {raw:?} must start with ws:// or wss://")),
+        };
+        let authority = uri
+            .authority()
+            .filter(|a| !a.host().is_empty())
+            .ok_or_else(|| format!("URL {raw:?} has no host"))?;
+        if authority.as_str().contains('@') {
+            return Err(format!("URL {raw:?} must not carry credentials"));
+        }
+        if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+            return Err(format!(
+                "URL {raw:?} must not have a path or query: the route's internal_path is used"
+            ));
+        }
+        let port = uri.port_u16().unwrap_or(if secure { 443 } else { 80 });
+        Ok(TargetUrl {
+            secure,
+            authority: format!("{}:{port}", authority.host()),
+        })
+    }
+
+    pub fn is_secure(&self) -> bool {
+        self.secure
+    }
+
+    /// `host:port`, for connecting and for the `Host` header.
+    pub fn authority(&self) -> &str {
+        &self.authority
+    }
+}
+
+impl fmt::Display for TargetUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let scheme = if self.secure { "wss" } else { "ws" };
+        write!(f, "{scheme}://{}", self.authority)
+    }
+}
+
+/// One target of an upstream.
+#[derive(Debug)]
+pub struct Target {
+    pub url: TargetUrl,
+    /// The URL as a metrics label.
+    pub label: String,
+    pub weight: u32,
+    pub health: PassiveHealth,
+    /// Sessions (direct mode) currently held on this target.
+    active: AtomicUsize,
+}
+
+impl Target {
+    pub fn active(&self) -> usize {
+        self.active.load(Ordering::Relaxed)
+    }
+}
+
+/// Held while a session uses a target; dropping it releases the slot that
+/// `least_connections` counts.
+#[derive(Debug)]
+pub struct TargetLease {
+    upstream: Arc<Upstream>,
+    index: usize,
+}
+
+impl TargetLease {
+    pub fn target(&self) -> &Target {
+        &self.upstream.targets[self.index]
+    }
+}
+
+impl Drop for TargetLease {
+    fn drop(&mut self) {
+        self.target().active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// An upstream at run time: its config, targets and balancer.
+#[derive(Debug)]
+pub struct Upstream {
+    pub name: Arc<str>,
+    pub config: UpstreamConfig,
+    pub targets: Vec<Target>,
+    balancer: Balancer,
+    /// tungstenite settings for both sockets of a session on this upstream.
+    pub socket_config: WebSocketConfig,
+}
+
+impl Upstream {
+    /// Builds the run-time upstream from a validated config.
+    pub fn new(config: UpstreamConfig) -> Upstream {
+        let targets: Vec<Target> = config
+            .targets
+            .iter()
+            .map(|t| {
+                let url = TargetUrl::parse(&t.url).expect("validated target URL");
+                Target {
+                    label: url.to_string(),
+                    url,
+                    weight: t.weight,
+                    health: PassiveHealth::new(&config.health_checks),
+                    active: AtomicUsize::new(0),
+                }
+            })
+            .collect();
+        let ws = &config.websocket_config;
+        let socket_config = WebSocketConfig::default()
+            .read_buffer_size(ws.read_buffer_size.bytes())
+            .write_buffer_size(ws.write_buffer_size.bytes())
+            .max_message_size(Some(ws.max_message_size.bytes()))
+            .max_frame_size(Some(ws.max_message_size.bytes()));
+        Upstream {
+            name: Arc::from(config.name.as_ref()),
+            balancer: Balancer::new(config.load_balancing, &targets),
+            targets,
+            socket_config,
+            config,
+        }
+    }
+
+    pub fn mode(&self) -> Mode {
+        self.config.mode()
+    }
+
+    /// Picks a healthy target and leases it, or `None` when none is healthy.
+    pub fn pick(self: &Arc<Self>) -> Option<TargetLease> {
+        let index = self.balancer.pick(&self.targets)?;
+        self.targets[index].active.fetch_add(1, Ordering::Relaxed);
+        Some(TargetLease {
+            upstream: Arc::clone(self),
+            index,
+        })
+    }
+}
+
+/// Why connecting to a target failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("connecting to {target}: {source}")]
+    Refused {
+        target: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("WebSocket handshake with {target}: {source}")]
+    Handshake {
+        target: String,
+        #[source]
+        source: tokio_tungstenite::tungstenite::Error,
+    },
+    #[error("no handshake from {target} within {}", humantime::format_duration(*.timeout))]
+    Timeout { target: String, timeout: Duration },
+}
+
+impl ConnectError {
+    /// A bounded label for metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ConnectError::Refused { .. } => "connect",
+            ConnectError::Handshake { .. } => "handshake",
+            ConnectError::Timeout { .. } => "timeout",
+        }
+    }
+}
+
+/// An open upstream WebSocket and the subprotocol the target selected.
+pub struct Connected {
+    pub socket: UpstreamSocket,
+    pub protocol: Option<HeaderValue>,
+}
+
+/// Opens a WebSocket to `target` at `path_and_query`, sending `headers`
+/// (which may carry `Sec-WebSocket-Protocol`), all within `timeout`.
+pub async fn connect(
+    target: &TargetUrl,
+    path_and_query: &str,
+    headers: HeaderMap,
+    config: WebSocketConfig,
+    timeout: Duration,
+) -> Result<Connected, ConnectError> {
+    let label = || target.to_string();
+    let attempt =
+        async {
+            let tcp = TcpStream::connect(target.authority())
+                .await
+                .map_err(|source| ConnectError::Refused {
+                    target: label(),
+                    source,
+                })?;
+            // Relayed messages are latency-sensitive and already batched by us.
+            let _ = tcp.set_nodelay(true);
+            let uri = format!("ws://{}{}", target.authority(), path_and_query);
+            let mut request = http::Request::builder().uri(uri).body(()).map_err(|e| {
+                ConnectError::Handshake {
+                    target: label(),
+                    source: e.into(),
+                }
+            })?;
+            let h = request.headers_mut();
+            *h = headers;
+            h.insert(
+                header::HOST,
+                HeaderValue::from_str(target.authority()).expect("validated authority"),
+            );
+            h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+            h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+            h.insert(
+                header::SEC_WEBSOCKET_VERSION,
+                HeaderValue::from_static("13"),
+            );
+            h.insert(
+                header::SEC_WEBSOCKET_KEY,
+                HeaderValue::from_str(&generate_key()).expect("base64 key"),
+            );
+            let (socket, response) =
+                tokio_tungstenite::client_async_with_config(request, tcp, Some(config))
+                    .await
+                    .map_err(|source| ConnectError::Handshake {
+                        target: label(),
+                        source,
+                    })?;
+            let protocol = response
+                .headers()
+                .get(header::SEC_WEBSOCKET_PROTOCOL)
+                .cloned();
+            Ok(Connected { socket, protocol })
+        };
+    match tokio::time::timeout(timeout, attempt).await {
+        Ok(result) => result,
+        Err(_) => Err(ConnectError::Timeout {
+            target: label(),
+            timeout,
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn target_urls() {
+        let u = TargetUrl::parse("ws://127.0.0.1:3000").unwrap();
+        assert_eq!(u.authority(), "127.0.0.1:3000");
+        assert_eq!(u.to_string(), "ws://127.0.0.1:3000");
+        assert_eq!(
+            TargetUrl::parse("wss://example.com/").unwrap().authority(),
+            "example.com:443"
+        );
+        assert!(TargetUrl::parse("http://x:1")
+            .unwrap_err()
+            .contains("ws:// or wss://"));
+        assert!(TargetUrl::parse("ws://x:1/chat")
+            .unwrap_err()
+            .contains("internal_path"));
+        assert!(TargetUrl::parse("ws:///").is_err());
+    }
+}
