@@ -535,6 +535,11 @@ where
         cause = %ending.cause,
         "session ended"
     );
+    // Release the permit and registry entry before the sockets close, so a
+    // client that sees its connection end can reconnect into the freed slot.
+    drop(session);
+    drop(c);
+    drop(u);
 }
 
 /// Ends one leg: writes a pending close (or `frame`), then reads until

@@ -1,0 +1,305 @@
+//! Test harness: the broker started in-process from a YAML string on
+//! `127.0.0.1:0`, real upstream WebSocket servers on port 0, WebSocket and
+//! raw-HTTP clients, and a `/metrics` parser. Nothing here sleeps to wait:
+//! every helper awaits the event it needs, under a timeout.
+#![allow(dead_code)]
+
+pub mod upstream;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use muxgate::shutdown::{DrainOutcome, Shutdown};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+/// Upper bound on any single awaited event in a test.
+pub const TIMEOUT: Duration = Duration::from_secs(10);
+
+pub type Client = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// Awaits `fut`, failing the test with `what` after [`TIMEOUT`].
+pub async fn within<T>(what: &str, fut: impl Future<Output = T>) -> T {
+    tokio::time::timeout(TIMEOUT, fut)
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+}
+
+/// A broker running in this process.
+pub struct Running {
+    pub client_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub shutdown: Shutdown,
+    pub task: JoinHandle<DrainOutcome>,
+}
+
+impl Running {
+    pub fn url(&self, path: &str) -> String {
+        format!("ws://{}{}", self.client_addr, path)
+    }
+
+    /// Fetches `/metrics` and parses it.
+    pub async fn metrics(&self) -> Metrics {
+        let (status, _, body) = http_get(self.admin_addr, "/metrics").await;
+        assert_eq!(status, 200, "GET /metrics");
+        Metrics::parse(&body)
+    }
+
+    pub async fn stop(self) -> DrainOutcome {
+        self.shutdown.begin();
+        within("broker drain", self.task)
+            .await
+            .expect("broker task")
+    }
+}
+
+/// Starts the broker on `yaml`, whose listeners should be `127.0.0.1:0`.
+pub async fn start_broker(yaml: &str) -> Running {
+    let config = muxgate::config::load_str("test.yaml", yaml)
+        .unwrap_or_else(|e| panic!("test config is invalid:\n{e}\n---\n{yaml}"));
+    let broker = muxgate::Broker::bind(config).await.expect("bind broker");
+    let running = Running {
+        client_addr: broker.client_addr(),
+        admin_addr: broker.admin_addr(),
+        shutdown: broker.shutdown(),
+        task: tokio::spawn(broker.run(std::future::pending())),
+    };
+    running
+}
+
+/// A direct-mode config with one upstream `echo` on `/ws/echo` (internal
+/// `/echo`) over `targets`; `ws` adds lines to `websocket_config`,
+/// `upstream` to the upstream, `server` to `server`.
+pub fn direct_config(targets: &[SocketAddr], ws: &str, upstream: &str, server: &str) -> String {
+    let targets: String = targets
+        .iter()
+        .map(|a| format!("      - url: ws://{a}\n"))
+        .collect();
+    let indent = |s: &str, n: usize| {
+        s.lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| format!("{}{}\n", " ".repeat(n), l.trim_start()))
+            .collect::<String>()
+    };
+    format!(
+        "server:\n  listen: 127.0.0.1:0\n  admin_listen: 127.0.0.1:0\n  shutdown_grace: 5s\n{server}\
+upstreams:\n  - name: echo\n    routes:\n      - external_path: /ws/echo\n        internal_path: /echo\n    targets:\n{targets}{upstream}    websocket_config:\n      enable_direct_communication: true\n{ws}",
+        server = indent(server, 2),
+        upstream = indent(upstream, 4),
+        ws = indent(ws, 6),
+    )
+}
+
+/// Opens a WebSocket to `url` with extra request headers.
+pub async fn connect(
+    url: &str,
+    headers: &[(&str, &str)],
+) -> (Client, http::Response<Option<Vec<u8>>>) {
+    let mut request = url.into_client_request().expect("client request");
+    for (k, v) in headers {
+        request.headers_mut().append(
+            http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+            http::HeaderValue::from_str(v).unwrap(),
+        );
+    }
+    within(
+        "client handshake",
+        tokio_tungstenite::connect_async(request),
+    )
+    .await
+    .expect("client handshake succeeds")
+}
+
+/// The next data or close message from `ws` (pings and pongs skipped).
+pub async fn next_message(ws: &mut Client) -> Option<Message> {
+    within("a message", async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                Some(Ok(m)) => return Some(m),
+                Some(Err(_)) | None => return None,
+            }
+        }
+    })
+    .await
+}
+
+/// Reads until the broker's close frame arrives; returns it (code, reason).
+pub async fn expect_close(ws: &mut Client) -> (u16, String) {
+    match next_message(ws).await {
+        Some(Message::Close(Some(CloseFrame { code, reason }))) => {
+            (code.into(), reason.to_string())
+        }
+        other => panic!("expected a close frame, got {other:?}"),
+    }
+}
+
+/// Reads until the stream ends (the broker closed the TCP connection).
+pub async fn expect_end(ws: &mut Client) {
+    within("the connection to end", async {
+        while let Some(Ok(_)) = ws.next().await {}
+    })
+    .await
+}
+
+/// Sends `msg` and asserts the echo equals it.
+pub async fn echo_roundtrip(ws: &mut Client, msg: Message) {
+    ws.send(msg.clone()).await.expect("send");
+    let got = next_message(ws).await.expect("an echo");
+    assert_eq!(got, msg, "echo differs");
+}
+
+/// A raw HTTP/1.1 exchange: sends `request` (complete, with the blank
+/// line) and returns status, lower-cased headers and body.
+pub async fn raw_http(addr: SocketAddr, request: &str) -> (u16, Vec<(String, String)>, String) {
+    within("an HTTP response", async {
+        let mut tcp = TcpStream::connect(addr).await.expect("connect");
+        tcp.write_all(request.as_bytes()).await.expect("write");
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            let n = tcp.read(&mut chunk).await.expect("read");
+            if n == 0 {
+                break;
+            }
+            buf.extend_from_slice(&chunk[..n]);
+            if let Some(parsed) = parse_response(&buf) {
+                return parsed;
+            }
+        }
+        parse_response(&buf).expect("a complete HTTP response")
+    })
+    .await
+}
+
+fn parse_response(buf: &[u8]) -> Option<(u16, Vec<(String, String)>, String)> {
+    let text = String::from_utf8_lossy(buf);
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    let mut lines = head.lines();
+    let status = lines.next()?.split_whitespace().nth(1)?.parse().ok()?;
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let len = headers
+        .iter()
+        .find(|(k, _)| k == "content-length")
+        .and_then(|(_, v)| v.parse::<usize>().ok());
+    match len {
+        Some(n) if body.len() >= n => Some((status, headers, body[..n].to_string())),
+        Some(_) => None,
+        None if status == 101 => Some((status, headers, String::new())),
+        None => Some((status, headers, body.to_string())),
+    }
+}
+
+pub fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    headers
+        .iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
+}
+
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, Vec<(String, String)>, String) {
+    raw_http(
+        addr,
+        &format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"),
+    )
+    .await
+}
+
+/// A valid upgrade request for `path`, plus `extra` header lines.
+pub fn upgrade_request(addr: SocketAddr, path: &str, extra: &str) -> String {
+    format!(
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n{extra}\r\n"
+    )
+}
+
+/// Parsed `/metrics`.
+pub struct Metrics(prometheus_parse::Scrape);
+
+impl Metrics {
+    pub fn parse(text: &str) -> Metrics {
+        let lines = text.lines().map(|l| Ok(l.to_string()));
+        Metrics(prometheus_parse::Scrape::parse(lines).expect("valid exposition format"))
+    }
+
+    /// The value of `name` whose labels include all of `labels`, summed over
+    /// the series that match (0 when none does).
+    pub fn value(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.0
+            .samples
+            .iter()
+            .filter(|s| s.metric == name)
+            .filter(|s| labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+            .map(|s| match s.value {
+                prometheus_parse::Value::Counter(v)
+                | prometheus_parse::Value::Gauge(v)
+                | prometheus_parse::Value::Untyped(v) => v,
+                prometheus_parse::Value::Histogram(ref h) => {
+                    h.last().map(|b| b.count).unwrap_or(0.0)
+                }
+                prometheus_parse::Value::Summary(_) => 0.0,
+            })
+            .sum()
+    }
+
+    /// Whether the exposition declares `name` with a `# TYPE` line.
+    pub fn has_family(&self, name: &str) -> bool {
+        self.0.docs.contains_key(name)
+    }
+}
+
+/// Reads raw frames from the client's TCP stream until a close frame and
+/// returns its code and reason, answering pings meanwhile. tungstenite's reader rewrites close codes
+/// it considers reserved (1014 among them) to 1002, so tests that check
+/// what the broker put on the wire read the frame themselves.
+pub async fn raw_close(ws: Client) -> (u16, String) {
+    let MaybeTlsStream::Plain(mut tcp) = ws.into_inner() else {
+        panic!("plain TCP expected");
+    };
+    within("a raw close frame", async {
+        loop {
+            let mut head = [0u8; 2];
+            tcp.read_exact(&mut head).await.expect("frame header");
+            let opcode = head[0] & 0x0f;
+            let len = match head[1] & 0x7f {
+                126 => {
+                    let mut b = [0u8; 2];
+                    tcp.read_exact(&mut b).await.unwrap();
+                    u16::from_be_bytes(b) as usize
+                }
+                127 => {
+                    let mut b = [0u8; 8];
+                    tcp.read_exact(&mut b).await.unwrap();
+                    u64::from_be_bytes(b) as usize
+                }
+                n => n as usize,
+            };
+            assert_eq!(head[1] & 0x80, 0, "server frames are not masked");
+            let mut payload = vec![0u8; len];
+            tcp.read_exact(&mut payload).await.unwrap();
+            if opcode == 0x9 {
+                // Answer pings (a masked pong, zero mask key) to stay alive.
+                let mut pong = vec![0x8a, 0x80 | payload.len() as u8, 0, 0, 0, 0];
+                pong.extend_from_slice(&payload);
+                tcp.write_all(&pong).await.unwrap();
+                continue;
+            }
+            if opcode == 0x8 {
+                assert!(payload.len() >= 2, "close frame carries a code");
+                let code = u16::from_be_bytes([payload[0], payload[1]]);
+                return (code, String::from_utf8(payload[2..].to_vec()).unwrap());
+            }
+        }
+    })
+    .await
+}

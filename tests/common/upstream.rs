@@ -1,0 +1,211 @@
+//! Real upstream servers for tests, each on `127.0.0.1:0`.
+//!
+//! [`TestUpstream`] is an echo server that reports what it sees on a
+//! channel and obeys commands sent as text messages:
+//! `close:CODE:REASON` closes with that code, `drop` cuts the TCP connection
+//! without a close handshake, `deaf` stops reading (so it never answers a
+//! ping again). It selects the *last* subprotocol offered, so a test can tell
+//! the upstream's choice from the client's first preference.
+
+use std::net::SocketAddr;
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::Message;
+
+use super::within;
+
+/// What the upstream saw.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Seen {
+    /// A handshake: the request path and lower-cased headers.
+    Handshake {
+        path: String,
+        headers: Vec<(String, String)>,
+    },
+    /// A close frame from the broker (code 1005 when it had none).
+    Close { code: u16, reason: String },
+    /// The connection ended.
+    Ended,
+}
+
+pub struct TestUpstream {
+    pub addr: SocketAddr,
+    pub seen: mpsc::Receiver<Seen>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for TestUpstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl TestUpstream {
+    pub async fn start() -> TestUpstream {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, seen) = mpsc::channel(1024);
+        let task = tokio::spawn(async move {
+            let mut conns = tokio::task::JoinSet::new();
+            while let Ok((tcp, _)) = listener.accept().await {
+                conns.spawn(serve(tcp, tx.clone()));
+            }
+        });
+        TestUpstream { addr, seen, task }
+    }
+
+    /// The next event, skipping none.
+    pub async fn next(&mut self) -> Seen {
+        within("an upstream event", self.seen.recv())
+            .await
+            .expect("upstream channel open")
+    }
+
+    /// Skips events until a handshake arrives; returns (path, headers).
+    pub async fn handshake(&mut self) -> (String, Vec<(String, String)>) {
+        loop {
+            if let Seen::Handshake { path, headers } = self.next().await {
+                return (path, headers);
+            }
+        }
+    }
+
+    /// Skips events until a close frame arrives.
+    pub async fn close(&mut self) -> (u16, String) {
+        loop {
+            if let Seen::Close { code, reason } = self.next().await {
+                return (code, reason);
+            }
+        }
+    }
+
+    /// Skips events until a connection ends.
+    pub async fn ended(&mut self) {
+        while self.next().await != Seen::Ended {}
+    }
+}
+
+async fn serve(tcp: tokio::net::TcpStream, tx: mpsc::Sender<Seen>) {
+    let tx_hs = tx.clone();
+    let callback = move |req: &Request, mut resp: Response| -> Result<Response, ErrorResponse> {
+        let headers = req
+            .headers()
+            .iter()
+            .map(|(k, v)| (k.as_str().to_string(), v.to_str().unwrap_or("").to_string()))
+            .collect();
+        let path = req
+            .uri()
+            .path_and_query()
+            .map(|p| p.to_string())
+            .unwrap_or_default();
+        let last = req
+            .headers()
+            .get_all("sec-websocket-protocol")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
+            .last()
+            .map(str::to_owned);
+        if let Some(p) = last {
+            resp.headers_mut()
+                .insert("sec-websocket-protocol", p.parse().unwrap());
+        }
+        let _ = tx_hs.try_send(Seen::Handshake { path, headers });
+        Ok(resp)
+    };
+    let config = WebSocketConfig::default()
+        .max_message_size(None)
+        .max_frame_size(None);
+    let Ok(mut ws) =
+        tokio_tungstenite::accept_hdr_async_with_config(tcp, callback, Some(config)).await
+    else {
+        return;
+    };
+    while let Some(Ok(msg)) = ws.next().await {
+        match msg {
+            Message::Text(t) if t.as_str() == "drop" => {
+                // Cut the connection without a close handshake.
+                let mut tcp = ws.into_inner();
+                let _ = tcp.shutdown().await;
+                drop(tcp);
+                let _ = tx.send(Seen::Ended).await;
+                return;
+            }
+            Message::Text(t) if t.as_str() == "deaf" => {
+                // Keep the socket open but never read again.
+                let _ = tx.send(Seen::Ended).await;
+                std::future::pending::<()>().await;
+            }
+            Message::Text(t) if t.as_str().starts_with("close:") => {
+                let mut parts = t.as_str().splitn(3, ':').skip(1);
+                let code: u16 = parts.next().unwrap().parse().unwrap();
+                let reason = parts.next().unwrap_or("").to_string();
+                let _ = ws
+                    .send(Message::Close(Some(CloseFrame {
+                        code: CloseCode::from(code),
+                        reason: reason.into(),
+                    })))
+                    .await;
+            }
+            m @ (Message::Text(_) | Message::Binary(_)) => {
+                if ws.send(m).await.is_err() {
+                    break;
+                }
+            }
+            Message::Close(frame) => {
+                let (code, reason) = frame
+                    .map(|f| (u16::from(f.code), f.reason.to_string()))
+                    .unwrap_or((1005, String::new()));
+                let _ = tx.send(Seen::Close { code, reason }).await;
+            }
+            _ => {}
+        }
+    }
+    let _ = tx.send(Seen::Ended).await;
+}
+
+/// A listener that accepts TCP connections and never answers (for 504).
+pub async fn silent_listener() -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((tcp, _)) = listener.accept().await {
+            held.push(tcp);
+        }
+    });
+    (addr, task)
+}
+
+/// A listener that answers every request with HTTP 500 (a failed upstream handshake).
+pub async fn http_500_listener() -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = tokio::io::AsyncReadExt::read(&mut tcp, &mut buf).await;
+                let _ = tcp
+                    .write_all(b"HTTP/1.1 500 Internal Server Error\r\ncontent-length: 0\r\n\r\n")
+                    .await;
+            });
+        }
+    });
+    (addr, task)
+}
+
+/// An address with nothing listening (connections are refused).
+pub async fn refused_addr() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    listener.local_addr().unwrap()
+}

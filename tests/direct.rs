@@ -1,0 +1,555 @@
+//! Direct mode end to end: real broker, real upstreams, real clients.
+
+mod common;
+
+use bytes::Bytes;
+use common::upstream::{http_500_listener, refused_addr, silent_listener, TestUpstream};
+use common::*;
+use futures_util::SinkExt;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::{CloseCode, Data, OpCode};
+use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::Message;
+
+/// Text and binary messages of every length class the frame format has
+/// (7-bit, 16-bit and 64-bit lengths, and their edges) come back byte-exact.
+#[tokio::test]
+async fn echoes_text_and_binary_byte_exact_at_every_length_class() {
+    let up = TestUpstream::start().await;
+    let broker = start_broker(&direct_config(&[up.addr], "", "", "")).await;
+    let (mut ws, _) = connect(&broker.url("/ws/echo"), &[]).await;
+    for len in [0usize, 1, 125, 126, 65535, 65536, 1 << 20] {
+        let bytes: Vec<u8> = (0..len).map(|i| (i * 31 % 251) as u8).collect();
+        echo_roundtrip(&mut ws, Message::Binary(Bytes::from(bytes))).await;
+        let text: String = (0..len)
+            .map(|i| char::from(b'a' + (i % 26) as u8))
+            .collect();
+        echo_roundtrip(&mut ws, Message::text(text)).await;
+    }
+    // Multi-byte characters survive unchanged too.
+    echo_roundtrip(&mut ws, Message::text("héllo wörld ✓ 🚀")).await;
+}
+
+/// A message sent in three fragments reaches the upstream as one message.
+#[tokio::test]
+async fn reassembles_a_fragmented_message() {
+    let up = TestUpstream::start().await;
+    let broker = start_broker(&direct_config(&[up.addr], "", "", "")).await;
+    let (mut ws, _) = connect(&broker.url("/ws/echo"), &[]).await;
+    let parts: [(&str, OpCode, bool); 3] = [
+        ("frag", OpCode::Data(Data::Text), false),
+        ("ment", OpCode::Data(Data::Continue), false),
+        ("ed ✓", OpCode::Data(Data::Continue), true),
+    ];
+    for (text, op, fin) in parts {
+        ws.send(Message::Frame(Frame::message(Bytes::from(text), op, fin)))
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        next_message(&mut ws).await,
+        Some(Message::text("fragmented ✓"))
+    );
+}
+
+/// A client's close code and reason reach the upstream unchanged.
+#[tokio::test]
+async fn client_close_code_and_reason_reach_the_upstream() {
+    let mut up = TestUpstream::start().await;
+    let broker = start_broker(&direct_config(&[up.addr], "", "", "")).await;
+    let (mut ws, _) = connect(&broker.url("/ws/echo"), &[]).await;
+    ws.close(Some(CloseFrame {
+        code: CloseCode::from(4001),
+        reason: "bye".into(),
+    }))
+    .await
+    .unwrap();
+    assert_eq!(up.close().await, (4001, "bye".to_string()));
+    // The broker answers the client's close with the same code.
+    assert_eq!(expect_close(&mut ws).await, (4001, "bye".to_string()));
+    expect_end(&mut ws).await;
+}
+
+/// An upstream's close code and reason reach the client unchanged.
+#[tokio::test]
+async fn upstream_close_code_and_reason_reach_the_client() {
+    let up = TestUpstream::start().await;
+    let broker = start_broker(&direct_config(&[up.addr], "", "", "")).await;
+    let (mut ws, _) = connect(&broker.url("/ws/echo"), &[]).await;
+    ws.send(Message::text("close:4001:bye")).await.unwrap();
+    assert_eq!(expect_close(&mut ws).await, (4001, "bye".to_string()));
+    expect_end(&mut ws).await;
+    let m = broker.metrics().await;
+    assert_eq!(
+        m.value(
+            "muxgate_close_codes_sent_total",
+            &[("side", "client"), ("code", "4001")]
+        ),
+        1.0
+    );
+}
+
+/// The client's offered subprotocols go upstream, and the one the upstream
+/// selects (here its last, not the client's first) comes back to the client.
+#[tokio::test]
+async fn relays_the_subprotocol_the_upstream_selects() {
+    let mut up = TestUpstream::start().await;
+    let broker = start_broker(&direct_config(&[up.addr], "", "", "")).await;
+    let (_ws, response) = connect(
+        &broker.url("/ws/echo"),
+        &[("sec-websocket-protocol", "chat.v1, chat.v2")],
+    )
+    .await;
+    let (_, headers) = up.handshake().await;
+    assert_eq!(
+        header(&headers, "sec-websocket-protocol"),
+        Some("chat.v1, chat.v2")
+    );
+    assert_eq!(
+        response.headers().get("sec-websocket-protocol").unwrap(),
+        "chat.v2"
+    );
+}
+
+/// No subprotocol offered: none is selected either way.
+#[tokio::test]
+async fn no_subprotocol_when_none_is_offered() {
+    let mut up = TestUpstream::start().await;
+    let broker = start_broker(&direct_config(&[up.addr], "", "", "")).await;
+    let (_ws, response) = connect(&broker.url("/ws/echo"), &[]).await;
+    let (_, headers) = up.handshake().await;
+    assert_eq!(header(&headers, "sec-websocket-protocol"), None);
+    assert!(response.headers().get("sec-websocket-protocol").is_none());
+}
+
+/// The path is rewritten to internal_path with the query kept, and the
+/// upstream request carries the forwarding headers, cookies, credentials and
+/// forward_headers, but never Sec-WebSocket-Extensions.
+#[tokio::test]
+async fn rewrites_the_path_and_forwards_headers() {
+    let mut up = TestUpstream::start().await;
+    let cfg = direct_config(
+        &[up.addr],
+        "",
+        "forward_headers: [user-agent, x-tenant]",
+        "",
+    );
+    let broker = start_broker(&cfg).await;
+    let (_ws, response) = connect(
+        &broker.url("/ws/echo?room=7&x=%20y"),
+        &[
+            ("cookie", "sid=abc"),
+            ("authorization", "Bearer t0k"),
+            ("user-agent", "muxgate-test"),
+            ("x-tenant", "acme"),
+            ("x-not-forwarded", "1"),
+            (
+                "sec-websocket-extensions",
+                "permessage-deflate; client_max_window_bits",
+            ),
+        ],
+    )
+    .await;
+    let (path, h) = up.handshake().await;
+    assert_eq!(path, "/echo?room=7&x=%20y");
+    assert_eq!(header(&h, "x-forwarded-for"), Some("127.0.0.1"));
+    assert_eq!(header(&h, "x-forwarded-proto"), Some("http"));
+    assert_eq!(
+        header(&h, "x-forwarded-host"),
+        Some(broker.client_addr.to_string().as_str())
+    );
+    let request_id = header(&h, "x-request-id").expect("a request id");
+    assert!(uuid::Uuid::parse_str(request_id).is_ok(), "{request_id}");
+    assert_eq!(response.headers().get("x-request-id").unwrap(), request_id);
+    assert_eq!(header(&h, "cookie"), Some("sid=abc"));
+    assert_eq!(header(&h, "authorization"), Some("Bearer t0k"));
+    assert_eq!(header(&h, "user-agent"), Some("muxgate-test"));
+    assert_eq!(header(&h, "x-tenant"), Some("acme"));
+    assert_eq!(header(&h, "x-not-forwarded"), None);
+    assert_eq!(header(&h, "sec-websocket-extensions"), None);
+    // Nor is an extension accepted from the client.
+    assert!(response.headers().get("sec-websocket-extensions").is_none());
+}
+
+/// A client's own X-Request-Id is kept, and X-Forwarded-For is appended to.
+#[tokio::test]
+async fn keeps_the_clients_request_id_and_appends_to_forwarded_for() {
+    let mut up = TestUpstream::start().await;
+    let broker = start_broker(&direct_config(&[up.addr], "", "", "")).await;
+    let _ = connect(
+        &broker.url("/ws/echo"),
+        &[
+            ("x-request-id", "req-42"),
+            ("x-forwarded-for", "203.0.113.9"),
+        ],
+    )
+    .await;
+    let (_, h) = up.handshake().await;
+    assert_eq!(header(&h, "x-request-id"), Some("req-42"));
+    assert_eq!(
+        header(&h, "x-forwarded-for"),
+        Some("203.0.113.9, 127.0.0.1")
+    );
+}
+
+/// Every refusal before the upgrade is an HTTP status with the right headers.
+#[tokio::test]
+async fn refuses_bad_requests_with_http_statuses() {
+    let up = TestUpstream::start().await;
+    let cfg = direct_config(
+        &[up.addr],
+        "",
+        "allowed_origins: [\"https://app.example\"]",
+        "",
+    );
+    let broker = start_broker(&cfg).await;
+    let a = broker.client_addr;
+    let origin = "Origin: https://app.example\r\n";
+
+    let (s, _, _) = raw_http(a, &upgrade_request(a, "/nope", origin)).await;
+    assert_eq!(s, 404, "unknown path");
+
+    let post = upgrade_request(a, "/ws/echo", origin).replacen("GET", "POST", 1);
+    let (s, h, _) = raw_http(
+        a,
+        &post.replace("\r\n\r\n", "\r\nContent-Length: 0\r\n\r\n"),
+    )
+    .await;
+    assert_eq!(s, 405, "POST");
+    assert_eq!(header(&h, "allow"), Some("GET"));
+
+    let (s, h, _) = http_get(a, "/ws/echo").await;
+    assert_eq!(s, 426, "no upgrade");
+    assert_eq!(header(&h, "upgrade"), Some("websocket"));
+
+    let bad_key =
+        upgrade_request(a, "/ws/echo", origin).replace("dGhlIHNhbXBsZSBub25jZQ==", "not-a-key");
+    let (s, _, body) = raw_http(a, &bad_key).await;
+    assert_eq!(s, 400, "bad key");
+    assert!(body.contains("Sec-WebSocket-Key"), "{body}");
+
+    let short_key =
+        upgrade_request(a, "/ws/echo", origin).replace("dGhlIHNhbXBsZSBub25jZQ==", "c2hvcnQ=");
+    assert_eq!(raw_http(a, &short_key).await.0, 400, "key of 5 bytes");
+
+    let bad_version = upgrade_request(a, "/ws/echo", origin)
+        .replace("Sec-WebSocket-Version: 13", "Sec-WebSocket-Version: 8");
+    let (s, h, _) = raw_http(a, &bad_version).await;
+    assert_eq!(s, 400, "bad version");
+    assert_eq!(header(&h, "sec-websocket-version"), Some("13"));
+
+    let no_connection = upgrade_request(a, "/ws/echo", origin)
+        .replace("Connection: Upgrade", "Connection: keep-alive");
+    assert_eq!(
+        raw_http(a, &no_connection).await.0,
+        400,
+        "Connection without Upgrade"
+    );
+
+    let (s, _, _) = raw_http(
+        a,
+        &upgrade_request(a, "/ws/echo", "Origin: https://evil.example\r\n"),
+    )
+    .await;
+    assert_eq!(s, 403, "wrong origin");
+    let (s, _, _) = raw_http(a, &upgrade_request(a, "/ws/echo", "")).await;
+    assert_eq!(s, 403, "missing origin");
+
+    let (s, h, _) = raw_http(a, &upgrade_request(a, "/ws/echo", origin)).await;
+    assert_eq!(s, 101, "the same request done right");
+    assert!(header(&h, "sec-websocket-accept").is_some());
+
+    let m = broker.metrics().await;
+    for (status, reason) in [
+        ("404", "not_found"),
+        ("405", "method_not_allowed"),
+        ("426", "upgrade_required"),
+        ("403", "origin_not_allowed"),
+    ] {
+        assert!(
+            m.value(
+                "muxgate_handshakes_rejected_total",
+                &[("status", status), ("reason", reason)]
+            ) >= 1.0,
+            "{status} {reason} counted"
+        );
+    }
+    assert_eq!(
+        m.value("muxgate_handshakes_rejected_total", &[("status", "400")]),
+        4.0
+    );
+}
+
+/// A refused upstream connection is a 502 before any upgrade.
+#[tokio::test]
+async fn refused_upstream_is_502() {
+    let dead = refused_addr().await;
+    let broker = start_broker(&direct_config(&[dead], "", "", "")).await;
+    let a = broker.client_addr;
+    let (s, _, body) = raw_http(a, &upgrade_request(a, "/ws/echo", "")).await;
+    assert_eq!(s, 502);
+    // return_error_details is off: the body is generic.
+    assert_eq!(body.trim(), "upstream unavailable");
+    let m = broker.metrics().await;
+    assert_eq!(
+        m.value(
+            "muxgate_upstream_connect_failures_total",
+            &[("reason", "connect")]
+        ),
+        1.0
+    );
+}
+
+/// With return_error_details the body names the underlying error.
+#[tokio::test]
+async fn error_details_are_added_when_enabled() {
+    let dead = refused_addr().await;
+    let cfg = direct_config(&[dead], "return_error_details: true", "", "");
+    let broker = start_broker(&cfg).await;
+    let a = broker.client_addr;
+    let (s, _, body) = raw_http(a, &upgrade_request(a, "/ws/echo", "")).await;
+    assert_eq!(s, 502);
+    assert!(
+        body.starts_with("upstream unavailable: connecting to ws://"),
+        "{body}"
+    );
+}
+
+/// An upstream that answers the upgrade with HTTP 500 is a 502.
+#[tokio::test]
+async fn failed_upstream_handshake_is_502() {
+    let (addr, _task) = http_500_listener().await;
+    let broker = start_broker(&direct_config(&[addr], "", "", "")).await;
+    let a = broker.client_addr;
+    assert_eq!(
+        raw_http(a, &upgrade_request(a, "/ws/echo", "")).await.0,
+        502
+    );
+    let m = broker.metrics().await;
+    assert_eq!(
+        m.value(
+            "muxgate_upstream_connect_failures_total",
+            &[("reason", "handshake")]
+        ),
+        1.0
+    );
+}
+
+/// An upstream that never answers within handshake_timeout is a 504.
+#[tokio::test]
+async fn upstream_handshake_timeout_is_504() {
+    let (addr, _task) = silent_listener().await;
+    let cfg = direct_config(&[addr], "handshake_timeout: 200ms", "", "");
+    let broker = start_broker(&cfg).await;
+    let a = broker.client_addr;
+    assert_eq!(
+        raw_http(a, &upgrade_request(a, "/ws/echo", "")).await.0,
+        504
+    );
+}
+
+/// Once passive health marks the only target unhealthy, clients get 503.
+#[tokio::test]
+async fn no_healthy_target_is_503() {
+    let dead = refused_addr().await;
+    let cfg = direct_config(
+        &[dead],
+        "",
+        "health_checks: {passive: true, threshold: 1, interval: 60}",
+        "",
+    );
+    let broker = start_broker(&cfg).await;
+    let a = broker.client_addr;
+    assert_eq!(
+        raw_http(a, &upgrade_request(a, "/ws/echo", "")).await.0,
+        502
+    );
+    assert_eq!(
+        raw_http(a, &upgrade_request(a, "/ws/echo", "")).await.0,
+        503
+    );
+    let m = broker.metrics().await;
+    assert_eq!(
+        m.value(
+            "muxgate_handshakes_rejected_total",
+            &[("reason", "no_healthy_target")]
+        ),
+        1.0
+    );
+}
+
+/// An upstream that vanishes without a close handshake closes the client with 1014.
+#[tokio::test]
+async fn upstream_lost_without_close_is_1014() {
+    let up = TestUpstream::start().await;
+    let broker = start_broker(&direct_config(&[up.addr], "", "", "")).await;
+    let (mut ws, _) = connect(&broker.url("/ws/echo"), &[]).await;
+    ws.send(Message::text("drop")).await.unwrap();
+    assert_eq!(
+        raw_close(ws).await,
+        (1014, "upstream went away".to_string())
+    );
+}
+
+/// A client that never answers pings is dropped after pong_wait and the
+/// upstream is closed with 1001.
+#[tokio::test]
+async fn client_that_misses_its_pong_is_dropped() {
+    let mut up = TestUpstream::start().await;
+    let cfg = direct_config(&[up.addr], "ping_period: 100ms\npong_wait: 300ms", "", "");
+    let broker = start_broker(&cfg).await;
+    // Never polled until the end, so tungstenite never sends a pong.
+    let (mut ws, _) = connect(&broker.url("/ws/echo"), &[]).await;
+    assert_eq!(up.close().await.0, 1001);
+    expect_end(&mut ws).await;
+    let m = broker.metrics().await;
+    assert_eq!(
+        m.value("muxgate_ping_timeouts_total", &[("side", "client")]),
+        1.0
+    );
+}
+
+/// A client that answers pings stays connected across many ping periods.
+#[tokio::test]
+async fn client_that_answers_pings_stays() {
+    let up = TestUpstream::start().await;
+    let cfg = direct_config(&[up.addr], "ping_period: 50ms\npong_wait: 150ms", "", "");
+    let broker = start_broker(&cfg).await;
+    let (mut ws, _) = connect(&broker.url("/ws/echo"), &[]).await;
+    // Reading (which answers pings) until 10 pings have arrived: 500ms.
+    let mut pings = 0;
+    while pings < 10 {
+        match within("a ping", futures_util::StreamExt::next(&mut ws)).await {
+            Some(Ok(Message::Ping(_))) => pings += 1,
+            other => panic!("expected pings, got {other:?}"),
+        }
+    }
+    echo_roundtrip(&mut ws, Message::text("still here")).await;
+}
+
+/// An upstream that stops answering pings closes the client with 1014.
+#[tokio::test]
+async fn upstream_that_misses_its_pong_closes_the_client_with_1014() {
+    let up = TestUpstream::start().await;
+    let cfg = direct_config(&[up.addr], "ping_period: 100ms\npong_wait: 300ms", "", "");
+    let broker = start_broker(&cfg).await;
+    let (mut ws, _) = connect(&broker.url("/ws/echo"), &[]).await;
+    ws.send(Message::text("deaf")).await.unwrap();
+    assert_eq!(raw_close(ws).await.0, 1014);
+    let m = broker.metrics().await;
+    assert_eq!(
+        m.value("muxgate_ping_timeouts_total", &[("side", "upstream")]),
+        1.0
+    );
+}
+
+/// A message over max_message_size closes its sender with 1009.
+#[tokio::test]
+async fn oversized_message_is_1009() {
+    let mut up = TestUpstream::start().await;
+    let cfg = direct_config(&[up.addr], "max_message_size: 1KiB", "", "");
+    let broker = start_broker(&cfg).await;
+    let (mut ws, _) = connect(&broker.url("/ws/echo"), &[]).await;
+    echo_roundtrip(&mut ws, Message::Binary(Bytes::from(vec![7u8; 1024]))).await;
+    ws.send(Message::Binary(Bytes::from(vec![7u8; 1025])))
+        .await
+        .unwrap();
+    assert_eq!(expect_close(&mut ws).await.0, 1009);
+    assert_eq!(up.close().await.0, 1001);
+}
+
+/// A text message that is not UTF-8 closes its sender with 1007.
+#[tokio::test]
+async fn invalid_utf8_is_1007() {
+    let up = TestUpstream::start().await;
+    let broker = start_broker(&direct_config(&[up.addr], "", "", "")).await;
+    let (mut ws, _) = connect(&broker.url("/ws/echo"), &[]).await;
+    let bad = Frame::message(
+        Bytes::from_static(&[0x68, 0xff, 0xfe]),
+        OpCode::Data(Data::Text),
+        true,
+    );
+    ws.send(Message::Frame(bad)).await.unwrap();
+    assert_eq!(expect_close(&mut ws).await.0, 1007);
+}
+
+/// max_connections_per_ip answers 429 and frees the slot when the session ends.
+#[tokio::test]
+async fn per_ip_limit_is_429_and_released_after_close() {
+    let up = TestUpstream::start().await;
+    let cfg = direct_config(&[up.addr], "", "", "max_connections_per_ip: 1");
+    let broker = start_broker(&cfg).await;
+    let a = broker.client_addr;
+    let (mut first, _) = connect(&broker.url("/ws/echo"), &[]).await;
+    assert_eq!(
+        raw_http(a, &upgrade_request(a, "/ws/echo", "")).await.0,
+        429
+    );
+    first.close(None).await.unwrap();
+    expect_end(&mut first).await;
+    let (mut again, _) = connect(&broker.url("/ws/echo"), &[]).await;
+    echo_roundtrip(&mut again, Message::text("slot reused")).await;
+}
+
+/// max_connections answers 503 and frees the slot when the session ends.
+#[tokio::test]
+async fn max_connections_is_503_and_released_after_close() {
+    let up = TestUpstream::start().await;
+    let cfg = direct_config(&[up.addr], "", "", "max_connections: 2");
+    let broker = start_broker(&cfg).await;
+    let a = broker.client_addr;
+    let (mut first, _) = connect(&broker.url("/ws/echo"), &[]).await;
+    let (_second, _) = connect(&broker.url("/ws/echo"), &[]).await;
+    assert_eq!(
+        raw_http(a, &upgrade_request(a, "/ws/echo", "")).await.0,
+        503
+    );
+    // An upstream that goes away releases the slot too.
+    first.send(Message::text("drop")).await.unwrap();
+    expect_end(&mut first).await;
+    let (mut again, _) = connect(&broker.url("/ws/echo"), &[]).await;
+    echo_roundtrip(&mut again, Message::text("slot reused")).await;
+}
+
+/// Shutdown closes every client with 1001 and the upstream cleanly.
+#[tokio::test]
+async fn shutdown_closes_clients_with_1001() {
+    let mut up = TestUpstream::start().await;
+    let broker = start_broker(&direct_config(&[up.addr], "", "", "")).await;
+    let (mut ws, _) = connect(&broker.url("/ws/echo"), &[]).await;
+    echo_roundtrip(&mut ws, Message::text("before")).await;
+    let shutdown = broker.shutdown.clone();
+    let task = broker.task;
+    shutdown.begin();
+    assert_eq!(
+        expect_close(&mut ws).await,
+        (1001, "server shutting down".to_string())
+    );
+    assert_eq!(up.close().await.0, 1001);
+    let outcome = within("drain", task).await.unwrap();
+    assert_eq!(outcome, muxgate::shutdown::DrainOutcome::Drained);
+}
+
+/// Messages keep their order under load in both directions.
+#[tokio::test]
+async fn keeps_order_under_load() {
+    let up = TestUpstream::start().await;
+    let broker = start_broker(&direct_config(&[up.addr], "", "", "")).await;
+    let (ws, _) = connect(&broker.url("/ws/echo"), &[]).await;
+    let (mut tx, mut rx) = futures_util::StreamExt::split(ws);
+    let n = 5000;
+    let sender = tokio::spawn(async move {
+        for i in 0..n {
+            tx.feed(Message::text(i.to_string())).await.unwrap();
+        }
+        tx.flush().await.unwrap();
+        tx
+    });
+    for i in 0..n {
+        match within("echo", futures_util::StreamExt::next(&mut rx)).await {
+            Some(Ok(Message::Text(t))) => assert_eq!(t.as_str(), i.to_string()),
+            other => panic!("expected echo {i}, got {other:?}"),
+        }
+    }
+    drop(sender.await.unwrap());
+}
