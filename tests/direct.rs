@@ -525,6 +525,8 @@ async fn shutdown_closes_clients_with_1001() {
         expect_close(&mut ws).await,
         (1001, "server shutting down".to_string())
     );
+    // Reading on lets the client's close reply go out.
+    expect_end(&mut ws).await;
     assert_eq!(up.close().await.0, 1001);
     let outcome = within("drain", task).await.unwrap();
     assert_eq!(outcome, muxgate::shutdown::DrainOutcome::Drained);

@@ -90,7 +90,9 @@ pub fn load_str(file: &str, text: &str) -> Result<Config, ConfigError> {
         file: file.to_string(),
         errors,
     };
-    let config: Config = serde_yaml::from_str(text).map_err(|e| invalid(vec![from_yaml(&e)]))?;
+    let de = serde_yaml::Deserializer::from_str(text);
+    let config: Config =
+        serde_path_to_error::deserialize(de).map_err(|e| invalid(vec![from_yaml(text, &e)]))?;
     let problems = validate(&config);
     if problems.is_empty() {
         return Ok(config);
@@ -107,8 +109,37 @@ pub fn load_str(file: &str, text: &str) -> Result<Config, ConfigError> {
     ))
 }
 
+/// Turns a parse error into a [`FieldError`] with the exact field path.
+///
+/// serde_yaml's own path stops at the map that holds a field whose value
+/// failed to deserialise (a bad duration, an unset variable), and so does its
+/// position; serde_path_to_error knows the full path, and [`locate`] finds
+/// where that field's value stands.
+fn from_yaml(text: &str, e: &serde_path_to_error::Error<serde_yaml::Error>) -> FieldError {
+    let mut own = split_yaml_error(e.inner());
+    let full = FieldPath(
+        e.path()
+            .iter()
+            .filter_map(|seg| match seg {
+                serde_path_to_error::Segment::Seq { index } => Some(Segment::Index(*index)),
+                serde_path_to_error::Segment::Map { key } => Some(Segment::Key(key.clone())),
+                serde_path_to_error::Segment::Enum { .. }
+                | serde_path_to_error::Segment::Unknown => None,
+            })
+            .collect(),
+    );
+    let full_text = full.to_string();
+    // For an unknown key serde_yaml already points at the key itself.
+    let precise = own.message.starts_with("unknown field");
+    if !precise && !full_text.is_empty() && full_text != own.path {
+        own.location = locate(text, &full).or(own.location);
+        own.path = full_text;
+    }
+    own
+}
+
 /// Splits serde_yaml's `path: message at line L column C` into its parts.
-fn from_yaml(e: &serde_yaml::Error) -> FieldError {
+fn split_yaml_error(e: &serde_yaml::Error) -> FieldError {
     let mut text = e.to_string();
     let location = e.location().map(|l| (l.line(), l.column()));
     if let Some((line, column)) = location {
@@ -132,7 +163,7 @@ fn from_yaml(e: &serde_yaml::Error) -> FieldError {
 /// One step of a field path.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Segment {
-    Key(&'static str),
+    Key(String),
     Index(usize),
 }
 
@@ -141,9 +172,9 @@ pub enum Segment {
 pub struct FieldPath(Vec<Segment>);
 
 impl FieldPath {
-    pub fn key(&self, k: &'static str) -> FieldPath {
+    pub fn key(&self, k: &str) -> FieldPath {
         let mut p = self.clone();
-        p.0.push(Segment::Key(k));
+        p.0.push(Segment::Key(k.to_string()));
         p
     }
     pub fn index(&self, i: usize) -> FieldPath {

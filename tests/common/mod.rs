@@ -65,13 +65,12 @@ pub async fn start_broker(yaml: &str) -> Running {
     let config = muxgate::config::load_str("test.yaml", yaml)
         .unwrap_or_else(|e| panic!("test config is invalid:\n{e}\n---\n{yaml}"));
     let broker = muxgate::Broker::bind(config).await.expect("bind broker");
-    let running = Running {
+    Running {
         client_addr: broker.client_addr(),
         admin_addr: broker.admin_addr(),
         shutdown: broker.shutdown(),
         task: tokio::spawn(broker.run(std::future::pending())),
-    };
-    running
+    }
 }
 
 /// A direct-mode config with one upstream `echo` on `/ws/echo` (internal
@@ -89,7 +88,7 @@ pub fn direct_config(targets: &[SocketAddr], ws: &str, upstream: &str, server: &
             .collect::<String>()
     };
     format!(
-        "server:\n  listen: 127.0.0.1:0\n  admin_listen: 127.0.0.1:0\n  shutdown_grace: 5s\n{server}\
+        "server:\n  listen: 127.0.0.1:0\n  admin_listen: 127.0.0.1:0\n{server}\
 upstreams:\n  - name: echo\n    routes:\n      - external_path: /ws/echo\n        internal_path: /echo\n    targets:\n{targets}{upstream}    websocket_config:\n      enable_direct_communication: true\n{ws}",
         server = indent(server, 2),
         upstream = indent(upstream, 4),
@@ -156,9 +155,12 @@ pub async fn echo_roundtrip(ws: &mut Client, msg: Message) {
     assert_eq!(got, msg, "echo differs");
 }
 
+/// Status, lower-cased headers and body of an HTTP response.
+pub type HttpReply = (u16, Vec<(String, String)>, String);
+
 /// A raw HTTP/1.1 exchange: sends `request` (complete, with the blank
 /// line) and returns status, lower-cased headers and body.
-pub async fn raw_http(addr: SocketAddr, request: &str) -> (u16, Vec<(String, String)>, String) {
+pub async fn raw_http(addr: SocketAddr, request: &str) -> HttpReply {
     within("an HTTP response", async {
         let mut tcp = TcpStream::connect(addr).await.expect("connect");
         tcp.write_all(request.as_bytes()).await.expect("write");
@@ -179,7 +181,7 @@ pub async fn raw_http(addr: SocketAddr, request: &str) -> (u16, Vec<(String, Str
     .await
 }
 
-fn parse_response(buf: &[u8]) -> Option<(u16, Vec<(String, String)>, String)> {
+fn parse_response(buf: &[u8]) -> Option<HttpReply> {
     let text = String::from_utf8_lossy(buf);
     let (head, body) = text.split_once("\r\n\r\n")?;
     let mut lines = head.lines();
@@ -207,7 +209,7 @@ pub fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str
         .map(|(_, v)| v.as_str())
 }
 
-pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, Vec<(String, String)>, String) {
+pub async fn http_get(addr: SocketAddr, path: &str) -> HttpReply {
     raw_http(
         addr,
         &format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"),

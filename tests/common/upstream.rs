@@ -94,6 +94,7 @@ impl TestUpstream {
 
 async fn serve(tcp: tokio::net::TcpStream, tx: mpsc::Sender<Seen>) {
     let tx_hs = tx.clone();
+    #[allow(clippy::result_large_err)] // tungstenite's callback signature
     let callback = move |req: &Request, mut resp: Response| -> Result<Response, ErrorResponse> {
         let headers = req
             .headers()
@@ -112,8 +113,7 @@ async fn serve(tcp: tokio::net::TcpStream, tx: mpsc::Sender<Seen>) {
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
             .map(str::trim)
-            .filter(|p| !p.is_empty())
-            .last()
+            .rfind(|p| !p.is_empty())
             .map(str::to_owned);
         if let Some(p) = last {
             resp.headers_mut()
@@ -157,9 +157,7 @@ async fn serve(tcp: tokio::net::TcpStream, tx: mpsc::Sender<Seen>) {
                     .await;
             }
             m @ (Message::Text(_) | Message::Binary(_)) => {
-                if ws.send(m).await.is_err() {
-                    break;
-                }
+                let Ok(()) = ws.send(m).await else { break };
             }
             Message::Close(frame) => {
                 let (code, reason) = frame

@@ -1,0 +1,119 @@
+//! `/metrics`, `/healthz` and `/readyz` on the admin listener, read by a
+//! Prometheus text-format parser.
+
+mod common;
+
+use bytes::Bytes;
+use common::upstream::TestUpstream;
+use common::*;
+use tokio_tungstenite::tungstenite::Message;
+
+/// One session's messages, bytes, connects, handshake time and close codes
+/// are counted under the documented names and labels.
+#[tokio::test]
+async fn counts_a_sessions_traffic() {
+    let up = TestUpstream::start().await;
+    let broker = start_broker(&direct_config(&[up.addr], "", "", "")).await;
+    let (mut ws, _) = connect(&broker.url("/ws/echo"), &[]).await;
+
+    let during = broker.metrics().await;
+    assert_eq!(
+        during.value(
+            "muxgate_sessions_active",
+            &[("upstream", "echo"), ("mode", "direct")]
+        ),
+        1.0
+    );
+
+    echo_roundtrip(&mut ws, Message::text("hello")).await; // 5 bytes
+    echo_roundtrip(&mut ws, Message::text("hi")).await; // 2 bytes
+    echo_roundtrip(&mut ws, Message::Binary(Bytes::from(vec![0u8; 100]))).await;
+    ws.close(None).await.unwrap();
+    expect_end(&mut ws).await;
+
+    let m = broker.metrics().await;
+    for family in [
+        "muxgate_sessions_active",
+        "muxgate_sessions_total",
+        "muxgate_messages_total",
+        "muxgate_message_bytes_total",
+        "muxgate_upstream_connects_total",
+        "muxgate_handshake_duration_seconds",
+        "muxgate_close_codes_sent_total",
+    ] {
+        assert!(m.has_family(family), "{family} is exposed");
+    }
+    let echo = ("upstream", "echo");
+    assert_eq!(
+        m.value("muxgate_sessions_total", &[echo, ("mode", "direct")]),
+        1.0
+    );
+    assert_eq!(
+        m.value("muxgate_sessions_active", &[echo, ("mode", "direct")]),
+        0.0
+    );
+    for direction in ["client_to_upstream", "upstream_to_client"] {
+        let d = ("direction", direction);
+        assert_eq!(
+            m.value("muxgate_messages_total", &[echo, d, ("kind", "text")]),
+            2.0
+        );
+        assert_eq!(
+            m.value("muxgate_messages_total", &[echo, d, ("kind", "binary")]),
+            1.0
+        );
+        assert_eq!(
+            m.value("muxgate_message_bytes_total", &[echo, d, ("kind", "text")]),
+            7.0
+        );
+        assert_eq!(
+            m.value(
+                "muxgate_message_bytes_total",
+                &[echo, d, ("kind", "binary")]
+            ),
+            100.0
+        );
+    }
+    let target = format!("ws://{}", up.addr);
+    assert_eq!(
+        m.value(
+            "muxgate_upstream_connects_total",
+            &[echo, ("target", &target)]
+        ),
+        1.0
+    );
+    assert_eq!(m.value("muxgate_handshake_duration_seconds", &[echo]), 1.0);
+    // The client's close without a code reached the upstream as such (1005).
+    assert_eq!(
+        m.value(
+            "muxgate_close_codes_sent_total",
+            &[echo, ("side", "upstream"), ("code", "1005")]
+        ),
+        1.0
+    );
+}
+
+/// /healthz is 200 while the process runs; /readyz turns 503 once shutdown
+/// begins, while sessions are still draining.
+#[tokio::test]
+async fn health_and_readiness() {
+    let up = TestUpstream::start().await;
+    let cfg = direct_config(&[up.addr], "close_timeout: 30s", "", "shutdown_grace: 30s");
+    let broker = start_broker(&cfg).await;
+    assert_eq!(http_get(broker.admin_addr, "/healthz").await.0, 200);
+    assert_eq!(http_get(broker.admin_addr, "/readyz").await.0, 200);
+
+    // A client that will not answer the close keeps the drain going.
+    let (mut ws, _) = connect(&broker.url("/ws/echo"), &[]).await;
+    broker.shutdown.begin();
+    assert_eq!(http_get(broker.admin_addr, "/readyz").await.0, 503);
+    assert_eq!(http_get(broker.admin_addr, "/healthz").await.0, 200);
+    // New sessions are refused while draining.
+    let a = broker.client_addr;
+    let refused = tokio::net::TcpStream::connect(a).await.is_err()
+        || raw_http(a, &upgrade_request(a, "/ws/echo", "")).await.0 == 503;
+    assert!(refused, "no new session during the drain");
+    assert_eq!(expect_close(&mut ws).await.0, 1001);
+    expect_end(&mut ws).await;
+    within("drain", broker.task).await.unwrap();
+}

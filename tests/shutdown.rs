@@ -1,0 +1,108 @@
+//! SIGTERM drains the real binary: clients get 1001, upstreams a clean
+//! close, and the process exits 0 within `shutdown_grace`.
+
+mod common;
+
+use std::process::Stdio;
+use std::time::Instant;
+
+use common::upstream::TestUpstream;
+use common::*;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio_tungstenite::tungstenite::Message;
+
+/// Starts the muxgate binary on `yaml` and returns it with its client address,
+/// read from its JSON "muxgate listening" log line.
+async fn spawn_binary(yaml: &str) -> (Child, std::net::SocketAddr) {
+    let path = std::env::temp_dir().join(format!("muxgate-test-{}.yaml", uuid::Uuid::new_v4()));
+    std::fs::write(&path, yaml).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_muxgate"))
+        .arg("--config")
+        .arg(&path)
+        .args(["--log-format", "json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn muxgate");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let addr = within("the listening log line", async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            let v: serde_json::Value = serde_json::from_str(&line).expect("JSON log line");
+            if v["message"] == "muxgate listening" {
+                return v["client_addr"].as_str().unwrap().parse().unwrap();
+            }
+        }
+        panic!("muxgate exited before listening");
+    })
+    .await;
+    // Keep draining the log so the child never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    let _ = std::fs::remove_file(&path);
+    (child, addr)
+}
+
+fn sigterm(child: &Child) {
+    let pid = child.id().expect("running").to_string();
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+/// SIGTERM closes open sessions with 1001 (the upstream too) and exits 0.
+#[tokio::test]
+async fn sigterm_drains_sessions_and_exits_zero() {
+    let mut up = TestUpstream::start().await;
+    let (mut child, addr) =
+        spawn_binary(&direct_config(&[up.addr], "", "", "shutdown_grace: 5s")).await;
+    let url = format!("ws://{addr}/ws/echo");
+    let (mut a, _) = connect(&url, &[]).await;
+    let (mut b, _) = connect(&url, &[]).await;
+    echo_roundtrip(&mut a, Message::text("a")).await;
+    echo_roundtrip(&mut b, Message::text("b")).await;
+
+    sigterm(&child);
+    assert_eq!(
+        expect_close(&mut a).await,
+        (1001, "server shutting down".to_string())
+    );
+    assert_eq!(expect_close(&mut b).await.0, 1001);
+    // Reading on lets the clients' close replies go out.
+    expect_end(&mut a).await;
+    expect_end(&mut b).await;
+    assert_eq!(up.close().await.0, 1001);
+    assert_eq!(up.close().await.0, 1001);
+    let status = within("the process to exit", child.wait()).await.unwrap();
+    assert_eq!(status.code(), Some(0));
+    // No new connection is accepted any more.
+    assert!(tokio::net::TcpStream::connect(addr).await.is_err());
+}
+
+/// A client that never answers the close cannot hold the process past
+/// shutdown_grace: it still exits 0, promptly.
+#[tokio::test]
+async fn sigterm_exits_within_grace_when_a_client_never_answers() {
+    let up = TestUpstream::start().await;
+    let (mut child, addr) = spawn_binary(&direct_config(
+        &[up.addr],
+        "close_timeout: 30s",
+        "",
+        "shutdown_grace: 500ms",
+    ))
+    .await;
+    // Connected but never polled again: it will not answer the close frame.
+    let (_silent, _) = connect(&format!("ws://{addr}/ws/echo"), &[]).await;
+    let started = Instant::now();
+    sigterm(&child);
+    let status = within("the process to exit", child.wait()).await.unwrap();
+    assert_eq!(status.code(), Some(0));
+    // Well under close_timeout (30s): the grace period bounded the drain.
+    assert!(
+        started.elapsed().as_secs() < 10,
+        "took {:?}",
+        started.elapsed()
+    );
+}
