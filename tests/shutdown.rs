@@ -17,10 +17,18 @@ use tokio_tungstenite::tungstenite::Message;
 async fn spawn_binary(yaml: &str) -> (Child, std::net::SocketAddr) {
     let path = std::env::temp_dir().join(format!("muxgate-test-{}.yaml", uuid::Uuid::new_v4()));
     std::fs::write(&path, yaml).unwrap();
+    let started = spawn_binary_with(&path, &[]).await;
+    let _ = std::fs::remove_file(&path);
+    started
+}
+
+/// Starts the binary on the config at `path` with extra arguments.
+async fn spawn_binary_with(path: &std::path::Path, args: &[&str]) -> (Child, std::net::SocketAddr) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_muxgate"))
         .arg("--config")
-        .arg(&path)
+        .arg(path)
         .args(["--log-format", "json"])
+        .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .kill_on_drop(true)
@@ -39,7 +47,6 @@ async fn spawn_binary(yaml: &str) -> (Child, std::net::SocketAddr) {
     .await;
     // Keep draining the log so the child never blocks on a full pipe.
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    let _ = std::fs::remove_file(&path);
     (child, addr)
 }
 
@@ -105,4 +112,27 @@ async fn sigterm_exits_within_grace_when_a_client_never_answers() {
         "took {:?}",
         started.elapsed()
     );
+}
+
+/// The README's run command: `muxgate --demo ADDR` serves the demo echo
+/// upstream next to the broker, so a client echoes at once.
+#[tokio::test]
+async fn demo_flag_starts_the_bundled_upstream() {
+    // The demo's address must be in the config before it starts: reserve a
+    // free port, release it, and hand it to both.
+    let demo = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let yaml = direct_config(&[demo], "", "", "");
+    let path = std::env::temp_dir().join(format!("muxgate-demo-{}.yaml", uuid::Uuid::new_v4()));
+    std::fs::write(&path, &yaml).unwrap();
+    let (mut child, addr) = spawn_binary_with(&path, &["--demo", &demo.to_string()]).await;
+    let (mut ws, _) = connect(&format!("ws://{addr}/ws/echo"), &[]).await;
+    echo_roundtrip(&mut ws, Message::text("hello demo")).await;
+    sigterm(&child);
+    assert_eq!(expect_close(&mut ws).await.0, 1001);
+    expect_end(&mut ws).await;
+    assert_eq!(within("exit", child.wait()).await.unwrap().code(), Some(0));
+    let _ = std::fs::remove_file(&path);
 }

@@ -1,0 +1,174 @@
+//! `loadgen`: WebSocket load for benchmarks.
+//!
+//! - `loadgen echo --url URL -c 100 --size 64 --duration 10s`: each
+//!   connection keeps one message in flight and waits for its echo; prints
+//!   round trips per second and latency percentiles.
+//! - `loadgen idle --url URL -c 1000 --hold 30s`: opens the connections,
+//!   prints `open N` once all are up, holds them, then closes them.
+//!
+//! Connections are spread over source addresses 127.0.0.1-127.0.0.254 so a
+//! run is not limited by one address's ephemeral ports.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use clap::{Parser, Subcommand};
+use futures_util::{SinkExt, StreamExt};
+use hdrhistogram::Histogram;
+use tokio::net::{TcpSocket, TcpStream};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    mode: Mode,
+}
+
+#[derive(Subcommand)]
+enum Mode {
+    /// Round trips with one message in flight per connection.
+    Echo {
+        #[arg(long)]
+        url: String,
+        #[arg(short, long, default_value_t = 100)]
+        connections: usize,
+        #[arg(long, default_value_t = 64)]
+        size: usize,
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
+        duration: Duration,
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "2s")]
+        warmup: Duration,
+    },
+    /// Open connections and hold them idle.
+    Idle {
+        #[arg(long)]
+        url: String,
+        #[arg(short, long, default_value_t = 1000)]
+        connections: usize,
+        /// First source address offset (127.0.0.N).
+        #[arg(long, default_value_t = 1)]
+        source_offset: u8,
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "30s")]
+        hold: Duration,
+    },
+}
+
+type Ws = WebSocketStream<TcpStream>;
+
+/// Connects from 127.0.0.`source` to the `ws://host:port/path` in `url`.
+async fn open(url: &str, source: u8) -> Ws {
+    let rest = url.strip_prefix("ws://").expect("ws:// URL");
+    let (authority, _) = rest.split_once('/').unwrap_or((rest, ""));
+    let addr: SocketAddr = authority.parse().expect("IP:PORT in URL");
+    let socket = TcpSocket::new_v4().expect("socket");
+    socket
+        .bind(SocketAddr::from((
+            Ipv4Addr::new(127, 0, 0, source.max(1)),
+            0,
+        )))
+        .expect("bind source address");
+    let tcp = socket.connect(addr).await.expect("connect");
+    tcp.set_nodelay(true).expect("nodelay");
+    let (ws, _) = tokio_tungstenite::client_async(url, tcp)
+        .await
+        .expect("WebSocket handshake");
+    ws
+}
+
+#[tokio::main]
+async fn main() {
+    match Cli::parse().mode {
+        Mode::Echo {
+            url,
+            connections,
+            size,
+            duration,
+            warmup,
+        } => echo(url, connections, size, duration, warmup).await,
+        Mode::Idle {
+            url,
+            connections,
+            source_offset,
+            hold,
+        } => idle(url, connections, source_offset, hold).await,
+    }
+}
+
+async fn echo(url: String, connections: usize, size: usize, duration: Duration, warmup: Duration) {
+    let payload = Bytes::from(vec![b'x'; size]);
+    let measuring = Arc::new(AtomicBool::new(false));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for i in 0..connections {
+        let mut ws = open(&url, (i % 254) as u8 + 1).await;
+        let payload = payload.clone();
+        let measuring = Arc::clone(&measuring);
+        let stop = Arc::clone(&stop);
+        tasks.push(tokio::spawn(async move {
+            let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
+            let mut count = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let sent = Instant::now();
+                ws.send(Message::Binary(payload.clone()))
+                    .await
+                    .expect("send");
+                loop {
+                    match ws.next().await.expect("open").expect("read") {
+                        Message::Binary(b) => {
+                            assert_eq!(b.len(), payload.len());
+                            break;
+                        }
+                        _ => continue,
+                    }
+                }
+                if measuring.load(Ordering::Relaxed) {
+                    count += 1;
+                    let _ = hist.record(sent.elapsed().as_micros() as u64);
+                }
+            }
+            let _ = ws.close(None).await;
+            (count, hist)
+        }));
+    }
+    tokio::time::sleep(warmup).await;
+    measuring.store(true, Ordering::Relaxed);
+    let started = Instant::now();
+    tokio::time::sleep(duration).await;
+    measuring.store(false, Ordering::Relaxed);
+    let elapsed = started.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    let mut total = 0u64;
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
+    for t in tasks {
+        let (count, h) = t.await.expect("connection task");
+        total += count;
+        hist.add(h).unwrap();
+    }
+    let rate = total as f64 / elapsed.as_secs_f64();
+    println!(
+        "round_trips_per_sec={rate:.0} total={total} connections={connections} size={size} p50_us={} p99_us={} p999_us={}",
+        hist.value_at_quantile(0.5),
+        hist.value_at_quantile(0.99),
+        hist.value_at_quantile(0.999)
+    );
+}
+
+async fn idle(url: String, connections: usize, source_offset: u8, hold: Duration) {
+    let mut sockets = Vec::with_capacity(connections);
+    for i in 0..connections {
+        let source = source_offset.wrapping_add((i % 254) as u8).max(1);
+        sockets.push(open(&url, source).await);
+    }
+    println!("open {connections}");
+    tokio::select! {
+        _ = tokio::time::sleep(hold) => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    for mut ws in sockets {
+        let _ = ws.close(None).await;
+    }
+}
