@@ -315,6 +315,23 @@ async fn error_details_are_added_when_enabled() {
     );
 }
 
+/// With return_error_details a close the broker originates says why.
+#[tokio::test]
+async fn close_reasons_carry_details_when_enabled() {
+    let up = TestUpstream::start().await;
+    let cfg = direct_config(&[up.addr], "return_error_details: true", "", "");
+    let broker = start_broker(&cfg).await;
+    let (mut ws, _) = connect(&broker.url("/ws/echo"), &[]).await;
+    ws.send(Message::text("drop")).await.unwrap();
+    let (code, reason) = raw_close(ws).await;
+    assert_eq!(code, 1014);
+    assert!(
+        reason.starts_with("upstream went away: ") && reason.contains("without closing handshake"),
+        "{reason}"
+    );
+    assert!(reason.len() <= 123);
+}
+
 /// An upstream that answers the upgrade with HTTP 500 is a 502.
 #[tokio::test]
 async fn failed_upstream_handshake_is_502() {

@@ -121,8 +121,13 @@ fn check_upstream(out: &mut Problems, at: &FieldPath, upstream: &UpstreamConfig)
     }
     for (k, target) in upstream.targets.iter().enumerate() {
         let tp = at.key("targets").index(k);
-        if let Err(why) = crate::upstream::TargetUrl::parse(&target.url) {
-            out.push(tp.key("url"), why);
+        match crate::upstream::TargetUrl::parse(&target.url) {
+            Err(why) => out.push(tp.key("url"), why),
+            Ok(url) if url.is_secure() => out.push(
+                tp.key("url"),
+                "wss:// targets are not available in this build yet; use ws://",
+            ),
+            Ok(_) => {}
         }
         if target.weight == 0 {
             out.push(tp.key("weight"), "must be greater than 0");
