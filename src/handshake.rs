@@ -211,18 +211,19 @@ fn upstream_headers(
 ) -> HeaderMap {
     let incoming = request.headers();
     let mut out = HeaderMap::new();
-    for name in &route.upstream.config.forward_headers {
-        if let Ok(name) = HeaderName::from_bytes(name.as_bytes()) {
-            for v in incoming.get_all(&name) {
-                out.append(name.clone(), v.clone());
-            }
-        }
-    }
-    for name in [
+    let always = [
         header::COOKIE,
         header::AUTHORIZATION,
         header::SEC_WEBSOCKET_PROTOCOL,
-    ] {
+    ];
+    let configured = route
+        .upstream
+        .config
+        .forward_headers
+        .iter()
+        .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
+        .filter(|n| !always.contains(n));
+    for name in always.iter().cloned().chain(configured) {
         for v in incoming.get_all(&name) {
             out.append(name.clone(), v.clone());
         }
@@ -230,12 +231,15 @@ fn upstream_headers(
     // Never forwarded: the broker reads frames and implements no extension.
     out.remove(header::SEC_WEBSOCKET_EXTENSIONS);
     let ip = remote.ip().to_string();
-    let xff = match incoming
-        .get("x-forwarded-for")
-        .and_then(|v| v.to_str().ok())
-    {
-        Some(prior) => format!("{prior}, {ip}"),
-        None => ip,
+    let prior: Vec<&str> = incoming
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    let xff = if prior.is_empty() {
+        ip
+    } else {
+        format!("{}, {ip}", prior.join(", "))
     };
     if let Ok(v) = HeaderValue::from_str(&xff) {
         out.insert("x-forwarded-for", v);

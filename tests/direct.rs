@@ -131,7 +131,7 @@ async fn rewrites_the_path_and_forwards_headers() {
     let cfg = direct_config(
         &[up.addr],
         "",
-        "forward_headers: [user-agent, x-tenant]",
+        "forward_headers: [user-agent, x-tenant, cookie, x-request-id]",
         "",
     );
     let broker = start_broker(&cfg).await;
@@ -162,6 +162,12 @@ async fn rewrites_the_path_and_forwards_headers() {
     assert!(uuid::Uuid::parse_str(request_id).is_ok(), "{request_id}");
     assert_eq!(response.headers().get("x-request-id").unwrap(), request_id);
     assert_eq!(header(&h, "cookie"), Some("sid=abc"));
+    assert_eq!(
+        h.iter().filter(|(k, _)| k == "cookie").count(),
+        1,
+        "cookie once"
+    );
+    assert_eq!(h.iter().filter(|(k, _)| k == "x-request-id").count(), 1);
     assert_eq!(header(&h, "authorization"), Some("Bearer t0k"));
     assert_eq!(header(&h, "user-agent"), Some("muxgate-test"));
     assert_eq!(header(&h, "x-tenant"), Some("acme"));

@@ -104,6 +104,27 @@ pub fn validate(config: &Config) -> Vec<Problem> {
     out.0
 }
 
+/// Headers of the handshake or the connection itself: forwarding the
+/// client's would corrupt the upstream handshake (an extension the broker
+/// cannot decode, another connection's key). Cookie, Authorization,
+/// Sec-WebSocket-Protocol and the X-Forwarded-*/X-Request-Id headers may be
+/// listed; the broker sends them in any case.
+const MANAGED_HEADERS: &[&str] = &[
+    "host",
+    "connection",
+    "upgrade",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "content-length",
+    "sec-websocket-key",
+    "sec-websocket-version",
+    "sec-websocket-extensions",
+    "sec-websocket-accept",
+];
+
 fn check_path(out: &mut Problems, path: FieldPath, value: &str) {
     if !value.starts_with('/') {
         out.push(path, format!("must start with `/`, got {value:?}"));
@@ -152,11 +173,14 @@ fn check_upstream(out: &mut Problems, at: &FieldPath, upstream: &UpstreamConfig)
         }
     }
     for (k, name) in upstream.forward_headers.iter().enumerate() {
-        if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
-            out.push(
-                at.key("forward_headers").index(k),
-                format!("{name:?} is not a valid HTTP header name"),
-            );
+        let path = at.key("forward_headers").index(k);
+        match http::HeaderName::from_bytes(name.as_bytes()) {
+            Err(_) => out.push(path, format!("{name:?} is not a valid HTTP header name")),
+            Ok(h) if MANAGED_HEADERS.contains(&h.as_str()) => out.push(
+                path,
+                format!("`{h}` belongs to the WebSocket handshake or the connection and is set by the broker"),
+            ),
+            Ok(_) => {}
         }
     }
     check_websocket(out, &at.key("websocket_config"), &upstream.websocket_config);
