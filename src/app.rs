@@ -6,6 +6,7 @@
 //! This module owns the top-level tasks; session tasks belong to the
 //! [`Shutdown`] handle's tracker.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
@@ -19,9 +20,11 @@ use tracing::{info, warn};
 
 use crate::admin;
 use crate::config::Config;
+use crate::config::Mode;
 use crate::handshake;
 use crate::limits::ConnectionLimits;
 use crate::metrics::Metrics;
+use crate::mux::pool::MuxPool;
 use crate::routing::RouteTable;
 use crate::session::SessionManager;
 use crate::shutdown::{DrainOutcome, Shutdown};
@@ -30,6 +33,8 @@ use crate::upstream::Upstream;
 /// State shared by every handler.
 pub struct AppState {
     pub routes: RouteTable,
+    /// The mux pool of each multiplexed upstream, by name.
+    pub pools: HashMap<Arc<str>, Arc<MuxPool>>,
     pub upstreams: Vec<Arc<Upstream>>,
     pub limits: Arc<ConnectionLimits>,
     pub sessions: Arc<SessionManager>,
@@ -79,8 +84,19 @@ impl Broker {
         };
         let client = bind("client", config.server.listen).await?;
         let admin = bind("admin", config.server.admin_listen).await?;
+        // Identifies this broker process in every mux `hello`.
+        let instance = uuid::Uuid::new_v4();
+        let pools = upstreams
+            .iter()
+            .filter(|u| u.mode() == Mode::Multiplexed)
+            .map(|u| {
+                let pool = MuxPool::start(Arc::clone(u), Arc::clone(&metrics), instance, &shutdown);
+                (Arc::clone(&u.name), pool)
+            })
+            .collect();
         let state = Arc::new(AppState {
             routes: RouteTable::new(&upstreams),
+            pools,
             upstreams,
             limits: ConnectionLimits::new(
                 config.server.max_connections,

@@ -29,6 +29,7 @@ use crate::app::AppState;
 use crate::config::Mode;
 use crate::direct::{self, DirectSession, UpstreamUnavailable};
 use crate::limits::LimitRefusal;
+use crate::mux::session::MuxSession;
 use crate::routing::Route;
 use crate::upstream::ConnectError;
 
@@ -55,6 +56,8 @@ pub enum HandshakeError {
     ShuttingDown,
     #[error("no healthy upstream target")]
     NoHealthyTarget,
+    #[error("no upstream connection available")]
+    NoMuxConnection,
     #[error("upstream unavailable")]
     Upstream(#[source] ConnectError),
     #[error("connection cannot be upgraded")]
@@ -71,7 +74,9 @@ impl HandshakeError {
             BadRequest(_) | UnsupportedVersion => StatusCode::BAD_REQUEST,
             OriginNotAllowed => StatusCode::FORBIDDEN,
             TooManyFromIp => StatusCode::TOO_MANY_REQUESTS,
-            AtCapacity | ShuttingDown | NoHealthyTarget => StatusCode::SERVICE_UNAVAILABLE,
+            AtCapacity | ShuttingDown | NoHealthyTarget | NoMuxConnection => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Upstream(ConnectError::Timeout { .. }) => StatusCode::GATEWAY_TIMEOUT,
             Upstream(_) => StatusCode::BAD_GATEWAY,
             NotUpgradable => StatusCode::INTERNAL_SERVER_ERROR,
@@ -92,6 +97,7 @@ impl HandshakeError {
             AtCapacity => "max_connections",
             ShuttingDown => "shutting_down",
             NoHealthyTarget => "no_healthy_target",
+            NoMuxConnection => "no_mux_connection",
             Upstream(e) => match e {
                 ConnectError::Refused { .. } => "upstream_connect",
                 ConnectError::Handshake { .. } => "upstream_handshake",
@@ -296,20 +302,7 @@ async fn accept(
         .remove::<hyper::upgrade::OnUpgrade>()
         .ok_or(HandshakeError::NotUpgradable)?;
 
-    // Multiplexed upstreams are rejected by validation until that mode exists.
-    debug_assert_eq!(upstream.mode(), Mode::Direct);
     let path = route.upstream_path(request.uri().query());
-    let headers = upstream_headers(&route, request, remote, &request_id);
-    let (connected, lease) = direct::connect_upstream(&upstream, &path, headers, &app.metrics)
-        .await
-        .map_err(|e| match e {
-            UpstreamUnavailable::NoHealthyTarget => HandshakeError::NoHealthyTarget,
-            UpstreamUnavailable::Connect(e) => HandshakeError::Upstream(e),
-        })?;
-
-    let guard = app
-        .sessions
-        .open(Arc::clone(&upstream.name), Mode::Direct, remote);
     let mut response = Response::new(Body::empty());
     *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     let h = response.headers_mut();
@@ -319,17 +312,82 @@ async fn accept(
         header::SEC_WEBSOCKET_ACCEPT,
         HeaderValue::from_str(&derive_accept_key(key.as_bytes())).expect("base64 accept key"),
     );
-    if let Some(protocol) = &connected.protocol {
-        h.insert(header::SEC_WEBSOCKET_PROTOCOL, protocol.clone());
-    }
     if let Ok(v) = HeaderValue::from_str(&request_id) {
         h.insert("x-request-id", v);
+    }
+    let socket_config = upstream.socket_config;
+
+    if upstream.mode() == Mode::Multiplexed {
+        let pool = Arc::clone(
+            app.pools
+                .get(&upstream.name)
+                .expect("a pool per multiplexed upstream"),
+        );
+        if !pool
+            .wait_live(upstream.config.websocket_config.handshake_timeout)
+            .await
+        {
+            return Err(HandshakeError::NoMuxConnection);
+        }
+        let open = crate::mux::open_frame(
+            &route.external_path,
+            path,
+            remote,
+            request.headers(),
+            &upstream.config.forward_headers,
+        );
+        let session = MuxSession {
+            guard: app
+                .sessions
+                .open(Arc::clone(&upstream.name), Mode::Multiplexed, remote),
+            permit,
+            upstream: Arc::clone(&upstream),
+            pool,
+            metrics: Arc::clone(&app.metrics),
+            open: Arc::new(open),
+            request_id,
+            remote,
+        };
+        app.metrics
+            .handshake_completed(&upstream.name, started.elapsed());
+        app.shutdown.spawn(async move {
+            match on_upgrade.await {
+                Ok(upgraded) => {
+                    let client = WebSocketStream::from_raw_socket(
+                        TokioIo::new(upgraded),
+                        Role::Server,
+                        Some(socket_config),
+                    )
+                    .await;
+                    crate::mux::session::run(session, client).await;
+                }
+                Err(error) => {
+                    debug!(session = %session.guard.handle.id, %error, "client upgrade failed")
+                }
+            }
+        });
+        return Ok(response);
+    }
+
+    let headers = upstream_headers(&route, request, remote, &request_id);
+    let (connected, lease) = direct::connect_upstream(&upstream, &path, headers, &app.metrics)
+        .await
+        .map_err(|e| match e {
+            UpstreamUnavailable::NoHealthyTarget => HandshakeError::NoHealthyTarget,
+            UpstreamUnavailable::Connect(e) => HandshakeError::Upstream(e),
+        })?;
+    if let Some(protocol) = &connected.protocol {
+        response
+            .headers_mut()
+            .insert(header::SEC_WEBSOCKET_PROTOCOL, protocol.clone());
     }
     app.metrics
         .handshake_completed(&upstream.name, started.elapsed());
 
     let session = DirectSession {
-        guard,
+        guard: app
+            .sessions
+            .open(Arc::clone(&upstream.name), Mode::Direct, remote),
         permit,
         lease,
         upstream: Arc::clone(&upstream),
@@ -337,7 +395,6 @@ async fn accept(
         request_id,
         remote,
     };
-    let socket_config = upstream.socket_config;
     app.shutdown.spawn(async move {
         match on_upgrade.await {
             Ok(upgraded) => {
@@ -350,7 +407,14 @@ async fn accept(
                 direct::run(session, client, connected.socket).await;
             }
             Err(error) => {
-                debug!(session = %session.guard.handle.id, %error, "client upgrade failed")
+                debug!(session = %session.guard.handle.id, %error, "client upgrade failed");
+                let mut upstream_socket = connected.socket;
+                let close = crate::close::frame(crate::close::GOING_AWAY, "client went away");
+                let _ = tokio::time::timeout(
+                    upstream.config.websocket_config.close_timeout,
+                    upstream_socket.close(Some(close)),
+                )
+                .await;
             }
         }
     });

@@ -41,6 +41,7 @@ pub mod direct;
 pub mod handshake;
 pub mod limits;
 pub mod metrics;
+pub mod mux;
 pub mod routing;
 pub mod session;
 pub mod shutdown;

@@ -53,6 +53,13 @@ pub struct Metrics {
     ping_timeouts_total: IntCounterVec,
     close_codes_sent_total: IntCounterVec,
     handshakes_rejected_total: IntCounterVec,
+    mux_connections: IntGaugeVec,
+    mux_frames_total: IntCounterVec,
+    mux_frame_bytes_total: IntCounterVec,
+    mux_frames_dropped_total: IntCounterVec,
+    mux_write_queue_depth: IntGaugeVec,
+    sessions_rebound_total: IntCounterVec,
+    slow_consumer_closes_total: IntCounterVec,
 }
 
 impl Default for Metrics {
@@ -114,17 +121,51 @@ impl Metrics {
             "Client handshakes answered with an HTTP error, by status and reason.",
             &["status", "reason"],
         );
-        let sessions_active = IntGaugeVec::new(
-            Opts::new(
-                "sessions_active",
-                "Client sessions open now, by upstream and mode.",
-            ),
+        let mux_frames_total = counter(
+            "mux_frames_total",
+            "Mux frames on mux connections, by upstream and direction (to_upstream, from_upstream).",
+            &["upstream", "direction"],
+        );
+        let mux_frame_bytes_total = counter(
+            "mux_frame_bytes_total",
+            "WebSocket payload bytes of mux frames, by upstream and direction.",
+            &["upstream", "direction"],
+        );
+        let mux_frames_dropped_total = counter(
+            "mux_frames_dropped_total",
+            "Mux frames from upstreams that were dropped, by upstream and reason.",
+            &["upstream", "reason"],
+        );
+        let sessions_rebound_total = counter(
+            "sessions_rebound_total",
+            "Sessions re-bound to another mux connection after theirs died, by upstream.",
+            &["upstream"],
+        );
+        let slow_consumer_closes_total = counter(
+            "slow_consumer_closes_total",
+            "Sessions closed with 1008 because their client_queue was full, by upstream.",
+            &["upstream"],
+        );
+        let gauge = |name: &str, help: &str, labels: &[&str]| {
+            let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("gauge");
+            registry.register(Box::new(g.clone())).expect("register");
+            g
+        };
+        let sessions_active = gauge(
+            "sessions_active",
+            "Client sessions open now, by upstream and mode.",
             &["upstream", "mode"],
-        )
-        .expect("gauge");
-        registry
-            .register(Box::new(sessions_active.clone()))
-            .expect("register");
+        );
+        let mux_connections = gauge(
+            "mux_connections",
+            "Mux connections by upstream, target and state (connecting, live).",
+            &["upstream", "target", "state"],
+        );
+        let mux_write_queue_depth = gauge(
+            "mux_write_queue_depth",
+            "Commands waiting in a mux connection's write queue, by upstream and pool slot.",
+            &["upstream", "slot"],
+        );
         let handshake_duration_seconds = HistogramVec::new(
             HistogramOpts::new(
                 "handshake_duration_seconds",
@@ -153,6 +194,13 @@ impl Metrics {
             ping_timeouts_total,
             close_codes_sent_total,
             handshakes_rejected_total,
+            mux_connections,
+            mux_frames_total,
+            mux_frame_bytes_total,
+            mux_frames_dropped_total,
+            mux_write_queue_depth,
+            sessions_rebound_total,
+            slow_consumer_closes_total,
         }
     }
 
@@ -239,11 +287,66 @@ impl Metrics {
             .inc();
     }
 
+    pub fn mux_conn_state(&self, upstream: &str, target: &str, state: &str, delta: i64) {
+        self.mux_connections
+            .with_label_values(&[upstream, target, state])
+            .add(delta);
+    }
+
+    pub fn mux_frame_dropped(&self, upstream: &str, reason: &str) {
+        self.mux_frames_dropped_total
+            .with_label_values(&[upstream, reason])
+            .inc();
+    }
+
+    pub fn session_rebound(&self, upstream: &str) {
+        self.sessions_rebound_total
+            .with_label_values(&[upstream])
+            .inc();
+    }
+
+    pub fn slow_consumer_closed(&self, upstream: &str) {
+        self.slow_consumer_closes_total
+            .with_label_values(&[upstream])
+            .inc();
+    }
+
+    /// Counters for one mux connection in pool slot `slot`.
+    pub fn conn_counters(&self, upstream: &str, slot: usize) -> ConnMetrics {
+        let slot = slot.to_string();
+        ConnMetrics {
+            frames_out: self
+                .mux_frames_total
+                .with_label_values(&[upstream, "to_upstream"]),
+            bytes_out: self
+                .mux_frame_bytes_total
+                .with_label_values(&[upstream, "to_upstream"]),
+            frames_in: self
+                .mux_frames_total
+                .with_label_values(&[upstream, "from_upstream"]),
+            bytes_in: self
+                .mux_frame_bytes_total
+                .with_label_values(&[upstream, "from_upstream"]),
+            queue_depth: self
+                .mux_write_queue_depth
+                .with_label_values(&[upstream, &slot]),
+        }
+    }
+
     pub fn handshake_rejected(&self, status: u16, reason: &str) {
         self.handshakes_rejected_total
             .with_label_values(&[&status.to_string(), reason])
             .inc();
     }
+}
+
+/// Counters of one mux connection, resolved once.
+pub struct ConnMetrics {
+    pub frames_out: IntCounter,
+    pub bytes_out: IntCounter,
+    pub frames_in: IntCounter,
+    pub bytes_in: IntCounter,
+    pub queue_depth: prometheus::IntGauge,
 }
 
 /// Pre-resolved message counters of one direction of one session.

@@ -1,11 +1,19 @@
-//! The bundled demo upstream: a plain WebSocket echo server.
+//! The bundled demo upstream, for both of the broker's modes.
 //!
-//! It echoes every text and binary message back unchanged, answers a close
-//! with the same code and reason, and selects the first subprotocol a client
-//! offers. Every connection task is owned by the server's tracker and ends
-//! when the server's token is cancelled.
+//! - A plain WebSocket (direct mode) is an echo: every text and binary
+//!   message comes back unchanged, a close is answered with the same code,
+//!   and the first offered subprotocol is selected.
+//! - A mux connection (the broker offers `muxgate.v1.json` or
+//!   `muxgate.v1.binary`) serves sessions through [`crate::mux`]: a session
+//!   whose path starts with `/chat` joins one chat room, where every message
+//!   fans out to all members by `broadcast`; any other session is an echo.
+//!
+//! Every connection task is owned by the server's tracker and ends when the
+//! server's token is cancelled.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -15,11 +23,16 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info};
+use uuid::Uuid;
+
+use crate::mux::{self, Connection, Handler, Session};
+use crate::protocol::{Open, Payload};
 
 /// Serves the echo upstream on `listener` until `stop` is cancelled, then
 /// waits for its connections to end.
 pub async fn serve(listener: TcpListener, stop: CancellationToken) {
     let tracker = TaskTracker::new();
+    let handler = Arc::new(DemoHandler::default());
     if let Ok(addr) = listener.local_addr() {
         info!(%addr, "demo upstream listening");
     }
@@ -28,7 +41,7 @@ pub async fn serve(listener: TcpListener, stop: CancellationToken) {
             _ = stop.cancelled() => break,
             accepted = listener.accept() => match accepted {
                 Ok((tcp, peer)) => {
-                    tracker.spawn(echo(tcp, peer, stop.clone()));
+                    tracker.spawn(accept(tcp, peer, Arc::clone(&handler), stop.clone()));
                 }
                 Err(error) => debug!(%error, "demo upstream accept failed"),
             },
@@ -38,12 +51,38 @@ pub async fn serve(listener: TcpListener, stop: CancellationToken) {
     tracker.wait().await;
 }
 
-/// Picks the first offered subprotocol, if any.
-#[allow(clippy::result_large_err)] // the callback signature is tungstenite's
-fn select_protocol(
-    request: &Request,
-    mut response: Response,
-) -> Result<Response, tokio_tungstenite::tungstenite::handshake::server::ErrorResponse> {
+/// Accepts one connection: a mux connection if the broker offered a mux
+/// subprotocol, else a plain echo.
+async fn accept(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    handler: Arc<DemoHandler>,
+    stop: CancellationToken,
+) {
+    let _ = tcp.set_nodelay(true);
+    let mut encoding = None;
+    #[allow(clippy::result_large_err)] // tungstenite's callback signature
+    let callback = |request: &Request, mut response: Response| {
+        encoding = mux::negotiate(request, &mut response);
+        if encoding.is_none() {
+            select_first_protocol(request, &mut response);
+        }
+        Ok(response)
+    };
+    let ws = match tokio_tungstenite::accept_hdr_async(tcp, callback).await {
+        Ok(ws) => ws,
+        Err(error) => {
+            debug!(%peer, %error, "demo upstream handshake failed");
+            return;
+        }
+    };
+    match encoding {
+        Some(encoding) => mux::serve_connection(ws, encoding, handler, stop).await,
+        None => echo(ws, peer, stop).await,
+    }
+}
+
+fn select_first_protocol(request: &Request, response: &mut Response) {
     let first = request
         .headers()
         .get_all("sec-websocket-protocol")
@@ -52,22 +91,67 @@ fn select_protocol(
         .flat_map(|v| v.split(','))
         .map(str::trim)
         .find(|p| !p.is_empty())
-        .map(str::to_owned);
-    if let Some(p) = first.and_then(|p| HeaderValue::from_str(&p).ok()) {
+        .and_then(|p| HeaderValue::from_str(p).ok());
+    if let Some(p) = first {
         response.headers_mut().insert("sec-websocket-protocol", p);
     }
-    Ok(response)
 }
 
-async fn echo(tcp: TcpStream, peer: SocketAddr, stop: CancellationToken) {
-    let _ = tcp.set_nodelay(true);
-    let mut ws = match tokio_tungstenite::accept_hdr_async(tcp, select_protocol).await {
-        Ok(ws) => ws,
-        Err(error) => {
-            debug!(%peer, %error, "demo upstream handshake failed");
+/// Echo sessions, and one chat room for sessions on `/chat...`.
+#[derive(Default)]
+struct DemoHandler {
+    /// Chat members and the connection each is bound to now.
+    room: Mutex<HashMap<Uuid, Session>>,
+}
+
+impl Handler for DemoHandler {
+    fn on_open(&self, session: &Session, open: &Open) {
+        if open.path.starts_with("/chat") {
+            self.room
+                .lock()
+                .expect("room lock")
+                .insert(session.id(), session.clone());
+        }
+    }
+
+    fn on_message(&self, session: &Session, payload: Payload) {
+        let room = self.room.lock().expect("room lock");
+        if !room.contains_key(&session.id()) {
+            session.send(payload);
             return;
         }
-    };
+        // One broadcast per mux connection, listing that connection's members.
+        let mut by_conn: HashMap<Uuid, (Connection, Vec<Uuid>)> = HashMap::new();
+        for member in room.values() {
+            let c = member.connection();
+            by_conn
+                .entry(c.id())
+                .or_insert_with(|| (c.clone(), Vec::new()))
+                .1
+                .push(member.id());
+        }
+        for (conn, ids) in by_conn.into_values() {
+            conn.broadcast(Some(ids), payload.clone());
+        }
+    }
+
+    fn on_close(&self, session: &Session, _code: u16, _reason: &str) {
+        let mut room = self.room.lock().expect("room lock");
+        // Only forget the member if it is still bound where it closed.
+        if room
+            .get(&session.id())
+            .is_some_and(|s| s.connection().id() == session.connection().id())
+        {
+            room.remove(&session.id());
+        }
+    }
+}
+
+async fn echo(
+    mut ws: tokio_tungstenite::WebSocketStream<TcpStream>,
+    peer: SocketAddr,
+    stop: CancellationToken,
+) {
     loop {
         let msg = tokio::select! {
             _ = stop.cancelled() => {

@@ -1,7 +1,12 @@
 //! The upstream side of muxgate.
 //!
-//! For now this crate holds the bundled demo upstream ([`demo`]) that the
-//! README's run command starts next to the broker, so a newcomer can connect
-//! to `ws://127.0.0.1:8080/ws/echo` at once.
+//! - [`protocol`]: the mux frames and both encodings of
+//!   `shared/mux-protocol.md` (the broker uses the same code);
+//! - [`mux`]: serve mux connections from a Rust backend with a session API
+//!   (on open, on message, on close; send, close, broadcast);
+//! - [`demo`]: the bundled demo upstream the README's run command starts next
+//!   to the broker: an echo for direct mode, echo and a chat room over mux.
 
 pub mod demo;
+pub mod mux;
+pub mod protocol;

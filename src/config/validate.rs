@@ -208,12 +208,6 @@ fn check_upstream(out: &mut Problems, at: &FieldPath, upstream: &UpstreamConfig)
 }
 
 fn check_websocket(out: &mut Problems, wp: &FieldPath, ws: &WebSocketSettings) {
-    if !ws.enable_direct_communication {
-        out.push(
-            wp.key("enable_direct_communication"),
-            "multiplexed mode (false, the default) is not available in this build yet; set it to true",
-        );
-    }
     if ws.ping_period.is_zero() {
         out.push(wp.key("ping_period"), "must be greater than 0");
     }

@@ -1,0 +1,411 @@
+//! One mux connection (mux-protocol.md §1, §5, §6): the only owner of an
+//! upstream socket shared by many sessions.
+//!
+//! A single task reads and writes. Reading never waits: each decoded frame
+//! is handed to its session's bounded queue with `try_send`, and a full queue
+//! closes that session as a slow consumer (§6), so one slow client cannot
+//! stall the others. Writing drains the connection's bounded command queue
+//! (the "mux write queue"), feeding frames while more are ready and flushing
+//! once per burst; when the queue is full, sessions wait for room, which is
+//! the backpressure that stops them reading their clients.
+//!
+//! When the connection dies, the commands it accepted but never wrote are
+//! handed back to their sessions, in order, with `ConnLost` (§5.1); frames
+//! already given to the socket are never resent (§5.3).
+
+use std::collections::HashMap;
+use std::future::poll_fn;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures_util::{Sink, Stream};
+use muxgate_backend::protocol::{self, Encoding, Frame, Open, Payload};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
+
+use crate::close;
+use crate::metrics::{ConnMetrics, Metrics};
+use crate::session::SessionId;
+use crate::upstream::UpstreamSocket;
+
+/// Frames handled per wake-up in each direction before yielding.
+const BURST: usize = 128;
+
+/// What a session asks of its mux connection.
+pub enum ConnCmd {
+    /// Bind the session here and send `open`.
+    Open {
+        session: SessionId,
+        open: Arc<Open>,
+        resumed: bool,
+        link: SessionLink,
+    },
+    Message {
+        session: SessionId,
+        payload: Payload,
+    },
+    /// Send `close` and forget the session.
+    Close {
+        session: SessionId,
+        code: u16,
+        reason: String,
+    },
+}
+
+/// How a connection reaches a session.
+#[derive(Clone)]
+pub struct SessionLink {
+    /// Toward the client, `client_queue` deep; full means slow consumer.
+    pub to_client: mpsc::Sender<ToClient>,
+    /// Signals that must not wait behind a full `to_client`.
+    pub control: mpsc::Sender<Control>,
+}
+
+/// An item in a session's queue toward its client, in upstream order.
+pub enum ToClient {
+    Message(Payload),
+    /// The upstream closed the session (code already made valid for clients).
+    Close {
+        code: u16,
+        reason: String,
+    },
+}
+
+/// Out-of-band news for a session.
+pub enum Control {
+    /// Its queue toward the client was full (mux-protocol §6).
+    SlowConsumer,
+    /// The upstream closed it while its queue was full.
+    Close { code: u16, reason: String },
+    /// Its mux connection died; these messages were accepted but never
+    /// written, oldest first.
+    ConnLost { unsent: Vec<Payload> },
+}
+
+/// Why a connection ended.
+#[derive(Debug)]
+pub enum ConnEnd {
+    /// The socket failed, closed or missed its pong.
+    Lost(String),
+    /// Shutdown: every session had left.
+    Drained,
+}
+
+pub struct MuxConn {
+    pub upstream: Arc<str>,
+    pub encoding: Encoding,
+    pub ws: UpstreamSocket,
+    pub rx: mpsc::Receiver<ConnCmd>,
+    pub metrics: Arc<Metrics>,
+    pub counters: ConnMetrics,
+    pub ping_period: Duration,
+    pub pong_wait: Duration,
+}
+
+/// The connection's working state.
+struct State {
+    bound: HashMap<SessionId, SessionLink>,
+    /// Taken from the queue, not yet written.
+    pending: Option<ConnCmd>,
+    ping_due: bool,
+    unflushed: bool,
+    last_seen: Instant,
+}
+
+impl MuxConn {
+    /// Runs the connection until it dies or, after `stop`, until its last
+    /// session has left. `withdraw` runs as soon as it stops serving, before
+    /// its sessions are handed back.
+    pub async fn run(mut self, stop: CancellationToken, withdraw: impl FnOnce()) -> ConnEnd {
+        let mut st = State {
+            bound: HashMap::new(),
+            pending: None,
+            ping_due: false,
+            unflushed: false,
+            last_seen: Instant::now(),
+        };
+        let mut next_ping = Instant::now() + self.ping_period;
+        let mut draining = false;
+        let end = loop {
+            if draining && st.bound.is_empty() && st.pending.is_none() && self.rx.is_empty() {
+                break ConnEnd::Drained;
+            }
+            let wake = next_ping.min(st.last_seen + self.pong_wait);
+            tokio::select! {
+                biased;
+                _ = stop.cancelled(), if !draining => draining = true,
+                end = poll_fn(|cx| self.poll_io(&mut st, cx)) => break end,
+                _ = tokio::time::sleep_until(wake) => {
+                    let now = Instant::now();
+                    if now >= st.last_seen + self.pong_wait {
+                        break ConnEnd::Lost("missed its pong".into());
+                    }
+                    if now >= next_ping {
+                        st.ping_due = true;
+                        next_ping = now + self.ping_period;
+                    }
+                }
+            }
+        };
+        withdraw();
+        match &end {
+            ConnEnd::Drained => {
+                let frame = close::frame(close::GOING_AWAY, "server shutting down");
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(1), self.ws.close(Some(frame))).await;
+            }
+            ConnEnd::Lost(_) => self.hand_back(st).await,
+        }
+        self.counters.queue_depth.set(0);
+        end
+    }
+
+    /// Reads what is ready and writes what is queued.
+    fn poll_io(&mut self, st: &mut State, cx: &mut Context<'_>) -> Poll<ConnEnd> {
+        for _ in 0..BURST {
+            match Pin::new(&mut self.ws).poll_next(cx) {
+                Poll::Ready(Some(Ok(msg))) => {
+                    st.last_seen = Instant::now();
+                    match msg {
+                        Message::Text(_) | Message::Binary(_) => self.dispatch(st, msg),
+                        Message::Close(frame) => {
+                            debug!(?frame, "upstream closes the mux connection")
+                        }
+                        _ => {}
+                    }
+                }
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(ConnEnd::Lost(e.to_string())),
+                Poll::Ready(None) => {
+                    return Poll::Ready(ConnEnd::Lost("connection closed by the upstream".into()))
+                }
+                Poll::Pending => break,
+            }
+        }
+        let mut budget = BURST;
+        loop {
+            if st.pending.is_some() || st.ping_due {
+                match Pin::new(&mut self.ws).poll_ready(cx) {
+                    Poll::Pending => break,
+                    Poll::Ready(Err(e)) => return Poll::Ready(ConnEnd::Lost(e.to_string())),
+                    Poll::Ready(Ok(())) => {}
+                }
+                let msg = match st.pending.take() {
+                    Some(cmd) => self.encode(st, cmd),
+                    None => {
+                        st.ping_due = false;
+                        Some(Message::Ping(Default::default()))
+                    }
+                };
+                if let Some(msg) = msg {
+                    if let Err(e) = Pin::new(&mut self.ws).start_send(msg) {
+                        return Poll::Ready(ConnEnd::Lost(e.to_string()));
+                    }
+                    st.unflushed = true;
+                }
+            }
+            if budget == 0 {
+                cx.waker().wake_by_ref();
+                break;
+            }
+            budget -= 1;
+            match self.rx.poll_recv(cx) {
+                Poll::Ready(Some(cmd)) => {
+                    if let ConnCmd::Open { session, link, .. } = &cmd {
+                        st.bound.insert(*session, link.clone());
+                    }
+                    st.pending = Some(cmd);
+                }
+                // The pool and every session are gone.
+                Poll::Ready(None) => return Poll::Ready(ConnEnd::Drained),
+                Poll::Pending => break,
+            }
+        }
+        self.counters.queue_depth.set(self.rx.len() as i64);
+        if st.unflushed {
+            match Pin::new(&mut self.ws).poll_flush(cx) {
+                Poll::Ready(Ok(())) => st.unflushed = false,
+                Poll::Ready(Err(WsError::ConnectionClosed)) => {}
+                Poll::Ready(Err(e)) => return Poll::Ready(ConnEnd::Lost(e.to_string())),
+                Poll::Pending => {}
+            }
+        }
+        Poll::Pending
+    }
+
+    /// Turns a command into the frame to write (`None`: nothing to write).
+    fn encode(&self, st: &mut State, cmd: ConnCmd) -> Option<Message> {
+        let msg = match cmd {
+            ConnCmd::Open {
+                session,
+                open,
+                resumed,
+                ..
+            } => {
+                let mut open = (*open).clone();
+                open.resumed = resumed;
+                protocol::encode(
+                    &Frame::Open {
+                        session: session.0,
+                        open,
+                    },
+                    self.encoding,
+                )
+            }
+            ConnCmd::Message { session, payload } => {
+                protocol::encode_message(session.0, &payload, self.encoding)
+            }
+            ConnCmd::Close {
+                session,
+                code,
+                reason,
+            } => {
+                st.bound.remove(&session);
+                protocol::encode(
+                    &Frame::Close {
+                        session: session.0,
+                        code,
+                        reason,
+                    },
+                    self.encoding,
+                )
+            }
+        };
+        self.counters.frames_out.inc();
+        self.counters.bytes_out.inc_by(msg.len() as u64);
+        Some(msg)
+    }
+
+    /// Routes one upstream frame to its session(s).
+    fn dispatch(&self, st: &mut State, msg: Message) {
+        self.counters.frames_in.inc();
+        self.counters.bytes_in.inc_by(msg.len() as u64);
+        let frame = match protocol::decode(msg, self.encoding) {
+            Ok(frame) => frame,
+            Err(reason) => {
+                self.metrics
+                    .mux_frame_dropped(&self.upstream, reason.as_str());
+                debug!(upstream = %self.upstream, reason = reason.as_str(), "mux frame dropped");
+                return;
+            }
+        };
+        match frame {
+            Frame::Message { session, payload } => {
+                let id = SessionId(session);
+                match st.bound.get(&id) {
+                    Some(link) => {
+                        if !self.deliver(link, ToClient::Message(payload)) {
+                            st.bound.remove(&id);
+                        }
+                    }
+                    None => self.unknown_session(session),
+                }
+            }
+            Frame::Close {
+                session,
+                code,
+                reason,
+            } => match st.bound.remove(&SessionId(session)) {
+                Some(link) => {
+                    let code = close::client_code(code);
+                    let reason = close::truncate_reason(&reason).to_owned();
+                    if let Err(mpsc::error::TrySendError::Full(ToClient::Close { code, reason })) =
+                        link.to_client.try_send(ToClient::Close { code, reason })
+                    {
+                        let _ = link.control.try_send(Control::Close { code, reason });
+                    }
+                }
+                None => self.unknown_session(session),
+            },
+            Frame::Broadcast { sessions, payload } => {
+                let mut gone = Vec::new();
+                match sessions {
+                    Some(ids) => {
+                        for id in ids.into_iter().map(SessionId) {
+                            // Unknown here or bound elsewhere: skipped (§3).
+                            if let Some(link) = st.bound.get(&id) {
+                                if !self.deliver(link, ToClient::Message(payload.clone())) {
+                                    gone.push(id);
+                                }
+                            }
+                        }
+                    }
+                    None => {
+                        for (id, link) in &st.bound {
+                            if !self.deliver(link, ToClient::Message(payload.clone())) {
+                                gone.push(*id);
+                            }
+                        }
+                    }
+                }
+                for id in gone {
+                    st.bound.remove(&id);
+                }
+            }
+            Frame::Hello(_) | Frame::Open { .. } => {
+                self.metrics
+                    .mux_frame_dropped(&self.upstream, "unexpected_type");
+            }
+        }
+    }
+
+    /// Queues an item for a session; false when the session must be
+    /// forgotten (slow consumer, or already gone).
+    fn deliver(&self, link: &SessionLink, item: ToClient) -> bool {
+        match link.to_client.try_send(item) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.metrics
+                    .mux_frame_dropped(&self.upstream, "slow_consumer");
+                let _ = link.control.try_send(Control::SlowConsumer);
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                self.metrics
+                    .mux_frame_dropped(&self.upstream, "session_closed");
+                false
+            }
+        }
+    }
+
+    fn unknown_session(&self, session: uuid::Uuid) {
+        self.metrics
+            .mux_frame_dropped(&self.upstream, "unknown_session");
+        debug!(upstream = %self.upstream, %session, "mux frame for an unknown session dropped");
+    }
+
+    /// Hands every bound session its unwritten messages (§5.1).
+    async fn hand_back(&mut self, mut st: State) {
+        self.rx.close();
+        let mut unsent: HashMap<SessionId, Vec<Payload>> = HashMap::new();
+        let mut take = |cmd: ConnCmd, st: &mut State| match cmd {
+            ConnCmd::Open { session, link, .. } => {
+                st.bound.insert(session, link);
+            }
+            ConnCmd::Message { session, payload } => {
+                unsent.entry(session).or_default().push(payload)
+            }
+            ConnCmd::Close { session, .. } => {
+                st.bound.remove(&session);
+            }
+        };
+        if let Some(cmd) = st.pending.take() {
+            take(cmd, &mut st);
+        }
+        while let Ok(cmd) = self.rx.try_recv() {
+            take(cmd, &mut st);
+        }
+        for (id, link) in st.bound.drain() {
+            let lost = Control::ConnLost {
+                unsent: unsent.remove(&id).unwrap_or_default(),
+            };
+            // The session reads its control queue promptly; a session that
+            // has ended has dropped its receiver and this returns at once.
+            let _ = tokio::time::timeout(Duration::from_secs(1), link.control.send(lost)).await;
+        }
+    }
+}

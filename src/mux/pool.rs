@@ -1,0 +1,273 @@
+//! The pool of one multiplexed upstream (mux-protocol.md §1, §5.4):
+//! `pool_size` slots, each keeping one mux connection up on a healthy target
+//! picked by weight, reconnecting with exponential backoff and full jitter,
+//! and reporting failures to the target's passive health.
+//!
+//! Sessions bind to the least-loaded live connection; a [`Binding`] counts
+//! the session on its connection until dropped.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use http::header::{HeaderMap, HeaderValue, SEC_WEBSOCKET_PROTOCOL};
+use muxgate_backend::protocol::{self, Encoding, Frame, Hello};
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+use uuid::Uuid;
+
+use super::conn::{ConnCmd, ConnEnd, MuxConn};
+use crate::config;
+use crate::metrics::Metrics;
+use crate::shutdown::Shutdown;
+use crate::upstream::{self, Upstream};
+
+/// Commands a mux connection's write queue holds before sessions wait.
+pub const MUX_WRITE_QUEUE: usize = 1024;
+/// First reconnect delay; doubles per failure up to [`BACKOFF_MAX`].
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// A connection that lived this long resets the backoff.
+const STABLE: Duration = Duration::from_secs(5);
+
+/// A live mux connection, as sessions see it.
+#[derive(Clone)]
+pub struct MuxConnHandle {
+    pub id: Uuid,
+    pub target: Arc<str>,
+    pub tx: mpsc::Sender<ConnCmd>,
+    load: Arc<AtomicUsize>,
+}
+
+/// A session's claim on a connection; dropping it lowers the load.
+pub struct Binding {
+    pub conn: MuxConnHandle,
+}
+
+impl Drop for Binding {
+    fn drop(&mut self) {
+        self.conn.load.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+pub struct MuxPool {
+    upstream: Arc<Upstream>,
+    metrics: Arc<Metrics>,
+    instance: Uuid,
+    encoding: Encoding,
+    /// Read on every bind, written on connect and loss; never held across an await.
+    live: RwLock<Vec<MuxConnHandle>>,
+    live_count: watch::Sender<usize>,
+}
+
+impl MuxPool {
+    /// Starts `pool_size` slot tasks on `shutdown`'s tracker.
+    pub fn start(
+        upstream: Arc<Upstream>,
+        metrics: Arc<Metrics>,
+        instance: Uuid,
+        shutdown: &Shutdown,
+    ) -> Arc<MuxPool> {
+        let encoding = match upstream.config.websocket_config.envelope {
+            config::Envelope::Json => Encoding::Json,
+            config::Envelope::Binary => Encoding::Binary,
+        };
+        let pool = Arc::new(MuxPool {
+            upstream,
+            metrics,
+            instance,
+            encoding,
+            live: RwLock::new(Vec::new()),
+            live_count: watch::channel(0).0,
+        });
+        for slot in 0..pool.upstream.config.websocket_config.pool_size {
+            shutdown.spawn(Arc::clone(&pool).run_slot(slot, shutdown.token()));
+        }
+        pool
+    }
+
+    /// Live connections now.
+    pub fn live(&self) -> usize {
+        self.live.read().expect("pool lock").len()
+    }
+
+    /// Binds to the least-loaded live connection, if any.
+    pub fn bind(&self) -> Option<Binding> {
+        let live = self.live.read().expect("pool lock");
+        let conn = live
+            .iter()
+            .filter(|c| !c.tx.is_closed())
+            .min_by_key(|c| c.load.load(Ordering::Relaxed))?
+            .clone();
+        conn.load.fetch_add(1, Ordering::Relaxed);
+        Some(Binding { conn })
+    }
+
+    /// Binds as soon as a connection is live, or `None` at `deadline`.
+    pub async fn bind_by(&self, deadline: Instant) -> Option<Binding> {
+        let mut changes = self.live_count.subscribe();
+        loop {
+            if let Some(b) = self.bind() {
+                return Some(b);
+            }
+            if tokio::time::timeout_at(deadline, changes.changed())
+                .await
+                .is_err()
+            {
+                return None;
+            }
+        }
+    }
+
+    /// Waits until some connection is live (for the handshake's 503 rule).
+    pub async fn wait_live(&self, timeout: Duration) -> bool {
+        let mut changes = self.live_count.subscribe();
+        tokio::time::timeout(timeout, changes.wait_for(|n| *n > 0))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
+    fn publish(&self, change: impl FnOnce(&mut Vec<MuxConnHandle>)) {
+        let n = {
+            let mut live = self.live.write().expect("pool lock");
+            change(&mut live);
+            live.len()
+        };
+        self.live_count.send_replace(n);
+    }
+
+    /// Keeps one connection up until shutdown.
+    async fn run_slot(self: Arc<Self>, slot: usize, stop: CancellationToken) {
+        let name = Arc::clone(&self.upstream.name);
+        let mut backoff = BACKOFF_MIN;
+        while !stop.is_cancelled() {
+            let started = Instant::now();
+            let outcome = self.connect_and_run(slot, &stop).await;
+            if stop.is_cancelled() {
+                break;
+            }
+            if let Err(failure) = outcome {
+                warn!(upstream = %name, slot, cause = %failure, "mux connection failed");
+            }
+            if started.elapsed() >= STABLE {
+                backoff = BACKOFF_MIN;
+            }
+            // Full jitter: anywhere in [backoff/2, backoff].
+            let ms = backoff.as_millis() as u64;
+            let delay = Duration::from_millis(rand::random_range(ms / 2..=ms));
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = tokio::time::sleep(delay) => {}
+            }
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+
+    /// One connection's life: pick a target, connect, hello, serve.
+    async fn connect_and_run(&self, slot: usize, stop: &CancellationToken) -> Result<(), String> {
+        let upstream = &self.upstream;
+        let name = &upstream.name;
+        let ws = &upstream.config.websocket_config;
+        // Held for the connection's life: least_connections counts it.
+        let lease = upstream.pick().ok_or("no healthy target")?;
+        let target = lease.target();
+        let label: Arc<str> = Arc::from(target.label.as_str());
+        let offered = self.encoding.subprotocol();
+        let mut headers = HeaderMap::new();
+        headers.insert(SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(offered));
+        let path = upstream
+            .config
+            .routes
+            .first()
+            .map(|r| r.internal_path.to_string())
+            .unwrap_or_else(|| "/".into());
+        self.metrics.mux_conn_state(name, &label, "connecting", 1);
+        let connected = upstream::connect(
+            &target.url,
+            &path,
+            headers,
+            upstream.socket_config,
+            ws.handshake_timeout,
+        )
+        .await;
+        self.metrics.mux_conn_state(name, &label, "connecting", -1);
+        let failure = |why: String| {
+            target.health.record_failure(why.clone());
+            why
+        };
+        let mut connected = match connected {
+            Ok(c) => c,
+            Err(e) => {
+                self.metrics
+                    .upstream_connect_failed(name, &label, e.reason());
+                return Err(failure(e.to_string()));
+            }
+        };
+        if connected.protocol.as_ref().and_then(|p| p.to_str().ok()) != Some(offered) {
+            self.metrics
+                .upstream_connect_failed(name, &label, "subprotocol");
+            return Err(failure(format!(
+                "{label} did not select the {offered} subprotocol (selected {:?}); dropping the connection",
+                connected.protocol
+            )));
+        }
+        self.metrics.upstream_connected(name, &label);
+        let id = Uuid::new_v4();
+        let hello = protocol::encode(
+            &Frame::Hello(Hello {
+                version: protocol::VERSION,
+                broker: concat!("muxgate/", env!("CARGO_PKG_VERSION")).into(),
+                instance: self.instance,
+                connection: id,
+            }),
+            self.encoding,
+        );
+        if let Err(e) = futures_util::SinkExt::send(&mut connected.socket, hello).await {
+            return Err(failure(format!("sending hello to {label}: {e}")));
+        }
+        let (tx, rx) = mpsc::channel(MUX_WRITE_QUEUE);
+        let handle = MuxConnHandle {
+            id,
+            target: Arc::clone(&label),
+            tx,
+            load: Arc::new(AtomicUsize::new(0)),
+        };
+        self.publish(|live| live.push(handle));
+        self.metrics.mux_conn_state(name, &label, "live", 1);
+        info!(upstream = %name, target = %label, slot, connection = %id, encoding = offered, "mux connection live");
+        let conn = MuxConn {
+            upstream: Arc::clone(name),
+            encoding: self.encoding,
+            ws: connected.socket,
+            rx,
+            counters: self.metrics.conn_counters(name, slot),
+            metrics: Arc::clone(&self.metrics),
+            ping_period: ws.ping_period,
+            pong_wait: ws.pong_wait,
+        };
+        // The handle is withdrawn before the connection hands its sessions
+        // back, so none of them re-binds to it.
+        let end = conn
+            .run(stop.clone(), || {
+                self.publish(|live| live.retain(|c| c.id != id))
+            })
+            .await;
+        self.metrics.mux_conn_state(name, &label, "live", -1);
+        match end {
+            ConnEnd::Drained => Ok(()),
+            ConnEnd::Lost(why) => Err(failure(format!("mux connection to {label} lost: {why}"))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn jitter_range_is_valid_at_the_minimum() {
+        let ms = super::BACKOFF_MIN.as_millis() as u64;
+        let d = rand::random_range(ms / 2..=ms);
+        assert!((50..=100).contains(&d));
+    }
+}

@@ -1,0 +1,501 @@
+//! A client session of a multiplexed upstream (mux-protocol.md §2, §5, §6).
+//!
+//! One task owns the client socket. Client messages go to the bound mux
+//! connection's write queue; while it is full the task stops reading the
+//! client (backpressure, §6), holding at most one message. Upstream messages
+//! arrive on the session's own bounded queue and are written to the client
+//! in bursts.
+//!
+//! Re-binding (§5): when its connection dies, the session gets back the
+//! messages that connection never wrote, keeps them with anything it reads
+//! meanwhile (at most `resume_buffer`), binds to another live connection,
+//! sends `open` with `resumed: true` and then those messages in order. No
+//! live connection within `resume_timeout`, or an overflowing buffer, closes
+//! the client with 1013.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use futures_util::{SinkExt, StreamExt};
+use muxgate_backend::protocol::{Open, Payload};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError, ProtocolError};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+use tracing::{debug, info};
+
+use super::conn::{ConnCmd, Control, SessionLink, ToClient};
+use super::pool::{Binding, MuxPool};
+use crate::close;
+use crate::config::WebSocketSettings;
+use crate::limits::ConnectionPermit;
+use crate::metrics::{Direction, Metrics, Side};
+use crate::session::SessionGuard;
+use crate::upstream::Upstream;
+
+/// A close code and reason.
+type CloseCode = (u16, String);
+
+/// Queued upstream messages written to the client per flush.
+const WRITE_BURST: usize = 64;
+/// Depth of the out-of-band control queue (at most a couple of signals live).
+const CONTROL_QUEUE: usize = 8;
+
+/// Everything a multiplexed session owns.
+pub struct MuxSession {
+    pub guard: SessionGuard,
+    pub permit: ConnectionPermit,
+    pub upstream: Arc<Upstream>,
+    pub pool: Arc<MuxPool>,
+    pub metrics: Arc<Metrics>,
+    pub open: Arc<Open>,
+    pub request_id: String,
+    pub remote: SocketAddr,
+}
+
+/// Where the session stands with the pool.
+enum Bound {
+    Yes(Binding),
+    /// Its connection refused a send; `ConnLost` will bring the unsent rest.
+    AwaitingLost,
+    /// Not bound; must be by `deadline`.
+    No {
+        deadline: Instant,
+    },
+}
+
+/// How the session ended.
+enum Ending {
+    /// The client sent a close frame (code 1005 when it had none).
+    ClientClosed {
+        code: u16,
+        reason: String,
+    },
+    /// The client vanished or missed its pong: no close handshake.
+    ClientGone {
+        cause: String,
+        ping_timeout: bool,
+    },
+    /// The client broke the rules; it gets `code`.
+    ClientFault {
+        code: u16,
+        reason: String,
+    },
+    /// The upstream closed the session.
+    UpstreamClosed {
+        code: u16,
+        reason: String,
+    },
+    SlowConsumer,
+    /// No connection within resume_timeout, or the resume buffer overflowed.
+    ResumeFailed(&'static str),
+    Shutdown,
+}
+
+/// Reads one client message: `Ok(Some)` data, `Ok(None)` nothing to relay.
+fn client_event(
+    msg: Option<Result<Message, WsError>>,
+    details: bool,
+) -> Result<Option<Payload>, Ending> {
+    match msg {
+        Some(Ok(Message::Text(t))) => Ok(Some(Payload::Text(t))),
+        Some(Ok(Message::Binary(b))) => Ok(Some(Payload::Binary(b))),
+        Some(Ok(Message::Close(frame))) => Err(match frame {
+            Some(f) => Ending::ClientClosed {
+                code: f.code.into(),
+                reason: f.reason.to_string(),
+            },
+            None => Ending::ClientClosed {
+                code: 1005,
+                reason: String::new(),
+            },
+        }),
+        Some(Ok(_)) => Ok(None),
+        Some(Err(error)) => Err(match &error {
+            WsError::Capacity(CapacityError::MessageTooLong { .. }) => Ending::ClientFault {
+                code: close::MESSAGE_TOO_BIG,
+                reason: close::reason("message too big", Some(&error), details),
+            },
+            WsError::Utf8(_) => Ending::ClientFault {
+                code: close::INVALID_PAYLOAD,
+                reason: close::reason("invalid UTF-8", Some(&error), details),
+            },
+            WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) | WsError::Io(_) => {
+                Ending::ClientGone {
+                    cause: error.to_string(),
+                    ping_timeout: false,
+                }
+            }
+            _ => Ending::ClientFault {
+                code: close::PROTOCOL_ERROR,
+                reason: close::reason("protocol error", Some(&error), details),
+            },
+        }),
+        None => Err(Ending::ClientGone {
+            cause: "connection closed without a close handshake".into(),
+            ping_timeout: false,
+        }),
+    }
+}
+
+/// Applies a control signal; `Some` when it ends the session.
+fn on_control(
+    ctl: Control,
+    carry: &mut VecDeque<Payload>,
+    bound: &mut Bound,
+    ws: &WebSocketSettings,
+) -> Option<Ending> {
+    match ctl {
+        Control::SlowConsumer => Some(Ending::SlowConsumer),
+        Control::Close { code, reason } => Some(Ending::UpstreamClosed { code, reason }),
+        Control::ConnLost { unsent } => {
+            // Unwritten messages are older than anything still held here.
+            for p in unsent.into_iter().rev() {
+                carry.push_front(p);
+            }
+            *bound = Bound::No {
+                deadline: Instant::now() + ws.resume_timeout,
+            };
+            (carry.len() > ws.resume_buffer)
+                .then_some(Ending::ResumeFailed("resume buffer overflow"))
+        }
+    }
+}
+
+/// Runs the session until it ends.
+pub async fn run<C>(session: MuxSession, mut client: WebSocketStream<C>)
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+{
+    let ws: &WebSocketSettings = &session.upstream.config.websocket_config;
+    let name = Arc::clone(&session.upstream.name);
+    let id = session.guard.handle.id;
+    let cancel = session.guard.handle.cancel.clone();
+    let metrics = &session.metrics;
+    let up_counters = metrics.message_counters(&name, Direction::ClientToUpstream);
+    let down_counters = metrics.message_counters(&name, Direction::UpstreamToClient);
+    let (to_client_tx, mut to_client) = mpsc::channel(ws.client_queue);
+    let (control_tx, mut control) = mpsc::channel(CONTROL_QUEUE);
+    let link = SessionLink {
+        to_client: to_client_tx,
+        control: control_tx,
+    };
+    info!(session = %id, upstream = %name, mode = "multiplexed", remote = %session.remote, request_id = %session.request_id, "session opened");
+
+    let mut bound = Bound::No {
+        deadline: Instant::now() + ws.resume_timeout,
+    };
+    let mut opened = false;
+    // Accepted from the client, not yet in any connection's queue; oldest first.
+    let mut carry: VecDeque<Payload> = VecDeque::new();
+    let (mut sent_up, mut sent_down) = (0u64, 0u64);
+    let mut last_seen = Instant::now();
+    let mut next_ping = Instant::now() + ws.ping_period;
+
+    let ending = loop {
+        // Read the client only while its messages have somewhere to go.
+        let may_read = match &bound {
+            Bound::Yes(_) => carry.is_empty(),
+            _ => carry.len() <= ws.resume_buffer,
+        };
+        if !may_read {
+            last_seen = Instant::now();
+        }
+        let wake = next_ping.min(last_seen + ws.pong_wait);
+        // The select's futures must not borrow `bound`, which its handlers
+        // change; they get owned handles, made only on the rare paths.
+        let bind = match &bound {
+            Bound::No { deadline } => Some((Arc::clone(&session.pool), *deadline)),
+            _ => None,
+        };
+        let room = match &bound {
+            Bound::Yes(b) if !carry.is_empty() => Some(b.conn.tx.clone()),
+            _ => None,
+        };
+        tokio::select! {
+            biased;
+            _ = cancel.cancelled() => break Ending::Shutdown,
+            Some(ctl) = control.recv() => {
+                if let Some(ending) = on_control(ctl, &mut carry, &mut bound, ws) {
+                    break ending;
+                }
+                debug!(session = %id, held = carry.len(), "mux connection lost; re-binding");
+            }
+            Some(item) = to_client.recv() => {
+                // A client that stops reading must not hide the signals
+                // that end it (slow consumer, shutdown) behind a stuck write.
+                let write = write_burst(&mut client, item, &mut to_client, &down_counters, &mut sent_down);
+                tokio::pin!(write);
+                let mut lost = None;
+                let outcome = loop {
+                    tokio::select! {
+                        biased;
+                        _ = cancel.cancelled() => break Err(Ending::Shutdown),
+                        Some(ctl) = control.recv(), if lost.is_none() => match ctl {
+                            Control::ConnLost { .. } => lost = Some(ctl),
+                            other => break Err(on_control(other, &mut carry, &mut bound, ws).expect("ends the session")),
+                        },
+                        _ = tokio::time::sleep(ws.pong_wait) => break Err(Ending::ClientGone {
+                            cause: "stopped reading".into(),
+                            ping_timeout: true,
+                        }),
+                        r = &mut write => break Ok(r),
+                    }
+                };
+                let ending = match outcome {
+                    Err(ending) => Some(ending),
+                    Ok(Ok(None)) => None,
+                    Ok(Ok(Some((code, reason)))) => Some(Ending::UpstreamClosed { code, reason }),
+                    Ok(Err(e)) => Some(Ending::ClientGone { cause: format!("writing to client: {e}"), ping_timeout: false }),
+                };
+                if let Some(ending) = ending.or_else(|| lost.and_then(|ctl| on_control(ctl, &mut carry, &mut bound, ws))) {
+                    break ending;
+                }
+            }
+            // Bind (or re-bind) to a live connection.
+            binding = async {
+                match bind {
+                    Some((pool, deadline)) => pool.bind_by(deadline).await,
+                    None => std::future::pending().await,
+                }
+            }, if matches!(bound, Bound::No { .. }) => {
+                let Some(binding) = binding else {
+                    break Ending::ResumeFailed("no upstream connection");
+                };
+                let cmd = ConnCmd::Open { session: id, open: Arc::clone(&session.open), resumed: opened, link: link.clone() };
+                if binding.conn.tx.send(cmd).await.is_ok() {
+                    if opened {
+                        metrics.session_rebound(&name);
+                    }
+                    opened = true;
+                    bound = Bound::Yes(binding);
+                }
+                // A refused open leaves the session unbound: try again.
+            }
+            // Move held messages into the bound connection's queue, in order.
+            permit = async {
+                match room {
+                    Some(tx) => tx.reserve_owned().await,
+                    None => std::future::pending().await,
+                }
+            }, if matches!(bound, Bound::Yes(_)) && !carry.is_empty() => match permit {
+                Ok(permit) => {
+                    let payload = carry.pop_front().expect("carry is not empty");
+                    permit.send(ConnCmd::Message { session: id, payload });
+                    sent_up += 1;
+                }
+                Err(_) => bound = Bound::AwaitingLost,
+            },
+            msg = client.next(), if may_read => {
+                last_seen = Instant::now();
+                match client_event(msg, ws.return_error_details) {
+                    Err(ending) => break ending,
+                    Ok(None) => {}
+                    Ok(Some(payload)) => {
+                        match &payload {
+                            Payload::Text(t) => up_counters.text(t.len()),
+                            Payload::Binary(b) => up_counters.binary(b.len()),
+                        }
+                        // Fast path: straight into the connection's queue.
+                        let queued = match (&bound, carry.is_empty()) {
+                            (Bound::Yes(b), true) => match b.conn.tx.try_send(ConnCmd::Message { session: id, payload }) {
+                                Ok(()) => { sent_up += 1; None }
+                                Err(mpsc::error::TrySendError::Full(ConnCmd::Message { payload, .. })) => Some(payload),
+                                Err(mpsc::error::TrySendError::Closed(ConnCmd::Message { payload, .. })) => {
+                                    bound = Bound::AwaitingLost;
+                                    Some(payload)
+                                }
+                                Err(_) => unreachable!("a message command comes back as sent"),
+                            },
+                            _ => Some(payload),
+                        };
+                        if let Some(p) = queued {
+                            carry.push_back(p);
+                            if !matches!(bound, Bound::Yes(_)) && carry.len() > ws.resume_buffer {
+                                break Ending::ResumeFailed("resume buffer overflow");
+                            }
+                        }
+                    }
+                }
+            }
+            _ = tokio::time::sleep_until(wake) => {
+                let now = Instant::now();
+                if now >= last_seen + ws.pong_wait {
+                    break Ending::ClientGone { cause: "missed its pong".into(), ping_timeout: true };
+                }
+                if now >= next_ping {
+                    next_ping = now + ws.ping_period;
+                    match tokio::time::timeout(ws.pong_wait, client.send(Message::Ping(Default::default()))).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => break Ending::ClientGone { cause: format!("pinging client: {e}"), ping_timeout: false },
+                        Err(_) => break Ending::ClientGone { cause: "stopped reading".into(), ping_timeout: true },
+                    }
+                }
+            }
+        }
+    };
+
+    // === the end ===
+    let details = ws.return_error_details;
+    let (to_client_frame, to_upstream, cause): (Option<CloseCode>, Option<CloseCode>, String) =
+        match ending {
+            Ending::ClientClosed { code, reason } => {
+                (None, Some((code, reason)), "client closed".into())
+            }
+            Ending::ClientGone {
+                cause,
+                ping_timeout,
+            } => {
+                if ping_timeout {
+                    metrics.ping_timeout(&name, Side::Client);
+                }
+                (
+                    None,
+                    Some((1006, String::new())),
+                    format!("client gone: {cause}"),
+                )
+            }
+            Ending::ClientFault { code, reason } => (
+                Some((code, reason.clone())),
+                Some((code, reason.clone())),
+                format!("client fault: {reason}"),
+            ),
+            Ending::UpstreamClosed { code, reason } => {
+                (Some((code, reason)), None, "upstream closed".into())
+            }
+            Ending::SlowConsumer => {
+                metrics.slow_consumer_closed(&name);
+                let r = "slow consumer".to_string();
+                (
+                    Some((close::POLICY_VIOLATION, r.clone())),
+                    Some((close::POLICY_VIOLATION, r.clone())),
+                    r,
+                )
+            }
+            Ending::ResumeFailed(why) => {
+                let reason = close::reason("try again later", Some(&why), details);
+                (
+                    Some((close::TRY_AGAIN_LATER, reason)),
+                    None,
+                    why.to_string(),
+                )
+            }
+            Ending::Shutdown => {
+                let r = "server shutting down".to_string();
+                (
+                    Some((close::GOING_AWAY, r.clone())),
+                    Some((close::GOING_AWAY, r)),
+                    "shutdown".into(),
+                )
+            }
+        };
+    let dropped_down = {
+        to_client.close();
+        let mut n = 0u64;
+        while to_client.try_recv().is_ok() {
+            n += 1;
+        }
+        n
+    };
+    metrics.messages_dropped(
+        &name,
+        Direction::UpstreamToClient,
+        "session_closed",
+        dropped_down,
+    );
+    metrics.messages_dropped(
+        &name,
+        Direction::ClientToUpstream,
+        "session_closed",
+        carry.len() as u64,
+    );
+    let closing = async {
+        let tell_upstream = async {
+            if let (Some((code, reason)), Bound::Yes(b)) = (&to_upstream, &bound) {
+                let cmd = ConnCmd::Close {
+                    session: id,
+                    code: *code,
+                    reason: close::truncate_reason(reason).to_owned(),
+                };
+                let _ = b.conn.tx.send(cmd).await;
+            }
+        };
+        let tell_client = async {
+            if let Some((code, reason)) = &to_client_frame {
+                metrics.close_sent(&name, Side::Client, *code);
+                let _ = client.close(Some(close::frame(*code, reason))).await;
+            }
+            while let Some(Ok(_)) = client.next().await {}
+        };
+        tokio::join!(tell_upstream, tell_client);
+    };
+    if tokio::time::timeout(ws.close_timeout, closing)
+        .await
+        .is_err()
+    {
+        debug!(session = %id, "close handshake timed out");
+    }
+    if let Some((code, _)) = &to_upstream {
+        if matches!(bound, Bound::Yes(_)) {
+            metrics.close_sent(&name, Side::Upstream, *code);
+        }
+    }
+    let handle = &session.guard.handle;
+    info!(
+        session = %id,
+        upstream = %name,
+        mode = "multiplexed",
+        duration_ms = handle.started.elapsed().as_millis() as u64,
+        client_messages = sent_up,
+        upstream_messages = sent_down,
+        client_close_code = to_client_frame.as_ref().map(|c| c.0),
+        upstream_close_code = to_upstream.as_ref().map(|c| c.0),
+        %cause,
+        "session ended"
+    );
+    // Free the slot before the client sees its connection end.
+    drop(bound);
+    drop(session);
+    drop(client);
+}
+
+/// Writes `first` and whatever else is queued (up to a burst), then
+/// flushes once. Returns the upstream's close if one was reached.
+async fn write_burst<C>(
+    client: &mut WebSocketStream<C>,
+    first: ToClient,
+    queue: &mut mpsc::Receiver<ToClient>,
+    counters: &crate::metrics::MessageCounters,
+    sent: &mut u64,
+) -> Result<Option<(u16, String)>, WsError>
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut item = Some(first);
+    let mut n = 0;
+    while let Some(next) = item.take() {
+        match next {
+            ToClient::Close { code, reason } => {
+                client.flush().await?;
+                return Ok(Some((code, reason)));
+            }
+            ToClient::Message(payload) => {
+                match &payload {
+                    Payload::Text(t) => counters.text(t.len()),
+                    Payload::Binary(b) => counters.binary(b.len()),
+                }
+                client.feed(payload.into_message()).await?;
+                *sent += 1;
+                n += 1;
+            }
+        }
+        if n < WRITE_BURST {
+            item = queue.try_recv().ok();
+        }
+    }
+    client.flush().await?;
+    Ok(None)
+}
