@@ -132,14 +132,11 @@ impl MuxConn {
         let mut next_ping = Instant::now() + self.ping_period;
         let mut draining = false;
         let end = loop {
-            if draining && st.bound.is_empty() && st.pending.is_none() && self.rx.is_empty() {
-                break ConnEnd::Drained;
-            }
             let wake = next_ping.min(st.last_seen + self.pong_wait);
             tokio::select! {
                 biased;
                 _ = stop.cancelled(), if !draining => draining = true,
-                end = poll_fn(|cx| self.poll_io(&mut st, cx)) => break end,
+                end = poll_fn(|cx| self.poll_io(&mut st, draining, cx)) => break end,
                 _ = tokio::time::sleep_until(wake) => {
                     let now = Instant::now();
                     if now >= st.last_seen + self.pong_wait {
@@ -165,9 +162,15 @@ impl MuxConn {
         end
     }
 
-    /// Reads what is ready and writes what is queued.
-    fn poll_io(&mut self, st: &mut State, cx: &mut Context<'_>) -> Poll<ConnEnd> {
-        for _ in 0..BURST {
+    /// Reads what is ready and writes what is queued; when `draining`, ends
+    /// once the last session has left and its frames are flushed.
+    fn poll_io(&mut self, st: &mut State, draining: bool, cx: &mut Context<'_>) -> Poll<ConnEnd> {
+        for round in 0..=BURST {
+            if round == BURST {
+                // More may be buffered: come back after the writes.
+                cx.waker().wake_by_ref();
+                break;
+            }
             match Pin::new(&mut self.ws).poll_next(cx) {
                 Poll::Ready(Some(Ok(msg))) => {
                     st.last_seen = Instant::now();
@@ -233,6 +236,11 @@ impl MuxConn {
                 Poll::Ready(Err(e)) => return Poll::Ready(ConnEnd::Lost(e.to_string())),
                 Poll::Pending => {}
             }
+        }
+        let idle =
+            st.bound.is_empty() && st.pending.is_none() && !st.unflushed && self.rx.is_empty();
+        if draining && idle {
+            return Poll::Ready(ConnEnd::Drained);
         }
         Poll::Pending
     }

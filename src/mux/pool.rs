@@ -14,6 +14,7 @@ use http::header::{HeaderMap, HeaderValue, SEC_WEBSOCKET_PROTOCOL};
 use muxgate_backend::protocol::{self, Encoding, Frame, Hello};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::error::{Error as WsError, ProtocolError};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 use uuid::Uuid;
@@ -199,6 +200,16 @@ impl MuxPool {
         };
         let mut connected = match connected {
             Ok(c) => c,
+            Err(upstream::ConnectError::Handshake {
+                source: WsError::Protocol(ProtocolError::SecWebSocketSubProtocolError(_)),
+                ..
+            }) => {
+                self.metrics
+                    .upstream_connect_failed(name, &label, "subprotocol");
+                return Err(failure(format!(
+                    "{label} did not select the {offered} subprotocol; dropping the connection"
+                )));
+            }
             Err(e) => {
                 self.metrics
                     .upstream_connect_failed(name, &label, e.reason());

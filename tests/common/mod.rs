@@ -62,6 +62,11 @@ impl Running {
 
 /// Starts the broker on `yaml`, whose listeners should be `127.0.0.1:0`.
 pub async fn start_broker(yaml: &str) -> Running {
+    // RUST_LOG=debug shows the broker's logs in a failing test's output.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
     let config = muxgate::config::load_str("test.yaml", yaml)
         .unwrap_or_else(|e| panic!("test config is invalid:\n{e}\n---\n{yaml}"));
     let broker = muxgate::Broker::bind(config).await.expect("bind broker");
@@ -77,6 +82,21 @@ pub async fn start_broker(yaml: &str) -> Running {
 /// `/echo`) over `targets`; `ws` adds lines to `websocket_config`,
 /// `upstream` to the upstream, `server` to `server`.
 pub fn direct_config(targets: &[SocketAddr], ws: &str, upstream: &str, server: &str) -> String {
+    config_in_mode(true, targets, ws, upstream, server)
+}
+
+/// The same as [`direct_config`] with the upstream multiplexed.
+pub fn mux_config(targets: &[SocketAddr], ws: &str, upstream: &str, server: &str) -> String {
+    config_in_mode(false, targets, ws, upstream, server)
+}
+
+fn config_in_mode(
+    direct: bool,
+    targets: &[SocketAddr],
+    ws: &str,
+    upstream: &str,
+    server: &str,
+) -> String {
     let targets: String = targets
         .iter()
         .map(|a| format!("      - url: ws://{a}\n"))
@@ -89,7 +109,7 @@ pub fn direct_config(targets: &[SocketAddr], ws: &str, upstream: &str, server: &
     };
     format!(
         "server:\n  listen: 127.0.0.1:0\n  admin_listen: 127.0.0.1:0\n{server}\
-upstreams:\n  - name: echo\n    routes:\n      - external_path: /ws/echo\n        internal_path: /echo\n    targets:\n{targets}{upstream}    websocket_config:\n      enable_direct_communication: true\n{ws}",
+upstreams:\n  - name: echo\n    routes:\n      - external_path: /ws/echo\n        internal_path: /echo\n    targets:\n{targets}{upstream}    websocket_config:\n      enable_direct_communication: {direct}\n{ws}",
         server = indent(server, 2),
         upstream = indent(upstream, 4),
         ws = indent(ws, 6),
