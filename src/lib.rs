@@ -2,8 +2,8 @@
 //!
 //! Clients open WebSockets to the broker; each request path leads to an
 //! upstream, which runs in direct mode (one upstream WebSocket per client)
-//! or, later, multiplexed mode (shared mux connections, see
-//! `shared/mux-protocol.md`).
+//! or multiplexed mode (a few shared mux connections carry every client,
+//! see `shared/mux-protocol.md`).
 //!
 //! # Layout
 //!
@@ -15,6 +15,8 @@
 //! - [`limits`]: `max_connections` and per-IP permits, released when a session ends.
 //! - [`session`]: session ids and the registry both modes share.
 //! - [`direct`]: direct mode, the connect-first handshake and the relay.
+//! - [`mux`]: multiplexed mode: the pool, the mux connection task, sessions
+//!   and their re-binding (the frame codec is `muxgate_backend::protocol`).
 //! - [`upstream`]: targets, passive health, balancing, connecting.
 //! - [`close`]: the close-code policy.
 //! - [`metrics`]: every Prometheus collector, one method per event.
@@ -30,6 +32,19 @@
 //! without bound and a slow side slows the fast one down instead. Close
 //! frames pass through with their codes; a side that vanishes or misses its
 //! pong closes the other with 1001 (client gone) or 1014 (upstream gone).
+//!
+//! # One message in multiplexed mode
+//!
+//! The handshake handler checks the same things, waits (up to
+//! `handshake_timeout`) for a live mux connection and answers 101; the
+//! session task binds to the least-loaded connection and sends `open`. A
+//! client message goes into that connection's bounded write queue (waiting
+//! for room, so a backed-up upstream slows its clients through TCP); the
+//! connection task encodes and writes it. An upstream frame is decoded by the
+//! connection task and handed to the session's bounded queue without waiting;
+//! a full queue closes that session (slow consumer) instead of stalling the
+//! others. When a connection dies, its unwritten frames go back to their
+//! sessions, which re-bind elsewhere and resend them after a resumed `open`.
 
 #![forbid(unsafe_code)]
 

@@ -111,6 +111,10 @@ async fn sessions_round_trip_in_both_encodings() {
                 .collect();
             echo_roundtrip(&mut ws, Message::text(text)).await;
         }
+        // The largest message fits on the mux link too, although its
+        // envelope is larger (base64, or six-byte escapes in JSON text).
+        echo_roundtrip(&mut ws, Message::Binary(Bytes::from(vec![0xffu8; 1 << 20]))).await;
+        echo_roundtrip(&mut ws, Message::text("\u{1}".repeat(1 << 20))).await;
         // Upstream-initiated close, code and reason preserved.
         ws.send(Message::text("close:4001:kicked")).await.unwrap();
         assert_eq!(

@@ -189,7 +189,7 @@ impl MuxPool {
             &target.url,
             &path,
             headers,
-            upstream.socket_config,
+            upstream.mux_socket_config,
             ws.handshake_timeout,
         )
         .await;

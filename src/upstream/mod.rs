@@ -22,6 +22,11 @@ pub use health::PassiveHealth;
 
 use crate::config::{Mode, UpstreamConfig};
 
+/// Worst-case growth of a message inside a JSON mux frame (`\u0000` escapes).
+const MUX_ENVELOPE_FACTOR: usize = 6;
+/// Room for the envelope's own fields.
+const MUX_ENVELOPE_SLACK: usize = 64 * 1024;
+
 /// A WebSocket to a target.
 pub type UpstreamSocket = WebSocketStream<TcpStream>;
 
@@ -128,6 +133,10 @@ pub struct Upstream {
     balancer: Balancer,
     /// tungstenite settings for both sockets of a session on this upstream.
     pub socket_config: WebSocketConfig,
+    /// Settings for mux connections: a frame wraps a message of up to
+    /// `max_message_size` in an envelope (JSON escaping can make text six
+    /// times longer), so the link allows that much more.
+    pub mux_socket_config: WebSocketConfig,
 }
 
 impl Upstream {
@@ -153,11 +162,20 @@ impl Upstream {
             .write_buffer_size(ws.write_buffer_size.bytes())
             .max_message_size(Some(ws.max_message_size.bytes()))
             .max_frame_size(Some(ws.max_message_size.bytes()));
+        let mux_limit = ws
+            .max_message_size
+            .bytes()
+            .saturating_mul(MUX_ENVELOPE_FACTOR)
+            .saturating_add(MUX_ENVELOPE_SLACK);
+        let mux_socket_config = socket_config
+            .max_message_size(Some(mux_limit))
+            .max_frame_size(Some(mux_limit));
         Upstream {
             name: Arc::from(config.name.as_ref()),
             balancer: Balancer::new(config.load_balancing, &targets),
             targets,
             socket_config,
+            mux_socket_config,
             config,
         }
     }
