@@ -4,8 +4,8 @@
 //! names its path and line instead of a silently ignored setting. Defaults
 //! live here as named constants, documented once and used by both the
 //! `default_*` functions and the README's table. Loading (file, `${NAME}`
-//! expansion, YAML) is in [`load`]; the checks serde cannot express are in
-//! [`validate`].
+//! expansion, YAML) is in `load`; the checks serde cannot express are in
+//! `validate`.
 
 mod load;
 mod validate;

@@ -1,0 +1,96 @@
+//! Flow control (mux-protocol.md §6): a slow client is closed without
+//! slowing its neighbours. Alone in its own test binary because it compares
+//! message rates, which other tests running in parallel would disturb.
+
+mod common;
+#[path = "support/mux_peer.rs"]
+mod mux_peer;
+
+use std::time::Instant;
+
+use common::*;
+use mux_peer::{Behavior, MuxPeer, OutFrame, Payload, PeerEvent};
+use tokio_tungstenite::tungstenite::Message;
+use uuid::Uuid;
+
+/// Waits for the `open` of the next session; returns (connection, session).
+async fn next_open(peer: &mut MuxPeer) -> (u64, Uuid) {
+    match peer
+        .wait_for("an open", |e| matches!(e, PeerEvent::Open { .. }))
+        .await
+    {
+        PeerEvent::Open { conn, session, .. } => (conn, session),
+        _ => unreachable!(),
+    }
+}
+
+/// A client that stops reading is closed with 1008 "slow consumer"; while
+/// it is stalled, a neighbour on the same mux connection keeps at least 90%
+/// of the message rate it had before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_consumer_is_closed_and_neighbours_keep_flowing() {
+    let mut peer = MuxPeer::start(Behavior::Echo).await;
+    let cfg = mux_config(&[peer.addr], "pool_size: 1\nclient_queue: 1000", "", "");
+    let broker = start_broker(&cfg).await;
+    let (mut neighbour, _) = connect(&broker.url("/ws/echo"), &[]).await;
+    let (conn, _) = next_open(&mut peer).await;
+    let (mut slow, _) = connect(&broker.url("/ws/echo"), &[]).await;
+    let (_, slow_id) = next_open(&mut peer).await;
+
+    // The best of three rounds: interference from the rest of the machine
+    // only ever slows a round down.
+    async fn neighbour_rate(ws: &mut Client) -> f64 {
+        let mut best: f64 = 0.0;
+        for _ in 0..3 {
+            let n = 700;
+            let started = Instant::now();
+            for k in 0..n {
+                echo_roundtrip(ws, Message::text(k.to_string())).await;
+            }
+            best = best.max(n as f64 / started.elapsed().as_secs_f64());
+        }
+        best
+    }
+    async fn flood(peer: &MuxPeer, conn: u64, session: Uuid, range: std::ops::Range<usize>) {
+        for k in range {
+            // 4 KiB each, so the stalled client's socket buffers fill fast.
+            let payload = Payload::Text(format!("{k:>4096}"));
+            peer.send(conn, OutFrame::Message { session, payload })
+                .await;
+        }
+    }
+    let before = neighbour_rate(&mut neighbour).await;
+    // Stall the slow client: its socket buffers fill and its session's
+    // queue holds the rest (below client_queue).
+    flood(&peer, conn, slow_id, 0..1500).await;
+    let stalled = neighbour_rate(&mut neighbour).await;
+    assert!(
+        stalled >= 0.9 * before,
+        "neighbour rate {stalled:.0}/s fell below 90% of {before:.0}/s while a client was stalled"
+    );
+    // Overflow its queue: it is closed, and the neighbour is unaffected.
+    flood(&peer, conn, slow_id, 1500..4000).await;
+    echo_roundtrip(&mut neighbour, Message::text("still here")).await;
+
+    // Reading now shows what the socket buffers and queue held, then the 1008.
+    let mut seen = 0;
+    let (code, reason) = loop {
+        match next_message(&mut slow).await {
+            Some(Message::Text(_)) => seen += 1,
+            Some(Message::Close(Some(f))) => break (u16::from(f.code), f.reason.to_string()),
+            other => panic!("expected the slow-consumer close, got {other:?}"),
+        }
+    };
+    assert_eq!((code, reason.as_str()), (1008, "slow consumer"));
+    assert!(seen < 4000, "the flood was cut off ({seen} delivered)");
+    let m = broker.metrics().await;
+    assert_eq!(m.value("muxgate_slow_consumer_closes_total", &[]), 1.0);
+    // The upstream was told.
+    match peer
+        .wait_for("close", |e| matches!(e, PeerEvent::Close { .. }))
+        .await
+    {
+        PeerEvent::Close { session, code, .. } => assert_eq!((session, code), (slow_id, 1008)),
+        _ => unreachable!(),
+    }
+}
