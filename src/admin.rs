@@ -1,6 +1,8 @@
 //! The admin listener: `/metrics` (Prometheus text format), `/healthz`
-//! (the process is up) and `/readyz` (it accepts new sessions; 503 once
-//! shutdown has begun, so load balancers drain it first).
+//! (the process is up), `/readyz` (it accepts new sessions; 503 once
+//! shutdown has begun, so load balancers drain it first) and
+//! `/admin/upstreams` (each upstream's mode, targets, health, sessions and
+//! pool, as JSON).
 
 use std::sync::Arc;
 
@@ -17,10 +19,20 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
+        .route("/admin/upstreams", get(upstreams))
         .with_state(state)
 }
 
 async fn metrics(State(app): State<Arc<AppState>>) -> impl IntoResponse {
+    for upstream in &app.upstreams {
+        for target in &upstream.targets {
+            app.metrics.set_target_healthy(
+                &upstream.name,
+                &target.label,
+                target.health.is_healthy(),
+            );
+        }
+    }
     (
         [(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)],
         app.metrics.render(),
@@ -33,4 +45,51 @@ async fn ready(State(app): State<Arc<AppState>>) -> impl IntoResponse {
     } else {
         (StatusCode::OK, "ready\n")
     }
+}
+
+async fn upstreams(State(app): State<Arc<AppState>>) -> impl IntoResponse {
+    let body: Vec<serde_json::Value> = app
+        .upstreams
+        .iter()
+        .map(|u| {
+            let targets: Vec<serde_json::Value> = u
+                .targets
+                .iter()
+                .map(|t| {
+                    serde_json::json!({
+                        "url": t.label,
+                        "weight": t.weight,
+                        "healthy": t.health.is_healthy(),
+                        "passive": t.health.passive_state(),
+                        "active": if !t.health.active_enabled() { "off" } else if t.health.active_up() { "up" } else { "down" },
+                        "last_failure": t.health.last_failure(),
+                        "direct_sessions": t.active(),
+                    })
+                })
+                .collect();
+            let pool = app.pools.get(&u.name).map(|p| {
+                let connections: Vec<serde_json::Value> = p
+                    .connections()
+                    .into_iter()
+                    .map(|(id, target, sessions)| {
+                        serde_json::json!({"id": id, "target": &*target, "sessions": sessions})
+                    })
+                    .collect();
+                serde_json::json!({
+                    "pool_size": u.config.websocket_config.pool_size,
+                    "live": connections.len(),
+                    "connections": connections,
+                })
+            });
+            serde_json::json!({
+                "name": &*u.name,
+                "mode": u.mode().as_str(),
+                "load_balancing": u.config.load_balancing,
+                "sessions": app.sessions.count_for(&u.name),
+                "targets": targets,
+                "pool": pool,
+            })
+        })
+        .collect();
+    axum::Json(body)
 }

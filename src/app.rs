@@ -94,6 +94,9 @@ impl Broker {
                 (Arc::clone(&u.name), pool)
             })
             .collect();
+        for upstream in &upstreams {
+            crate::upstream::probe::start(upstream, &metrics, &shutdown);
+        }
         let state = Arc::new(AppState {
             routes: RouteTable::new(&upstreams),
             pools,

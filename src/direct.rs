@@ -38,38 +38,61 @@ use crate::upstream::{self, ConnectError, Connected, TargetLease, Upstream};
 /// cannot starve the other or the timers.
 const BURST: usize = 64;
 
-/// Connects to a healthy target of `upstream`, recording the outcome in
-/// metrics and passive health. `None` target means none is healthy.
+/// Connects to a healthy target of `upstream`, recording each outcome in
+/// metrics and passive health. A target that refuses or fails its handshake
+/// is passed over for the next healthy one while `handshake_timeout` lasts,
+/// so one dead target does not fail clients; a timeout is not retried.
 pub async fn connect_upstream(
     upstream: &Arc<Upstream>,
+    hash_key: Option<&[u8]>,
     path_and_query: &str,
     headers: HeaderMap,
     metrics: &Metrics,
 ) -> Result<(Connected, TargetLease), UpstreamUnavailable> {
-    let lease = upstream
-        .pick()
-        .ok_or(UpstreamUnavailable::NoHealthyTarget)?;
-    let target = lease.target();
     let ws = &upstream.config.websocket_config;
-    match upstream::connect(
-        &target.url,
-        path_and_query,
-        headers,
-        upstream.socket_config,
-        ws.handshake_timeout,
-    )
-    .await
-    {
-        Ok(connected) => {
-            metrics.upstream_connected(&upstream.name, &target.label);
-            Ok((connected, lease))
-        }
-        Err(error) => {
-            metrics.upstream_connect_failed(&upstream.name, &target.label, error.reason());
-            if target.health.record_failure(error.to_string()) {
-                warn!(upstream = %upstream.name, target = %target.label, %error, "target marked unhealthy");
+    let deadline = tokio::time::Instant::now() + ws.handshake_timeout;
+    let mut tried = Vec::new();
+    let mut last_error = None;
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let lease = match upstream.pick_except(hash_key, &tried) {
+            Some(lease) if !left.is_zero() => lease,
+            _ => {
+                return Err(last_error
+                    .map(UpstreamUnavailable::Connect)
+                    .unwrap_or(UpstreamUnavailable::NoHealthyTarget))
             }
-            Err(UpstreamUnavailable::Connect(error))
+        };
+        let target = lease.target();
+        match upstream::connect(
+            &target.url,
+            path_and_query,
+            headers.clone(),
+            upstream.socket_config,
+            left,
+        )
+        .await
+        {
+            Ok(connected) => {
+                metrics.upstream_connected(&upstream.name, &target.label);
+                metrics.target_picked(&upstream.name, &target.label);
+                metrics.health_check(&upstream.name, &target.label, "passive", true);
+                target.health.record_success();
+                return Ok((connected, lease));
+            }
+            Err(error) => {
+                metrics.upstream_connect_failed(&upstream.name, &target.label, error.reason());
+                metrics.health_check(&upstream.name, &target.label, "passive", false);
+                if target.health.record_failure(error.to_string()) {
+                    warn!(upstream = %upstream.name, target = %target.label, %error, "target marked unhealthy");
+                }
+                let timed_out = matches!(error, ConnectError::Timeout { .. });
+                tried.push(lease.index());
+                last_error = Some(error);
+                if timed_out {
+                    return Err(UpstreamUnavailable::Connect(last_error.expect("just set")));
+                }
+            }
         }
     }
 }
@@ -491,6 +514,7 @@ where
     }
     if ending.upstream_failed {
         let target = session.lease.target();
+        metrics.health_check(name, &target.label, "passive", false);
         if target.health.record_failure(ending.cause.clone()) {
             warn!(upstream = %name, target = %target.label, cause = %ending.cause, "target marked unhealthy");
         }

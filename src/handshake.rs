@@ -370,12 +370,17 @@ async fn accept(
     }
 
     let headers = upstream_headers(&route, request, remote, &request_id);
-    let (connected, lease) = direct::connect_upstream(&upstream, &path, headers, &app.metrics)
-        .await
-        .map_err(|e| match e {
-            UpstreamUnavailable::NoHealthyTarget => HandshakeError::NoHealthyTarget,
-            UpstreamUnavailable::Connect(e) => HandshakeError::Upstream(e),
-        })?;
+    let hash_key = upstream
+        .hash_on
+        .as_ref()
+        .map(|h| h.key(request.headers(), request.uri().query(), remote.ip()));
+    let (connected, lease) =
+        direct::connect_upstream(&upstream, hash_key.as_deref(), &path, headers, &app.metrics)
+            .await
+            .map_err(|e| match e {
+                UpstreamUnavailable::NoHealthyTarget => HandshakeError::NoHealthyTarget,
+                UpstreamUnavailable::Connect(e) => HandshakeError::Upstream(e),
+            })?;
     if let Some(protocol) = &connected.protocol {
         response
             .headers_mut()

@@ -60,6 +60,9 @@ pub struct Metrics {
     mux_write_queue_depth: IntGaugeVec,
     sessions_rebound_total: IntCounterVec,
     slow_consumer_closes_total: IntCounterVec,
+    target_healthy: IntGaugeVec,
+    health_checks_total: IntCounterVec,
+    target_picks_total: IntCounterVec,
 }
 
 impl Default for Metrics {
@@ -146,6 +149,16 @@ impl Metrics {
             "Sessions closed with 1008 because their client_queue was full, by upstream.",
             &["upstream"],
         );
+        let health_checks_total = counter(
+            "health_checks_total",
+            "Health verdicts by upstream, target, kind (active, passive) and outcome (success, failure).",
+            &["upstream", "target", "kind", "outcome"],
+        );
+        let target_picks_total = counter(
+            "target_picks_total",
+            "Sessions (direct) or mux connections (multiplexed) placed on a target.",
+            &["upstream", "target"],
+        );
         let gauge = |name: &str, help: &str, labels: &[&str]| {
             let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("gauge");
             registry.register(Box::new(g.clone())).expect("register");
@@ -160,6 +173,11 @@ impl Metrics {
             "mux_connections",
             "Mux connections by upstream, target and state (connecting, live).",
             &["upstream", "target", "state"],
+        );
+        let target_healthy = gauge(
+            "target_healthy",
+            "1 while a target is in rotation (neither passive nor active checks say unhealthy), else 0.",
+            &["upstream", "target"],
         );
         let mux_write_queue_depth = gauge(
             "mux_write_queue_depth",
@@ -201,6 +219,9 @@ impl Metrics {
             mux_write_queue_depth,
             sessions_rebound_total,
             slow_consumer_closes_total,
+            target_healthy,
+            health_checks_total,
+            target_picks_total,
         }
     }
 
@@ -285,6 +306,26 @@ impl Metrics {
         self.close_codes_sent_total
             .with_label_values(&[upstream, side.as_str(), &code.to_string()])
             .inc();
+    }
+
+    pub fn health_check(&self, upstream: &str, target: &str, kind: &str, ok: bool) {
+        let outcome = if ok { "success" } else { "failure" };
+        self.health_checks_total
+            .with_label_values(&[upstream, target, kind, outcome])
+            .inc();
+    }
+
+    pub fn target_picked(&self, upstream: &str, target: &str) {
+        self.target_picks_total
+            .with_label_values(&[upstream, target])
+            .inc();
+    }
+
+    /// Sets the health gauge (refreshed on every scrape).
+    pub fn set_target_healthy(&self, upstream: &str, target: &str, healthy: bool) {
+        self.target_healthy
+            .with_label_values(&[upstream, target])
+            .set(i64::from(healthy));
     }
 
     pub fn mux_conn_state(&self, upstream: &str, target: &str, state: &str, delta: i64) {

@@ -54,6 +54,18 @@ pub const DEFAULT_RESUME_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_HEALTH_THRESHOLD: u32 = 3;
 /// Seconds before a target's failure count resets.
 pub const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_secs(60);
+/// First time an unhealthy target stays out before a half-open trial.
+pub const DEFAULT_PASSIVE_BACKOFF: Duration = Duration::from_secs(10);
+/// Longest it stays out (the backoff doubles per failed trial).
+pub const DEFAULT_PASSIVE_BACKOFF_MAX: Duration = Duration::from_secs(300);
+/// Time between active probes of a target.
+pub const DEFAULT_ACTIVE_INTERVAL: Duration = Duration::from_secs(10);
+/// Upper bound on one active probe.
+pub const DEFAULT_ACTIVE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Consecutive failed probes that take a target out.
+pub const DEFAULT_UNHEALTHY_THRESHOLD: u32 = 3;
+/// Consecutive good probes that bring it back.
+pub const DEFAULT_HEALTHY_THRESHOLD: u32 = 2;
 
 /// The whole file.
 #[derive(Debug, Clone, Deserialize)]
@@ -191,7 +203,7 @@ pub struct TargetConfig {
     pub weight: u32,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum LoadBalancing {
     #[default]
@@ -287,11 +299,48 @@ pub struct HealthChecks {
         deserialize_with = "values::seconds_or_duration"
     )]
     pub interval: Duration,
-    /// Non-empty: active HTTP checks on this path.
+    #[serde(
+        default = "default_passive_backoff",
+        deserialize_with = "values::duration"
+    )]
+    pub passive_backoff: Duration,
+    #[serde(
+        default = "default_passive_backoff_max",
+        deserialize_with = "values::duration"
+    )]
+    pub passive_backoff_max: Duration,
+    /// Non-empty: active checks on this path.
     #[serde(default)]
     pub path: Text,
     #[serde(default)]
     pub headers: BTreeMap<String, Text>,
+    #[serde(
+        default = "default_active_interval",
+        deserialize_with = "values::duration"
+    )]
+    pub active_interval: Duration,
+    #[serde(
+        default = "default_active_timeout",
+        deserialize_with = "values::duration"
+    )]
+    pub timeout: Duration,
+    #[serde(default = "default_unhealthy_threshold")]
+    pub unhealthy_threshold: u32,
+    #[serde(default = "default_healthy_threshold")]
+    pub healthy_threshold: u32,
+    #[serde(default)]
+    pub active_probe: ActiveProbe,
+}
+
+/// How an active check asks a target.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ActiveProbe {
+    /// HTTP GET; 2xx is healthy.
+    #[default]
+    Http,
+    /// A WebSocket handshake; 101 is healthy.
+    Websocket,
 }
 
 impl Default for HealthChecks {
@@ -300,8 +349,15 @@ impl Default for HealthChecks {
             passive: true,
             threshold: DEFAULT_HEALTH_THRESHOLD,
             interval: DEFAULT_HEALTH_INTERVAL,
+            passive_backoff: DEFAULT_PASSIVE_BACKOFF,
+            passive_backoff_max: DEFAULT_PASSIVE_BACKOFF_MAX,
             path: Text::default(),
             headers: BTreeMap::new(),
+            active_interval: DEFAULT_ACTIVE_INTERVAL,
+            timeout: DEFAULT_ACTIVE_TIMEOUT,
+            unhealthy_threshold: DEFAULT_UNHEALTHY_THRESHOLD,
+            healthy_threshold: DEFAULT_HEALTHY_THRESHOLD,
+            active_probe: ActiveProbe::Http,
         }
     }
 }
@@ -380,4 +436,22 @@ fn default_health_threshold() -> u32 {
 }
 fn default_health_interval() -> Duration {
     DEFAULT_HEALTH_INTERVAL
+}
+fn default_passive_backoff() -> Duration {
+    DEFAULT_PASSIVE_BACKOFF
+}
+fn default_passive_backoff_max() -> Duration {
+    DEFAULT_PASSIVE_BACKOFF_MAX
+}
+fn default_active_interval() -> Duration {
+    DEFAULT_ACTIVE_INTERVAL
+}
+fn default_active_timeout() -> Duration {
+    DEFAULT_ACTIVE_TIMEOUT
+}
+fn default_unhealthy_threshold() -> u32 {
+    DEFAULT_UNHEALTHY_THRESHOLD
+}
+fn default_healthy_threshold() -> u32 {
+    DEFAULT_HEALTHY_THRESHOLD
 }

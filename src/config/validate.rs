@@ -154,12 +154,17 @@ fn check_upstream(out: &mut Problems, at: &FieldPath, upstream: &UpstreamConfig)
             out.push(tp.key("weight"), "must be greater than 0");
         }
     }
-    match upstream.load_balancing {
-        LoadBalancing::RoundRobin | LoadBalancing::LeastConnections => {}
-        LoadBalancing::ConsistentHash => out.push(
-            at.key("load_balancing"),
-            "consistent_hash is not available in this build yet; use round_robin or least_connections",
+    match (&upstream.load_balancing, &upstream.hash_on) {
+        (LoadBalancing::ConsistentHash, None) => out.push(
+            at.key("hash_on"),
+            "consistent_hash needs hash_on (header:NAME, query:NAME, cookie:NAME or ip)",
         ),
+        (_, Some(hash_on)) => {
+            if let Err(why) = crate::upstream::HashOn::parse(hash_on) {
+                out.push(at.key("hash_on"), why);
+            }
+        }
+        _ => {}
     }
     if upstream.auth_required {
         out.push(
@@ -193,11 +198,42 @@ fn check_upstream(out: &mut Problems, at: &FieldPath, upstream: &UpstreamConfig)
     if hc.interval.is_zero() {
         out.push(hp.key("interval"), "must be greater than 0");
     }
-    if !hc.path.is_empty() {
+    if !hc.path.is_empty() && !hc.path.starts_with('/') {
         out.push(
             hp.key("path"),
-            "active health checks are not available in this build yet; leave path empty",
+            format!("must start with `/`, got {:?}", &*hc.path),
         );
+    }
+    for (name, value) in [
+        ("active_interval", hc.active_interval),
+        ("timeout", hc.timeout),
+        ("passive_backoff", hc.passive_backoff),
+    ] {
+        if value.is_zero() {
+            out.push(hp.key(name), "must be greater than 0");
+        }
+    }
+    if hc.passive_backoff_max < hc.passive_backoff {
+        out.push(
+            hp.key("passive_backoff_max"),
+            "must not be less than passive_backoff",
+        );
+    }
+    for (name, value) in [
+        ("unhealthy_threshold", hc.unhealthy_threshold),
+        ("healthy_threshold", hc.healthy_threshold),
+    ] {
+        if value == 0 {
+            out.push(hp.key(name), "must be at least 1");
+        }
+    }
+    for name in hc.headers.keys() {
+        if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+            out.push(
+                hp.key("headers"),
+                format!("{name:?} is not a valid HTTP header name"),
+            );
+        }
     }
     if !upstream.plugins.is_empty() {
         out.push(

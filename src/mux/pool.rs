@@ -94,6 +94,16 @@ impl MuxPool {
         self.live.read().expect("pool lock").len()
     }
 
+    /// (connection id, target, sessions bound) of every live connection.
+    pub fn connections(&self) -> Vec<(Uuid, Arc<str>, usize)> {
+        self.live
+            .read()
+            .expect("pool lock")
+            .iter()
+            .map(|c| (c.id, Arc::clone(&c.target), c.load.load(Ordering::Relaxed)))
+            .collect()
+    }
+
     /// Binds to the least-loaded live connection, if any.
     pub fn bind(&self) -> Option<Binding> {
         let live = self.live.read().expect("pool lock");
@@ -172,7 +182,9 @@ impl MuxPool {
         let name = &upstream.name;
         let ws = &upstream.config.websocket_config;
         // Held for the connection's life: least_connections counts it.
-        let lease = upstream.pick().ok_or("no healthy target")?;
+        // Connections spread by weight (round robin); sessions then bind to
+        // the least-loaded connection.
+        let lease = upstream.pick(None).ok_or("no healthy target")?;
         let target = lease.target();
         let label: Arc<str> = Arc::from(target.label.as_str());
         let offered = self.encoding.subprotocol();
@@ -195,7 +207,10 @@ impl MuxPool {
         .await;
         self.metrics.mux_conn_state(name, &label, "connecting", -1);
         let failure = |why: String| {
-            target.health.record_failure(why.clone());
+            self.metrics.health_check(name, &label, "passive", false);
+            if target.health.record_failure(why.clone()) {
+                warn!(upstream = %name, target = %label, cause = %why, "target marked unhealthy");
+            }
             why
         };
         let mut connected = match connected {
@@ -225,6 +240,7 @@ impl MuxPool {
             )));
         }
         self.metrics.upstream_connected(name, &label);
+        self.metrics.target_picked(name, &label);
         let id = Uuid::new_v4();
         let hello = protocol::encode(
             &Frame::Hello(Hello {
@@ -245,6 +261,8 @@ impl MuxPool {
             tx,
             load: Arc::new(AtomicUsize::new(0)),
         };
+        target.health.record_success();
+        self.metrics.health_check(name, &label, "passive", true);
         self.publish(|live| live.push(handle));
         self.metrics.mux_conn_state(name, &label, "live", 1);
         info!(upstream = %name, target = %label, slot, connection = %id, encoding = offered, "mux connection live");

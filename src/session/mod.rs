@@ -98,6 +98,14 @@ impl SessionManager {
         self.sessions.get(&id).map(|h| h.clone())
     }
 
+    /// Open sessions of `upstream`.
+    pub fn count_for(&self, upstream: &str) -> usize {
+        self.sessions
+            .iter()
+            .filter(|s| &*s.upstream == upstream)
+            .count()
+    }
+
     /// Open sessions.
     pub fn len(&self) -> usize {
         self.sessions.len()

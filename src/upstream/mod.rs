@@ -5,6 +5,7 @@
 
 mod balance;
 mod health;
+pub mod probe;
 
 use std::fmt;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -18,7 +19,7 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::WebSocketStream;
 
 pub use balance::Balancer;
-pub use health::PassiveHealth;
+pub use health::{PassiveState, TargetHealth};
 
 use crate::config::{Mode, UpstreamConfig};
 
@@ -26,6 +27,58 @@ use crate::config::{Mode, UpstreamConfig};
 const MUX_ENVELOPE_FACTOR: usize = 6;
 /// Room for the envelope's own fields.
 const MUX_ENVELOPE_SLACK: usize = 64 * 1024;
+
+/// What `consistent_hash` hashes (`hash_on`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HashOn {
+    Header(http::HeaderName),
+    Query(String),
+    Cookie(String),
+    Ip,
+}
+
+impl HashOn {
+    /// `header:NAME`, `query:NAME`, `cookie:NAME` or `ip`.
+    pub fn parse(raw: &str) -> Result<HashOn, String> {
+        let bad = || format!("{raw:?} is not header:NAME, query:NAME, cookie:NAME or ip");
+        match raw.split_once(':') {
+            None if raw == "ip" => Ok(HashOn::Ip),
+            Some(("header", name)) => http::HeaderName::from_bytes(name.as_bytes())
+                .map(HashOn::Header)
+                .map_err(|_| bad()),
+            Some(("query", name)) if !name.is_empty() => Ok(HashOn::Query(name.to_owned())),
+            Some(("cookie", name)) if !name.is_empty() => Ok(HashOn::Cookie(name.to_owned())),
+            _ => Err(bad()),
+        }
+    }
+
+    /// The key of a request; the client's address when the header, query
+    /// parameter or cookie is absent.
+    pub fn key(&self, headers: &HeaderMap, query: Option<&str>, ip: std::net::IpAddr) -> Vec<u8> {
+        let found: Option<&str> = match self {
+            HashOn::Ip => None,
+            HashOn::Header(name) => headers.get(name).and_then(|v| v.to_str().ok()),
+            HashOn::Query(name) => query.and_then(|q| {
+                q.split('&')
+                    .filter_map(|pair| pair.split_once('=').or(Some((pair, ""))))
+                    .find(|(k, _)| k == name)
+                    .map(|(_, v)| v)
+            }),
+            HashOn::Cookie(name) => headers
+                .get_all(header::COOKIE)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(';'))
+                .filter_map(|c| c.trim().split_once('='))
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v),
+        };
+        match found {
+            Some(v) => v.as_bytes().to_vec(),
+            None => ip.to_string().into_bytes(),
+        }
+    }
+}
 
 /// A WebSocket to a target.
 pub type UpstreamSocket = WebSocketStream<TcpStream>;
@@ -93,7 +146,7 @@ pub struct Target {
     /// The URL as a metrics label.
     pub label: String,
     pub weight: u32,
-    pub health: PassiveHealth,
+    pub health: TargetHealth,
     /// Sessions (direct mode) currently held on this target.
     active: AtomicUsize,
 }
@@ -116,6 +169,10 @@ impl TargetLease {
     pub fn target(&self) -> &Target {
         &self.upstream.targets[self.index]
     }
+
+    pub fn index(&self) -> usize {
+        self.index
+    }
 }
 
 impl Drop for TargetLease {
@@ -131,6 +188,8 @@ pub struct Upstream {
     pub config: UpstreamConfig,
     pub targets: Vec<Target>,
     balancer: Balancer,
+    /// What `consistent_hash` hashes, when it is the balancer.
+    pub hash_on: Option<HashOn>,
     /// tungstenite settings for both sockets of a session on this upstream.
     pub socket_config: WebSocketConfig,
     /// Settings for mux connections: a frame wraps a message of up to
@@ -151,7 +210,7 @@ impl Upstream {
                     label: url.to_string(),
                     url,
                     weight: t.weight,
-                    health: PassiveHealth::new(&config.health_checks),
+                    health: TargetHealth::new(&config.health_checks),
                     active: AtomicUsize::new(0),
                 }
             })
@@ -173,6 +232,10 @@ impl Upstream {
         Upstream {
             name: Arc::from(config.name.as_ref()),
             balancer: Balancer::new(config.load_balancing, &targets),
+            hash_on: config
+                .hash_on
+                .as_deref()
+                .map(|h| HashOn::parse(h).expect("validated hash_on")),
             targets,
             socket_config,
             mux_socket_config,
@@ -184,9 +247,19 @@ impl Upstream {
         self.config.mode()
     }
 
-    /// Picks a healthy target and leases it, or `None` when none is healthy.
-    pub fn pick(self: &Arc<Self>) -> Option<TargetLease> {
-        let index = self.balancer.pick(&self.targets)?;
+    /// Picks a healthy target and leases it, or `None` when none is
+    /// healthy. `key` is the consistent-hash key, when the upstream hashes.
+    pub fn pick(self: &Arc<Self>, key: Option<&[u8]>) -> Option<TargetLease> {
+        self.pick_except(key, &[])
+    }
+
+    /// [`Upstream::pick`], passing over the targets in `skip`.
+    pub fn pick_except(
+        self: &Arc<Self>,
+        key: Option<&[u8]>,
+        skip: &[usize],
+    ) -> Option<TargetLease> {
+        let index = self.balancer.pick(&self.targets, key, skip)?;
         self.targets[index].active.fetch_add(1, Ordering::Relaxed);
         Some(TargetLease {
             upstream: Arc::clone(self),
@@ -316,5 +389,25 @@ mod tests {
             .unwrap_err()
             .contains("internal_path"));
         assert!(TargetUrl::parse("ws:///").is_err());
+    }
+
+    #[test]
+    fn hash_keys_come_from_header_query_cookie_or_ip() {
+        let mut h = HeaderMap::new();
+        h.insert("x-user-id", HeaderValue::from_static("alice"));
+        h.insert(header::COOKIE, HeaderValue::from_static("a=1; sid=xyz"));
+        let ip: std::net::IpAddr = "10.0.0.9".parse().unwrap();
+        let key = |spec: &str, q: Option<&str>| HashOn::parse(spec).unwrap().key(&h, q, ip);
+        assert_eq!(key("header:x-user-id", None), b"alice");
+        assert_eq!(key("query:room", Some("x=1&room=7")), b"7");
+        assert_eq!(key("cookie:sid", None), b"xyz");
+        assert_eq!(key("ip", None), b"10.0.0.9");
+        assert_eq!(
+            key("header:x-absent", None),
+            b"10.0.0.9",
+            "absent: the address"
+        );
+        assert!(HashOn::parse("body:x").is_err());
+        assert!(HashOn::parse("query:").is_err());
     }
 }

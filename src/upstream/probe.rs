@@ -1,0 +1,141 @@
+//! Active health checks: one task per target of an upstream with a
+//! `health_checks.path`, probing every `active_interval` with an HTTP GET
+//! (hyper's client; 2xx is healthy) or, with `active_probe: websocket`, a
+//! WebSocket handshake (101 is healthy), each bounded by `timeout`. Results
+//! feed the target's [`super::TargetHealth`]. The tasks are owned by the
+//! broker's shutdown tracker and end with it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{HeaderMap, HeaderName, HeaderValue, CONNECTION, HOST};
+use http_body_util::Empty;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use super::{connect, Target, Upstream};
+use crate::config::ActiveProbe;
+use crate::metrics::Metrics;
+use crate::shutdown::Shutdown;
+
+/// Starts the probes of `upstream` if it has active checks.
+pub fn start(upstream: &Arc<Upstream>, metrics: &Arc<Metrics>, shutdown: &Shutdown) {
+    if upstream.config.health_checks.path.is_empty() {
+        return;
+    }
+    for index in 0..upstream.targets.len() {
+        shutdown.spawn(run(
+            Arc::clone(upstream),
+            index,
+            Arc::clone(metrics),
+            shutdown.token(),
+        ));
+    }
+}
+
+async fn run(
+    upstream: Arc<Upstream>,
+    index: usize,
+    metrics: Arc<Metrics>,
+    stop: CancellationToken,
+) {
+    let hc = &upstream.config.health_checks;
+    let target = &upstream.targets[index];
+    let mut ticks = tokio::time::interval(hc.active_interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
+        let result = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = tokio::time::timeout(hc.timeout, probe(&upstream, target)) => match r {
+                Ok(r) => r,
+                Err(_) => Err(format!("no answer within {}", humantime::format_duration(hc.timeout))),
+            },
+        };
+        let ok = result.is_ok();
+        metrics.health_check(&upstream.name, &target.label, "active", ok);
+        let detail = result.err().unwrap_or_default();
+        match target.health.record_probe(ok, &detail) {
+            Some(true) => {
+                info!(upstream = %upstream.name, target = %target.label, "active check: target healthy again")
+            }
+            Some(false) => {
+                warn!(upstream = %upstream.name, target = %target.label, cause = %detail, "active check: target unhealthy")
+            }
+            None => {}
+        }
+    }
+}
+
+/// Headers configured for every probe.
+fn probe_headers(upstream: &Upstream) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    for (name, value) in &upstream.config.health_checks.headers {
+        if let (Ok(n), Ok(v)) = (
+            HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_str(value),
+        ) {
+            headers.insert(n, v);
+        }
+    }
+    headers
+}
+
+async fn probe(upstream: &Upstream, target: &Target) -> Result<(), String> {
+    let hc = &upstream.config.health_checks;
+    match hc.active_probe {
+        ActiveProbe::Websocket => connect(
+            &target.url,
+            &hc.path,
+            probe_headers(upstream),
+            upstream.socket_config,
+            hc.timeout,
+        )
+        .await
+        .map(|mut c| {
+            // Close politely; the verdict is already in.
+            tokio::spawn(async move {
+                let _ = tokio::time::timeout(Duration::from_secs(1), c.socket.close(None)).await;
+            });
+        })
+        .map_err(|e| e.to_string()),
+        ActiveProbe::Http => http_get(upstream, target).await,
+    }
+}
+
+/// `GET path` on the target's host and port; Ok for a 2xx status.
+async fn http_get(upstream: &Upstream, target: &Target) -> Result<(), String> {
+    let hc = &upstream.config.health_checks;
+    let tcp = TcpStream::connect(target.url.authority())
+        .await
+        .map_err(|e| format!("connecting: {e}"))?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .map_err(|e| format!("HTTP handshake: {e}"))?;
+    let mut request = http::Request::get(&*hc.path)
+        .body(Empty::<Bytes>::new())
+        .map_err(|e| format!("building the request: {e}"))?;
+    *request.headers_mut() = probe_headers(upstream);
+    let host = HeaderValue::from_str(target.url.authority()).map_err(|e| e.to_string())?;
+    request.headers_mut().insert(HOST, host);
+    request
+        .headers_mut()
+        .insert(CONNECTION, HeaderValue::from_static("close"));
+    // The connection future must be driven while the request is in flight.
+    let response = tokio::select! {
+        r = sender.send_request(request) => r.map_err(|e| format!("request: {e}"))?,
+        r = conn => return Err(format!("connection ended before a response: {r:?}")),
+    };
+    let status = response.status();
+    if status.is_success() {
+        Ok(())
+    } else {
+        Err(format!("HTTP {status}"))
+    }
+}
