@@ -127,11 +127,20 @@ async fn http_get(upstream: &Upstream, target: &Target) -> Result<(), String> {
     request
         .headers_mut()
         .insert(CONNECTION, HeaderValue::from_static("close"));
-    // The connection future must be driven while the request is in flight.
+    // The connection future must be driven while the request is in flight;
+    // with `Connection: close` it may finish in the same turn as the
+    // response, which then is ready to take.
+    let send = sender.send_request(request);
+    tokio::pin!(send, conn);
     let response = tokio::select! {
-        r = sender.send_request(request) => r.map_err(|e| format!("request: {e}"))?,
-        r = conn => return Err(format!("connection ended before a response: {r:?}")),
-    };
+        biased;
+        r = &mut send => r,
+        r = &mut conn => match r {
+            Ok(()) => send.await,
+            Err(e) => return Err(format!("connection: {e}")),
+        },
+    }
+    .map_err(|e| format!("request: {e}"))?;
     let status = response.status();
     if status.is_success() {
         Ok(())

@@ -49,7 +49,12 @@ impl Drop for TestUpstream {
 
 impl TestUpstream {
     pub async fn start() -> TestUpstream {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_on("127.0.0.1:0".parse().unwrap()).await
+    }
+
+    /// Listens on `addr` (a stopped target's address, to bring it back).
+    pub async fn start_on(addr: SocketAddr) -> TestUpstream {
+        let listener = TcpListener::bind(addr).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, seen) = mpsc::channel(1024);
         let task = tokio::spawn(async move {
@@ -206,4 +211,117 @@ pub async fn http_500_listener() -> (SocketAddr, tokio::task::JoinHandle<()>) {
 pub async fn refused_addr() -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     listener.local_addr().unwrap()
+}
+
+/// A target that serves both WebSocket echo and an HTTP health endpoint on
+/// one port, for active checks: `GET /health` answers the status set with
+/// [`HealthUpstream::set_status`], and every probe is reported.
+pub struct HealthUpstream {
+    pub addr: SocketAddr,
+    status: std::sync::Arc<std::sync::atomic::AtomicU16>,
+    probes: mpsc::Receiver<u16>,
+    /// WebSocket sessions accepted so far.
+    pub sessions: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for HealthUpstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl HealthUpstream {
+    pub async fn start() -> HealthUpstream {
+        use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
+        use std::sync::Arc;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let status = Arc::new(AtomicU16::new(200));
+        let sessions = Arc::new(AtomicUsize::new(0));
+        let (probe_tx, probes) = mpsc::channel(1024);
+        let (st, se) = (Arc::clone(&status), Arc::clone(&sessions));
+        let task = tokio::spawn(async move {
+            let mut conns = tokio::task::JoinSet::new();
+            while let Ok((tcp, _)) = listener.accept().await {
+                let (st, se, probe_tx) = (Arc::clone(&st), Arc::clone(&se), probe_tx.clone());
+                conns.spawn(async move {
+                    let service = hyper::service::service_fn(
+                        move |mut req: http::Request<hyper::body::Incoming>| {
+                            let (st, se, probe_tx) =
+                                (Arc::clone(&st), Arc::clone(&se), probe_tx.clone());
+                            async move {
+                                let mut resp = http::Response::new(http_body_util::Empty::<
+                                    bytes::Bytes,
+                                >::new(
+                                ));
+                                if req.uri().path() == "/health" {
+                                    let code = st.load(Ordering::SeqCst);
+                                    *resp.status_mut() = http::StatusCode::from_u16(code).unwrap();
+                                    let _ = probe_tx.send(code).await;
+                                    return Ok::<_, std::convert::Infallible>(resp);
+                                }
+                                let Some(key) = req.headers().get("sec-websocket-key").cloned()
+                                else {
+                                    *resp.status_mut() = http::StatusCode::NOT_FOUND;
+                                    return Ok(resp);
+                                };
+                                let upgrade = hyper::upgrade::on(&mut req);
+                                se.fetch_add(1, Ordering::SeqCst);
+                                tokio::spawn(async move {
+                                    let Ok(upgraded) = upgrade.await else { return };
+                                    let mut ws =
+                                        tokio_tungstenite::WebSocketStream::from_raw_socket(
+                                            hyper_util::rt::TokioIo::new(upgraded),
+                                            tokio_tungstenite::tungstenite::protocol::Role::Server,
+                                            None,
+                                        )
+                                        .await;
+                                    while let Some(Ok(m)) = ws.next().await {
+                                        if (m.is_text() || m.is_binary())
+                                            && ws.send(m).await.is_err()
+                                        {
+                                            break;
+                                        }
+                                    }
+                                });
+                                *resp.status_mut() = http::StatusCode::SWITCHING_PROTOCOLS;
+                                let h = resp.headers_mut();
+                                h.insert("upgrade", "websocket".parse().unwrap());
+                                h.insert("connection", "Upgrade".parse().unwrap());
+                                let accept =
+                                    tokio_tungstenite::tungstenite::handshake::derive_accept_key(
+                                        key.as_bytes(),
+                                    );
+                                h.insert("sec-websocket-accept", accept.parse().unwrap());
+                                Ok(resp)
+                            }
+                        },
+                    );
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
+                        .with_upgrades()
+                        .await;
+                });
+            }
+        });
+        HealthUpstream {
+            addr,
+            status,
+            probes,
+            sessions,
+            task,
+        }
+    }
+
+    pub fn set_status(&self, code: u16) {
+        self.status.store(code, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Awaits the next health probe; returns the status it was answered with.
+    pub async fn probe(&mut self) -> u16 {
+        within("a health probe", self.probes.recv())
+            .await
+            .expect("probe channel open")
+    }
 }
