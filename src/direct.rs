@@ -83,8 +83,9 @@ pub async fn connect_upstream(
             Err(error) => {
                 metrics.upstream_connect_failed(&upstream.name, &target.label, error.reason());
                 metrics.health_check(&upstream.name, &target.label, "passive", false);
+                debug!(upstream = %upstream.name, target_url = %target.label, %error, "upstream connect failed");
                 if target.health.record_failure(error.to_string()) {
-                    warn!(upstream = %upstream.name, target = %target.label, %error, "target marked unhealthy");
+                    warn!(upstream = %upstream.name, target_url = %target.label, %error, "target marked unhealthy");
                 }
                 let timed_out = matches!(error, ConnectError::Timeout { .. });
                 tried.push(lease.index());
@@ -338,7 +339,7 @@ pub async fn run<C>(
     info!(
         session = %session.guard.handle.id,
         upstream = %name,
-        target = %session.lease.target().label,
+        target_url = %session.lease.target().label,
         mode = "direct",
         remote = %session.remote,
         request_id = %session.request_id,
@@ -516,7 +517,7 @@ where
         let target = session.lease.target();
         metrics.health_check(name, &target.label, "passive", false);
         if target.health.record_failure(ending.cause.clone()) {
-            warn!(upstream = %name, target = %target.label, cause = %ending.cause, "target marked unhealthy");
+            warn!(upstream = %name, target_url = %target.label, cause = %ending.cause, "target marked unhealthy");
         }
     }
     let close_both = async {
@@ -549,7 +550,7 @@ where
     info!(
         session = %handle.id,
         upstream = %name,
-        target = %session.lease.target().label,
+        target_url = %session.lease.target().label,
         mode = "direct",
         duration_ms = handle.started.elapsed().as_millis() as u64,
         client_messages = c.messages_read,

@@ -209,7 +209,7 @@ impl MuxPool {
         let failure = |why: String| {
             self.metrics.health_check(name, &label, "passive", false);
             if target.health.record_failure(why.clone()) {
-                warn!(upstream = %name, target = %label, cause = %why, "target marked unhealthy");
+                warn!(upstream = %name, target_url = %label, cause = %why, "target marked unhealthy");
             }
             why
         };
@@ -265,7 +265,7 @@ impl MuxPool {
         self.metrics.health_check(name, &label, "passive", true);
         self.publish(|live| live.push(handle));
         self.metrics.mux_conn_state(name, &label, "live", 1);
-        info!(upstream = %name, target = %label, slot, connection = %id, encoding = offered, "mux connection live");
+        info!(upstream = %name, target_url = %label, slot, connection = %id, encoding = offered, "mux connection live");
         let conn = MuxConn {
             upstream: Arc::clone(name),
             encoding: self.encoding,

@@ -63,10 +63,10 @@ async fn run(
         let detail = result.err().unwrap_or_default();
         match target.health.record_probe(ok, &detail) {
             Some(true) => {
-                info!(upstream = %upstream.name, target = %target.label, "active check: target healthy again")
+                info!(upstream = %upstream.name, target_url = %target.label, "active check: target healthy again")
             }
             Some(false) => {
-                warn!(upstream = %upstream.name, target = %target.label, cause = %detail, "active check: target unhealthy")
+                warn!(upstream = %upstream.name, target_url = %target.label, cause = %detail, "active check: target unhealthy")
             }
             None => {}
         }

@@ -43,6 +43,17 @@ enum Mode {
         #[arg(long, value_parser = humantime::parse_duration, default_value = "2s")]
         warmup: Duration,
     },
+    /// Short sessions at a steady rate: open, one echo, close. Prints one
+    /// line per second: opened, failed.
+    Churn {
+        #[arg(long)]
+        url: String,
+        /// New sessions per second.
+        #[arg(long, default_value_t = 200)]
+        rate: u32,
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "5s")]
+        duration: Duration,
+    },
     /// Open connections and hold them idle.
     Idle {
         #[arg(long)]
@@ -95,7 +106,52 @@ async fn main() {
             source_offset,
             hold,
         } => idle(url, connections, source_offset, hold).await,
+        Mode::Churn {
+            url,
+            rate,
+            duration,
+        } => churn(url, rate, duration).await,
     }
+}
+
+async fn churn(url: String, rate: u32, duration: Duration) {
+    let ok = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let failed = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut ticks = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(rate.max(1))));
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut next_report = Duration::from_secs(1);
+    while started.elapsed() < duration {
+        ticks.tick().await;
+        let (url, ok_n, failed_n) = (url.clone(), Arc::clone(&ok), Arc::clone(&failed));
+        tasks.spawn(async move {
+            let result = async {
+                let (mut ws, _) = tokio_tungstenite::connect_async(&url).await.ok()?;
+                ws.send(Message::text("churn")).await.ok()?;
+                ws.next().await?.ok()?;
+                let _ = ws.close(None).await;
+                Some(())
+            }
+            .await;
+            let counter = if result.is_some() { ok_n } else { failed_n };
+            counter.fetch_add(1, Ordering::Relaxed);
+        });
+        if started.elapsed() >= next_report {
+            println!(
+                "t={}s opened={} failed={}",
+                next_report.as_secs(),
+                ok.load(Ordering::Relaxed),
+                failed.load(Ordering::Relaxed)
+            );
+            next_report += Duration::from_secs(1);
+        }
+    }
+    while tasks.join_next().await.is_some() {}
+    println!(
+        "total opened={} failed={}",
+        ok.load(Ordering::Relaxed),
+        failed.load(Ordering::Relaxed)
+    );
 }
 
 async fn echo(url: String, connections: usize, size: usize, duration: Duration, warmup: Duration) {
