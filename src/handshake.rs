@@ -260,6 +260,15 @@ fn upstream_headers(
     out
 }
 
+/// The client's WebSocket, once hyper has handed over the upgraded connection.
+async fn client_socket(
+    on_upgrade: hyper::upgrade::OnUpgrade,
+    config: tokio_tungstenite::tungstenite::protocol::WebSocketConfig,
+) -> Result<WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>, hyper::Error> {
+    let upgraded = on_upgrade.await?;
+    Ok(WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config)).await)
+}
+
 async fn accept(
     app: &Arc<AppState>,
     remote: SocketAddr,
@@ -351,16 +360,8 @@ async fn accept(
         app.metrics
             .handshake_completed(&upstream.name, started.elapsed());
         app.shutdown.spawn(async move {
-            match on_upgrade.await {
-                Ok(upgraded) => {
-                    let client = WebSocketStream::from_raw_socket(
-                        TokioIo::new(upgraded),
-                        Role::Server,
-                        Some(socket_config),
-                    )
-                    .await;
-                    crate::mux::session::run(session, client).await;
-                }
+            match client_socket(on_upgrade, socket_config).await {
+                Ok(client) => crate::mux::session::run(session, client).await,
                 Err(error) => {
                     debug!(session = %session.guard.handle.id, %error, "client upgrade failed")
                 }
@@ -401,16 +402,8 @@ async fn accept(
         remote,
     };
     app.shutdown.spawn(async move {
-        match on_upgrade.await {
-            Ok(upgraded) => {
-                let client = WebSocketStream::from_raw_socket(
-                    TokioIo::new(upgraded),
-                    Role::Server,
-                    Some(socket_config),
-                )
-                .await;
-                direct::run(session, client, connected.socket).await;
-            }
+        match client_socket(on_upgrade, socket_config).await {
+            Ok(client) => direct::run(session, client, connected.socket).await,
             Err(error) => {
                 debug!(session = %session.guard.handle.id, %error, "client upgrade failed");
                 let mut upstream_socket = connected.socket;

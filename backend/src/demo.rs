@@ -83,14 +83,8 @@ async fn accept(
 }
 
 fn select_first_protocol(request: &Request, response: &mut Response) {
-    let first = request
-        .headers()
-        .get_all("sec-websocket-protocol")
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
-        .find(|p| !p.is_empty())
+    let first = crate::protocol::offered_subprotocols(request.headers())
+        .next()
         .and_then(|p| HeaderValue::from_str(p).ok());
     if let Some(p) = first {
         response.headers_mut().insert("sec-websocket-protocol", p);

@@ -105,14 +105,8 @@ impl Session {
 /// A `tungstenite` accept callback helper: selects `muxgate.v1.json` or
 /// `muxgate.v1.binary` if the broker offered one, and says which.
 pub fn negotiate(request: &Request, response: &mut Response) -> Option<Encoding> {
-    let offered = request
-        .headers()
-        .get_all("sec-websocket-protocol")
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
-        .find_map(Encoding::from_subprotocol)?;
+    let offered =
+        protocol::offered_subprotocols(request.headers()).find_map(Encoding::from_subprotocol)?;
     response.headers_mut().insert(
         "sec-websocket-protocol",
         HeaderValue::from_static(offered.subprotocol()),

@@ -60,6 +60,18 @@ impl Encoding {
     }
 }
 
+/// The subprotocols offered in a handshake's `Sec-WebSocket-Protocol`
+/// headers, in order (comma-separated lists split, blanks skipped).
+pub fn offered_subprotocols(headers: &http::HeaderMap) -> impl Iterator<Item = &str> {
+    headers
+        .get_all(http::header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+}
+
 /// A client message carried in a frame.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Payload {

@@ -41,13 +41,7 @@ pub fn open_frame(
             forwarded.insert(name, values.join(", "));
         }
     }
-    let subprotocols = headers
-        .get_all(http::header::SEC_WEBSOCKET_PROTOCOL)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
-        .filter(|p| !p.is_empty())
+    let subprotocols = muxgate_backend::protocol::offered_subprotocols(headers)
         .map(str::to_owned)
         .collect();
     Open {
