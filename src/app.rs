@@ -71,7 +71,7 @@ impl Broker {
             .upstreams
             .iter()
             .cloned()
-            .map(|u| Arc::new(Upstream::new(u)))
+            .map(|u| Arc::new(Upstream::new(u, config.jwt.as_ref())))
             .collect();
         let bind = |which: &'static str, addr: SocketAddr| async move {
             TcpListener::bind(addr)

@@ -33,6 +33,7 @@ use crate::limits::ConnectionPermit;
 use crate::metrics::{Direction, MessageCounters, Metrics, Side};
 use crate::session::SessionGuard;
 use crate::upstream::{self, ConnectError, Connected, TargetLease, Upstream};
+use muxgate_plugins::{SessionHooks, Verdict};
 
 /// Messages relayed per direction before yielding, so one busy direction
 /// cannot starve the other or the timers.
@@ -111,6 +112,9 @@ pub enum UpstreamUnavailable {
 /// permit, the target lease and the registry entry.
 pub struct DirectSession {
     pub guard: SessionGuard,
+    /// Message plugins, `pre_request` on client messages and
+    /// `post_response` on upstream ones.
+    pub hooks: SessionHooks,
     pub permit: ConnectionPermit,
     pub lease: TargetLease,
     pub upstream: Arc<Upstream>,
@@ -126,6 +130,9 @@ struct Leg<S> {
     /// The next message to write to this leg. One slot: while it is full,
     /// the other leg is not read (backpressure).
     outbox: Option<Message>,
+    /// A plugin's reply to this leg's own message, written before `outbox`;
+    /// while it waits, this leg is not read.
+    reply: Option<Message>,
     unflushed: bool,
     /// This leg sent us a close frame (tungstenite has answered it).
     got_close: bool,
@@ -149,6 +156,7 @@ where
             side,
             ws,
             outbox: None,
+            reply: None,
             unflushed: false,
             got_close: false,
             sent_close: None,
@@ -166,6 +174,16 @@ where
         metrics: &Metrics,
         upstream: &str,
     ) -> Poll<Result<(), WsError>> {
+        if self.reply.is_some() {
+            match Pin::new(&mut self.ws).poll_ready(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Ready(Ok(())) => {}
+            }
+            let reply = self.reply.take().expect("checked");
+            Pin::new(&mut self.ws).start_send(reply)?;
+            self.unflushed = true;
+        }
         let Some(msg) = self.outbox.take() else {
             return Poll::Ready(Ok(()));
         };
@@ -222,6 +240,11 @@ enum Stop {
     PingTimeout {
         side: Side,
     },
+    /// A message plugin closed the session; the client gets this.
+    PluginClose {
+        code: u16,
+        reason: String,
+    },
     Shutdown,
 }
 
@@ -229,6 +252,7 @@ enum Stop {
 fn poll_direction<A, B>(
     from: &mut Leg<A>,
     to: &mut Leg<B>,
+    hooks: &mut SessionHooks,
     cx: &mut Context<'_>,
     metrics: &Metrics,
     upstream: &str,
@@ -254,20 +278,46 @@ where
             cx.waker().wake_by_ref();
             break;
         }
+        // A plugin's reply to the sender goes out first.
+        if from.reply.is_some() {
+            break;
+        }
         budget -= 1;
         match Pin::new(&mut from.ws).poll_next(cx) {
             Poll::Ready(Some(Ok(msg))) => {
                 from.last_seen = Instant::now();
                 match msg {
-                    Message::Text(t) => {
-                        from.counters.text(t.len());
+                    Message::Text(_) | Message::Binary(_) => {
+                        match &msg {
+                            Message::Text(t) => from.counters.text(t.len()),
+                            Message::Binary(b) => from.counters.binary(b.len()),
+                            _ => {}
+                        }
                         from.messages_read += 1;
-                        to.outbox = Some(Message::Text(t));
-                    }
-                    Message::Binary(b) => {
-                        from.counters.binary(b.len());
-                        from.messages_read += 1;
-                        to.outbox = Some(Message::Binary(b));
+                        let verdict = match from.side {
+                            Side::Client if hooks.has_pre_request() => hooks.pre_request(msg),
+                            Side::Upstream if hooks.has_post_response() => hooks.post_response(msg),
+                            _ => Verdict::Pass(msg),
+                        };
+                        match verdict {
+                            Verdict::Pass(m) => to.outbox = Some(m),
+                            Verdict::Drop(reason) => {
+                                let direction = match from.side {
+                                    Side::Client => Direction::ClientToUpstream,
+                                    Side::Upstream => Direction::UpstreamToClient,
+                                };
+                                metrics.messages_dropped(upstream, direction, reason, 1);
+                                debug!(upstream, reason, "message dropped by a plugin");
+                            }
+                            // Replies always go to the client.
+                            Verdict::Reply(m) => match from.side {
+                                Side::Client => from.reply = Some(m),
+                                Side::Upstream => to.outbox = Some(m),
+                            },
+                            Verdict::Close { code, reason } => {
+                                return Poll::Ready(Stop::PluginClose { code, reason })
+                            }
+                        }
                     }
                     // Pings are hop-by-hop: tungstenite has queued the pong.
                     Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
@@ -314,12 +364,13 @@ where
 /// Relays between `client` and the upstream socket until the session ends,
 /// then closes both sides with the right codes.
 pub async fn run<C>(
-    session: DirectSession,
+    mut session: DirectSession,
     client: WebSocketStream<C>,
     upstream_ws: upstream::UpstreamSocket,
 ) where
     C: AsyncRead + AsyncWrite + Unpin,
 {
+    let mut hooks = std::mem::take(&mut session.hooks);
     let ws = &session.upstream.config.websocket_config;
     let name = Arc::clone(&session.upstream.name);
     let metrics = Arc::clone(&session.metrics);
@@ -356,10 +407,10 @@ pub async fn run<C>(
             biased;
             _ = cancel.cancelled() => break Stop::Shutdown,
             stop = poll_fn(|cx| {
-                if let Poll::Ready(s) = poll_direction(&mut c, &mut u, cx, &metrics, &name) {
+                if let Poll::Ready(s) = poll_direction(&mut c, &mut u, &mut hooks, cx, &metrics, &name) {
                     return Poll::Ready(s);
                 }
-                poll_direction(&mut u, &mut c, cx, &metrics, &name)
+                poll_direction(&mut u, &mut c, &mut hooks, cx, &metrics, &name)
             }) => break stop,
             _ = tokio::time::sleep_until(wake) => {
                 let now = Instant::now();
@@ -400,6 +451,19 @@ struct Ending {
     cause: String,
     /// The upstream failed: counts against the target's passive health.
     upstream_failed: bool,
+}
+
+/// A plugin's close reason, or a generic one without `return_error_details`.
+pub fn plugin_reason(code: u16, reason: &str, details: bool) -> String {
+    if details {
+        return reason.to_owned();
+    }
+    match code {
+        close::MESSAGE_TOO_BIG => "message too big",
+        close::POLICY_VIOLATION => "policy violation",
+        _ => "closed by policy",
+    }
+    .to_owned()
 }
 
 fn decide(stop: &Stop, details: bool) -> Ending {
@@ -451,6 +515,14 @@ fn decide(stop: &Stop, details: bool) -> Ending {
         Stop::PingTimeout {
             side: Side::Upstream,
         } => gone_upstream("upstream missed its pong".into()),
+        Stop::PluginClose { code, reason } => Ending {
+            client: Some(close::frame(*code, &plugin_reason(*code, reason, details))),
+            upstream: Some(close::frame(close::GOING_AWAY, "client closed")),
+            drop_client: false,
+            drop_upstream: false,
+            cause: format!("closed by a plugin: {code} {reason}"),
+            upstream_failed: false,
+        },
         Stop::Shutdown => Ending {
             client: Some(close::frame(close::GOING_AWAY, "server shutting down")),
             upstream: Some(close::frame(close::GOING_AWAY, "server shutting down")),

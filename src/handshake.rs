@@ -32,6 +32,7 @@ use crate::limits::LimitRefusal;
 use crate::mux::session::MuxSession;
 use crate::routing::Route;
 use crate::upstream::ConnectError;
+use muxgate_plugins::{HandshakeCtx, Rejection, SessionCtx};
 
 /// Why a client's handshake was refused, each variant one HTTP status.
 #[derive(Debug, thiserror::Error)]
@@ -62,6 +63,9 @@ pub enum HandshakeError {
     Upstream(#[source] ConnectError),
     #[error("connection cannot be upgraded")]
     NotUpgradable,
+    /// A handshake plugin (or `auth_required`) refused.
+    #[error("{}", .0.message)]
+    Plugin(Rejection),
 }
 
 impl HandshakeError {
@@ -80,6 +84,7 @@ impl HandshakeError {
             Upstream(ConnectError::Timeout { .. }) => StatusCode::GATEWAY_TIMEOUT,
             Upstream(_) => StatusCode::BAD_GATEWAY,
             NotUpgradable => StatusCode::INTERNAL_SERVER_ERROR,
+            Plugin(r) => r.status,
         }
     }
 
@@ -104,6 +109,7 @@ impl HandshakeError {
                 ConnectError::Timeout { .. } => "upstream_timeout",
             },
             NotUpgradable => "not_upgradable",
+            Plugin(r) => r.reason,
         }
     }
 
@@ -112,8 +118,10 @@ impl HandshakeError {
     pub fn into_response_with(self, details: bool) -> Response {
         let mut body = self.to_string();
         if details {
-            if let HandshakeError::Upstream(e) = &self {
-                body = format!("{body}: {e}");
+            match &self {
+                HandshakeError::Upstream(e) => body = format!("{body}: {e}"),
+                HandshakeError::Plugin(r) => body = format!("{body}: {}", r.detail),
+                _ => {}
             }
         }
         body.push('\n');
@@ -260,6 +268,22 @@ fn upstream_headers(
     out
 }
 
+/// The session's message plugins.
+fn session_hooks(
+    upstream: &crate::upstream::Upstream,
+    guard: &crate::session::SessionGuard,
+    route: &Route,
+    remote: SocketAddr,
+    claims: &Option<serde_json::Value>,
+) -> muxgate_plugins::SessionHooks {
+    upstream.pipeline.session(&SessionCtx {
+        session: guard.handle.id.to_string(),
+        route: route.external_path.to_string(),
+        remote,
+        claims: claims.clone(),
+    })
+}
+
 /// The client's WebSocket, once hyper has handed over the upgraded connection.
 async fn client_socket(
     on_upgrade: hyper::upgrade::OnUpgrade,
@@ -295,6 +319,18 @@ async fn accept(
             return Err(HandshakeError::OriginNotAllowed);
         }
     }
+    let mut plugin_ctx = HandshakeCtx {
+        route: &route.external_path,
+        remote,
+        headers: request.headers(),
+        query: request.uri().query(),
+        claims: None,
+    };
+    upstream
+        .pipeline
+        .on_handshake(&mut plugin_ctx)
+        .map_err(HandshakeError::Plugin)?;
+    let claims = plugin_ctx.claims;
     let permit = app.limits.try_acquire(remote.ip()).map_err(|r| match r {
         LimitRefusal::Global => HandshakeError::AtCapacity,
         LimitRefusal::PerIp => HandshakeError::TooManyFromIp,
@@ -338,17 +374,21 @@ async fn accept(
         {
             return Err(HandshakeError::NoMuxConnection);
         }
-        let open = crate::mux::open_frame(
+        let mut open = crate::mux::open_frame(
             &route.external_path,
             path,
             remote,
             request.headers(),
             &upstream.config.forward_headers,
         );
+        open.claims = claims.clone();
+        let guard = app
+            .sessions
+            .open(Arc::clone(&upstream.name), Mode::Multiplexed, remote);
+        let hooks = session_hooks(&upstream, &guard, &route, remote, &claims);
         let session = MuxSession {
-            guard: app
-                .sessions
-                .open(Arc::clone(&upstream.name), Mode::Multiplexed, remote),
+            guard,
+            hooks,
             permit,
             upstream: Arc::clone(&upstream),
             pool,
@@ -370,7 +410,12 @@ async fn accept(
         return Ok(response);
     }
 
-    let headers = upstream_headers(&route, request, remote, &request_id);
+    let mut headers = upstream_headers(&route, request, remote, &request_id);
+    if let Some(c) = &claims {
+        if let Ok(v) = HeaderValue::from_str(&c.to_string()) {
+            headers.insert(upstream.claims_header.clone(), v);
+        }
+    }
     let hash_key = upstream
         .hash_on
         .as_ref()
@@ -390,10 +435,13 @@ async fn accept(
     app.metrics
         .handshake_completed(&upstream.name, started.elapsed());
 
+    let guard = app
+        .sessions
+        .open(Arc::clone(&upstream.name), Mode::Direct, remote);
+    let hooks = session_hooks(&upstream, &guard, &route, remote, &claims);
     let session = DirectSession {
-        guard: app
-            .sessions
-            .open(Arc::clone(&upstream.name), Mode::Direct, remote),
+        guard,
+        hooks,
         permit,
         lease,
         upstream: Arc::clone(&upstream),

@@ -9,7 +9,7 @@
 
 mod load;
 mod validate;
-mod values;
+pub use muxgate_plugins::values;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -74,7 +74,8 @@ pub struct Config {
     #[serde(default)]
     pub server: ServerConfig,
     #[serde(default)]
-    pub jwt: Option<JwtConfig>,
+    /// Used by routes with `auth_required: true`.
+    pub jwt: Option<muxgate_plugins::JwtSettings>,
     pub upstreams: Vec<UpstreamConfig>,
 }
 
@@ -124,19 +125,6 @@ pub struct TlsConfig {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct JwtConfig {
-    #[serde(default)]
-    pub secret: Option<Secret>,
-    #[serde(default)]
-    pub public_key_file: Option<Text>,
-    #[serde(default)]
-    pub issuer: Option<Text>,
-    #[serde(default)]
-    pub audience: Option<Text>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct UpstreamConfig {
     pub name: Text,
     pub routes: Vec<RouteConfig>,
@@ -158,7 +146,8 @@ pub struct UpstreamConfig {
     #[serde(default)]
     pub health_checks: HealthChecks,
     #[serde(default)]
-    pub plugins: Vec<PluginConfig>,
+    /// Run in order per stage; see muxgate_plugins.
+    pub plugins: Vec<muxgate_plugins::PluginConfig>,
 }
 
 impl UpstreamConfig {
@@ -360,24 +349,6 @@ impl Default for HealthChecks {
             active_probe: ActiveProbe::Http,
         }
     }
-}
-
-/// Where in a session a plugin runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum PluginStage {
-    Handshake,
-    PreRequest,
-    PostResponse,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PluginConfig {
-    pub name: Text,
-    pub stage: PluginStage,
-    #[serde(default)]
-    pub settings: serde::de::IgnoredAny,
 }
 
 fn default_listen() -> SocketAddr {

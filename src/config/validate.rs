@@ -49,20 +49,10 @@ pub fn validate(config: &Config) -> Vec<Problem> {
         );
     }
     if let Some(jwt) = &config.jwt {
-        let path = root.key("jwt");
-        match (&jwt.secret, &jwt.public_key_file) {
-            (None, None) => out.push(path, "needs `secret` or `public_key_file`"),
-            (Some(_), Some(_)) => out.push(
-                path.key("public_key_file"),
-                "give either `secret` or `public_key_file`, not both",
-            ),
-            (Some(s), None) if s.expose().is_empty() => {
-                out.push(path.key("secret"), "must not be empty")
-            }
-            _ => {}
+        if let Err(e) = muxgate_plugins::JwtVerifier::build(jwt) {
+            out.push(root.key("jwt").key(&e.field), e.message);
         }
     }
-
     let upstreams = root.key("upstreams");
     if config.upstreams.is_empty() {
         out.push(upstreams.clone(), "at least one upstream is required");
@@ -100,6 +90,9 @@ pub fn validate(config: &Config) -> Vec<Problem> {
             }
         }
         check_upstream(&mut out, &at, upstream);
+        if upstream.auth_required && config.jwt.is_none() {
+            out.push(at.key("auth_required"), "needs the top-level `jwt` section");
+        }
     }
     out.0
 }
@@ -166,12 +159,6 @@ fn check_upstream(out: &mut Problems, at: &FieldPath, upstream: &UpstreamConfig)
         }
         _ => {}
     }
-    if upstream.auth_required {
-        out.push(
-            at.key("auth_required"),
-            "JWT authentication is not available in this build yet; refusing to serve the route unauthenticated",
-        );
-    }
     for (k, origin) in upstream.allowed_origins.iter().enumerate() {
         if origin.trim().is_empty() {
             out.push(at.key("allowed_origins").index(k), "must not be empty");
@@ -235,11 +222,19 @@ fn check_upstream(out: &mut Problems, at: &FieldPath, upstream: &UpstreamConfig)
             );
         }
     }
-    if !upstream.plugins.is_empty() {
-        out.push(
-            at.key("plugins"),
-            "plugins are not available in this build yet",
-        );
+    if let Err(errors) = muxgate_plugins::Pipeline::build(&upstream.plugins) {
+        for (j, e) in errors {
+            let mut path = at.key("plugins").index(j);
+            for part in e.field.split('.') {
+                path = match part.split_once('[') {
+                    Some((key, idx)) => path
+                        .key(key)
+                        .index(idx.trim_end_matches(']').parse().unwrap_or(0)),
+                    None => path.key(part),
+                };
+            }
+            out.push(path, e.message);
+        }
     }
 }
 

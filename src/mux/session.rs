@@ -35,6 +35,7 @@ use crate::limits::ConnectionPermit;
 use crate::metrics::{Direction, Metrics, Side};
 use crate::session::SessionGuard;
 use crate::upstream::Upstream;
+use muxgate_plugins::{SessionHooks, Verdict};
 
 /// A close code and reason.
 type CloseCode = (u16, String);
@@ -47,6 +48,9 @@ const CONTROL_QUEUE: usize = 8;
 /// Everything a multiplexed session owns.
 pub struct MuxSession {
     pub guard: SessionGuard,
+    /// Message plugins: `pre_request` on client messages, `post_response`
+    /// on upstream ones.
+    pub hooks: SessionHooks,
     pub permit: ConnectionPermit,
     pub upstream: Arc<Upstream>,
     pub pool: Arc<MuxPool>,
@@ -90,6 +94,11 @@ enum Ending {
         reason: String,
     },
     SlowConsumer,
+    /// A message plugin closed the session.
+    PluginClose {
+        code: u16,
+        reason: String,
+    },
     /// No connection within resume_timeout, or the resume buffer overflowed.
     ResumeFailed(&'static str),
     Shutdown,
@@ -166,10 +175,11 @@ fn on_control(
 }
 
 /// Runs the session until it ends.
-pub async fn run<C>(session: MuxSession, mut client: WebSocketStream<C>)
+pub async fn run<C>(mut session: MuxSession, mut client: WebSocketStream<C>)
 where
     C: AsyncRead + AsyncWrite + Unpin,
 {
+    let mut hooks = std::mem::take(&mut session.hooks);
     let ws: &WebSocketSettings = &session.upstream.config.websocket_config;
     let name = Arc::clone(&session.upstream.name);
     let id = session.guard.handle.id;
@@ -227,7 +237,7 @@ where
             Some(item) = to_client.recv() => {
                 // A client that stops reading must not hide the signals
                 // that end it (slow consumer, shutdown) behind a stuck write.
-                let write = write_burst(&mut client, item, &mut to_client, &down_counters, &mut sent_down);
+                let write = write_burst(&mut client, item, &mut to_client, &mut hooks, &down_counters, &mut sent_down);
                 tokio::pin!(write);
                 let mut lost = None;
                 let outcome = loop {
@@ -248,7 +258,8 @@ where
                 let ending = match outcome {
                     Err(ending) => Some(ending),
                     Ok(Ok(None)) => None,
-                    Ok(Ok(Some((code, reason)))) => Some(Ending::UpstreamClosed { code, reason }),
+                    Ok(Ok(Some(BurstEnd::Upstream(code, reason)))) => Some(Ending::UpstreamClosed { code, reason }),
+                    Ok(Ok(Some(BurstEnd::Plugin(code, reason)))) => Some(Ending::PluginClose { code, reason }),
                     Ok(Err(e)) => Some(Ending::ClientGone { cause: format!("writing to client: {e}"), ping_timeout: false }),
                 };
                 if let Some(ending) = ending.or_else(|| lost.and_then(|ctl| on_control(ctl, &mut carry, &mut bound, ws))) {
@@ -299,6 +310,28 @@ where
                             Payload::Text(t) => up_counters.text(t.len()),
                             Payload::Binary(b) => up_counters.binary(b.len()),
                         }
+                        let payload = if hooks.has_pre_request() {
+                            match hooks.pre_request(payload.into_message()) {
+                                Verdict::Pass(m) => match Payload::from_message(m) {
+                                    Some(p) => p,
+                                    None => continue,
+                                },
+                                Verdict::Drop(reason) => {
+                                    metrics.messages_dropped(&name, Direction::ClientToUpstream, reason, 1);
+                                    debug!(session = %id, reason, "message dropped by a plugin");
+                                    continue;
+                                }
+                                Verdict::Reply(m) => {
+                                    match tokio::time::timeout(ws.pong_wait, client.send(m)).await {
+                                        Ok(Ok(())) => continue,
+                                        _ => break Ending::ClientGone { cause: "writing a plugin reply".into(), ping_timeout: false },
+                                    }
+                                }
+                                Verdict::Close { code, reason } => break Ending::PluginClose { code, reason },
+                            }
+                        } else {
+                            payload
+                        };
                         // Fast path: straight into the connection's queue.
                         let queued = match (&bound, carry.is_empty()) {
                             (Bound::Yes(b), true) => match b.conn.tx.try_send(ConnCmd::Message { session: id, payload }) {
@@ -365,6 +398,14 @@ where
             ),
             Ending::UpstreamClosed { code, reason } => {
                 (Some((code, reason)), None, "upstream closed".into())
+            }
+            Ending::PluginClose { code, reason } => {
+                let r = crate::direct::plugin_reason(code, &reason, details);
+                (
+                    Some((code, r.clone())),
+                    Some((code, r)),
+                    format!("closed by a plugin: {code} {reason}"),
+                )
             }
             Ending::SlowConsumer => {
                 metrics.slow_consumer_closed(&name);
@@ -462,15 +503,24 @@ where
     drop(client);
 }
 
-/// Writes `first` and whatever else is queued (up to a burst), then
-/// flushes once. Returns the upstream's close if one was reached.
+/// Why a burst of writes to the client ended the session.
+enum BurstEnd {
+    /// The upstream's close came through the queue.
+    Upstream(u16, String),
+    /// A `post_response` plugin closed the session.
+    Plugin(u16, String),
+}
+
+/// Writes `first` and whatever else is queued (up to a burst), through the
+/// `post_response` plugins, then flushes once.
 async fn write_burst<C>(
     client: &mut WebSocketStream<C>,
     first: ToClient,
     queue: &mut mpsc::Receiver<ToClient>,
+    hooks: &mut SessionHooks,
     counters: &crate::metrics::MessageCounters,
     sent: &mut u64,
-) -> Result<Option<(u16, String)>, WsError>
+) -> Result<Option<BurstEnd>, WsError>
 where
     C: AsyncRead + AsyncWrite + Unpin,
 {
@@ -480,15 +530,30 @@ where
         match next {
             ToClient::Close { code, reason } => {
                 client.flush().await?;
-                return Ok(Some((code, reason)));
+                return Ok(Some(BurstEnd::Upstream(code, reason)));
             }
             ToClient::Message(payload) => {
                 match &payload {
                     Payload::Text(t) => counters.text(t.len()),
                     Payload::Binary(b) => counters.binary(b.len()),
                 }
-                client.feed(payload.into_message()).await?;
-                *sent += 1;
+                let msg = payload.into_message();
+                let msg = if hooks.has_post_response() {
+                    match hooks.post_response(msg) {
+                        Verdict::Pass(m) | Verdict::Reply(m) => Some(m),
+                        Verdict::Drop(_) => None,
+                        Verdict::Close { code, reason } => {
+                            client.flush().await?;
+                            return Ok(Some(BurstEnd::Plugin(code, reason)));
+                        }
+                    }
+                } else {
+                    Some(msg)
+                };
+                if let Some(msg) = msg {
+                    client.feed(msg).await?;
+                    *sent += 1;
+                }
                 n += 1;
             }
         }

@@ -190,6 +190,10 @@ pub struct Upstream {
     balancer: Balancer,
     /// What `consistent_hash` hashes, when it is the balancer.
     pub hash_on: Option<HashOn>,
+    /// Handshake and message plugins (with the `auth_required` JWT check first).
+    pub pipeline: muxgate_plugins::Pipeline,
+    /// Direct mode: the header that carries verified claims upstream.
+    pub claims_header: http::HeaderName,
     /// tungstenite settings for both sockets of a session on this upstream.
     pub socket_config: WebSocketConfig,
     /// Settings for mux connections: a frame wraps a message of up to
@@ -199,8 +203,24 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    /// Builds the run-time upstream from a validated config.
-    pub fn new(config: UpstreamConfig) -> Upstream {
+    /// Builds the run-time upstream from a validated config; `jwt` is the
+    /// top-level section, used when the upstream has `auth_required`.
+    pub fn new(config: UpstreamConfig, jwt: Option<&muxgate_plugins::JwtSettings>) -> Upstream {
+        let mut pipeline =
+            muxgate_plugins::Pipeline::build(&config.plugins).expect("validated plugins");
+        let mut claims_header = http::HeaderName::from_static("x-muxgate-claims");
+        if let (true, Some(jwt)) = (config.auth_required, jwt) {
+            let verifier = muxgate_plugins::JwtVerifier::build(jwt).expect("validated jwt");
+            claims_header = verifier.claims_header.clone();
+            pipeline.require_first(Arc::new(muxgate_plugins::JwtPlugin(verifier)));
+        }
+        for plugin in &config.plugins {
+            if let muxgate_plugins::PluginConfig::Jwt { settings, .. } = plugin {
+                if let Ok(h) = http::HeaderName::from_bytes(settings.claims_header.as_bytes()) {
+                    claims_header = h;
+                }
+            }
+        }
         let targets: Vec<Target> = config
             .targets
             .iter()
@@ -232,6 +252,8 @@ impl Upstream {
         Upstream {
             name: Arc::from(config.name.as_ref()),
             balancer: Balancer::new(config.load_balancing, &targets),
+            pipeline,
+            claims_header,
             hash_on: config
                 .hash_on
                 .as_deref()

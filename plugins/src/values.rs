@@ -15,7 +15,7 @@ use serde::de::{self, Deserializer, Visitor};
 use serde::Deserialize;
 
 /// Replaces every `${NAME}` in `raw` with the environment variable NAME.
-pub(crate) fn expand_env(raw: &str) -> Result<String, String> {
+pub fn expand_env(raw: &str) -> Result<String, String> {
     let mut out = String::with_capacity(raw.len());
     let mut rest = raw;
     while let Some(start) = rest.find("${") {
@@ -152,7 +152,7 @@ impl<'de> Deserialize<'de> for Size {
 }
 
 /// A humantime duration string (`30s`, `250ms`, `2m`).
-pub(crate) fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+pub fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let raw = expanded_string(d)?;
     parse_duration(&raw).map_err(de::Error::custom)
 }
@@ -164,7 +164,7 @@ fn parse_duration(raw: &str) -> Result<Duration, String> {
 }
 
 /// A bare integer number of seconds, or a humantime duration string.
-pub(crate) fn seconds_or_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+pub fn seconds_or_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     struct SecondsVisitor;
     impl Visitor<'_> for SecondsVisitor {
         type Value = Duration;
@@ -188,7 +188,7 @@ pub(crate) fn seconds_or_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Dur
 }
 
 /// A `host:port` socket address given as a string.
-pub(crate) fn socket_addr<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
+pub fn socket_addr<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
     let raw = expanded_string(d)?;
     SocketAddr::from_str(raw.trim()).map_err(|e| {
         de::Error::custom(format!(
