@@ -145,6 +145,11 @@ impl HandshakeError {
                     HeaderValue::from_static("13"),
                 );
             }
+            HandshakeError::Plugin(r) => {
+                for (name, value) in r.headers {
+                    h.insert(name, value);
+                }
+            }
             _ => {}
         }
         response

@@ -20,7 +20,10 @@
 //! - [`upstream`]: targets, passive health, balancing, connecting.
 //! - [`close`]: the close-code policy.
 //! - [`metrics`]: every Prometheus collector, one method per event.
-//! - [`admin`]: `/metrics`, `/healthz`, `/readyz`.
+//! - [`admin`]: `/metrics`, `/healthz`, `/readyz`, `/admin/upstreams`.
+//!
+//! Plugins (handshake, pre_request, post_response) live in the
+//! `muxgate-plugins` crate; each upstream holds its built `Pipeline`.
 //!
 //! # One message in direct mode
 //!

@@ -52,6 +52,16 @@ pub enum Stage {
     PostResponse,
 }
 
+impl std::fmt::Display for Stage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Stage::Handshake => "handshake",
+            Stage::PreRequest => "pre_request",
+            Stage::PostResponse => "post_response",
+        })
+    }
+}
+
 /// One entry of an upstream's `plugins` list.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(tag = "name", rename_all = "snake_case", deny_unknown_fields)]
@@ -224,8 +234,13 @@ impl Pipeline {
                     BuildError::new(
                         "stage",
                         format!(
-                            "this plugin runs in {:?}, not {stage:?}",
-                            config.allowed_stages()
+                            "this plugin runs in {}, not {stage}",
+                            config
+                                .allowed_stages()
+                                .iter()
+                                .map(Stage::to_string)
+                                .collect::<Vec<_>>()
+                                .join(" or ")
                         ),
                     ),
                 ));

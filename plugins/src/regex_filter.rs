@@ -57,8 +57,20 @@ impl RegexFilterPlugin {
     pub fn build(settings: &RegexFilterSettings) -> Result<Self, BuildError> {
         let mut patterns = Vec::new();
         for (i, p) in settings.patterns.iter().enumerate() {
-            regex::Regex::new(p)
-                .map_err(|e| BuildError::new(format!("settings.patterns[{i}]"), e.to_string()))?;
+            regex::Regex::new(p).map_err(|e| {
+                // regex's message draws the pattern over several lines; keep its verdict.
+                let text = e.to_string();
+                let verdict = text
+                    .lines()
+                    .last()
+                    .unwrap_or(&text)
+                    .trim_start_matches("error: ")
+                    .to_owned();
+                BuildError::new(
+                    format!("settings.patterns[{i}]"),
+                    format!("invalid regex {p:?}: {verdict}"),
+                )
+            })?;
             patterns.push(p.clone());
         }
         for preset in &settings.presets {
