@@ -40,12 +40,15 @@ pub struct AppState {
     pub sessions: Arc<SessionManager>,
     pub metrics: Arc<Metrics>,
     pub shutdown: Shutdown,
+    /// Clients connect with TLS (`wss://`): `X-Forwarded-Proto: https`.
+    pub secure: bool,
 }
 
 /// A broker with both listeners bound, not yet serving.
 pub struct Broker {
     state: Arc<AppState>,
     client: TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
     admin: TcpListener,
     grace: Duration,
 }
@@ -60,6 +63,8 @@ pub enum StartError {
         #[source]
         source: io::Error,
     },
+    #[error("server.tls: {0}")]
+    Tls(String),
 }
 
 impl Broker {
@@ -81,6 +86,12 @@ impl Broker {
                     addr,
                     source,
                 })
+        };
+        let tls = match &config.server.tls {
+            Some(t) => Some(
+                crate::tls::server_config(&t.cert_file, &t.key_file).map_err(StartError::Tls)?,
+            ),
+            None => None,
         };
         let client = bind("client", config.server.listen).await?;
         let admin = bind("admin", config.server.admin_listen).await?;
@@ -108,10 +119,12 @@ impl Broker {
             sessions: SessionManager::new(Arc::clone(&metrics), shutdown.clone()),
             metrics,
             shutdown,
+            secure: tls.is_some(),
         });
         Ok(Broker {
             state,
             client,
+            tls,
             admin,
             grace: config.server.shutdown_grace,
         })
@@ -137,6 +150,7 @@ impl Broker {
         let Broker {
             state,
             client,
+            tls,
             admin,
             grace,
         } = self;
@@ -147,18 +161,30 @@ impl Broker {
         let client_app = Router::new()
             .fallback(handshake::handle)
             .with_state(Arc::clone(&state));
-        let client_listener = client.tap_io(|tcp| {
-            let _ = tcp.set_nodelay(true);
-        });
         let stop_accepting = shutdown.clone();
-        let client_server = tokio::spawn(async move {
-            axum::serve(
-                client_listener,
-                client_app.into_make_service_with_connect_info::<SocketAddr>(),
-            )
-            .with_graceful_shutdown(async move { stop_accepting.begun().await })
-            .await
-        });
+        let stopped = async move { stop_accepting.begun().await };
+        let make_service = client_app.into_make_service_with_connect_info::<SocketAddr>();
+        let client_server = match tls {
+            None => {
+                let listener = client.tap_io(|tcp| {
+                    let _ = tcp.set_nodelay(true);
+                });
+                tokio::spawn(async move {
+                    axum::serve(listener, make_service)
+                        .with_graceful_shutdown(stopped)
+                        .await
+                })
+            }
+            Some(config) => {
+                // tap_io gives the TLS listener axum's ConnectInfo support.
+                let listener = crate::tls::TlsListener::new(client, config).tap_io(|_| {});
+                tokio::spawn(async move {
+                    axum::serve(listener, make_service)
+                        .with_graceful_shutdown(stopped)
+                        .await
+                })
+            }
+        };
         let (admin_stop, admin_stopped) = tokio::sync::oneshot::channel::<()>();
         let admin_server = tokio::spawn(async move {
             axum::serve(admin, admin::router(state))

@@ -67,6 +67,7 @@ pub async fn connect_upstream(
         let target = lease.target();
         match upstream::connect(
             &target.url,
+            upstream.tls.as_ref(),
             path_and_query,
             headers.clone(),
             upstream.socket_config,

@@ -227,6 +227,7 @@ fn upstream_headers(
     request: &Request,
     remote: SocketAddr,
     request_id: &str,
+    secure: bool,
 ) -> HeaderMap {
     let incoming = request.headers();
     let mut out = HeaderMap::new();
@@ -263,7 +264,10 @@ fn upstream_headers(
     if let Ok(v) = HeaderValue::from_str(&xff) {
         out.insert("x-forwarded-for", v);
     }
-    out.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+    out.insert(
+        "x-forwarded-proto",
+        HeaderValue::from_static(if secure { "https" } else { "http" }),
+    );
     if let Some(host) = incoming.get(header::HOST) {
         out.insert("x-forwarded-host", host.clone());
     }
@@ -415,7 +419,7 @@ async fn accept(
         return Ok(response);
     }
 
-    let mut headers = upstream_headers(&route, request, remote, &request_id);
+    let mut headers = upstream_headers(&route, request, remote, &request_id, app.secure);
     if let Some(c) = &claims {
         if let Ok(v) = HeaderValue::from_str(&c.to_string()) {
             headers.insert(upstream.claims_header.clone(), v);

@@ -19,6 +19,7 @@
 //!   and their re-binding (the frame codec is `muxgate_backend::protocol`).
 //! - [`upstream`]: targets, passive health, balancing, connecting.
 //! - [`close`]: the close-code policy.
+//! - [`tls`]: the `wss://` listener and `wss://` targets (rustls).
 //! - [`metrics`]: every Prometheus collector, one method per event.
 //! - [`admin`]: `/metrics`, `/healthz`, `/readyz`, `/admin/upstreams`.
 //!
@@ -63,6 +64,7 @@ pub mod mux;
 pub mod routing;
 pub mod session;
 pub mod shutdown;
+pub mod tls;
 pub mod upstream;
 
 pub use app::Broker;

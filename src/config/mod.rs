@@ -145,9 +145,21 @@ pub struct UpstreamConfig {
     pub websocket_config: WebSocketSettings,
     #[serde(default)]
     pub health_checks: HealthChecks,
-    #[serde(default)]
     /// Run in order per stage; see muxgate_plugins.
+    #[serde(default)]
     pub plugins: Vec<muxgate_plugins::PluginConfig>,
+    /// For `wss://` targets.
+    #[serde(default)]
+    pub tls: Option<UpstreamTls>,
+}
+
+/// How `wss://` targets are verified.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamTls {
+    /// PEM CA certificates to trust instead of the system roots.
+    #[serde(default)]
+    pub ca_file: Option<Text>,
 }
 
 impl UpstreamConfig {

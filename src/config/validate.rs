@@ -42,11 +42,10 @@ pub fn validate(config: &Config) -> Vec<Problem> {
             format!("must differ from server.listen ({})", config.server.listen),
         );
     }
-    if config.server.tls.is_some() {
-        out.push(
-            server.key("tls"),
-            "serving wss:// is not available in this build yet; terminate TLS in front of muxgate",
-        );
+    if let Some(tls) = &config.server.tls {
+        if let Err(e) = crate::tls::server_config(&tls.cert_file, &tls.key_file) {
+            out.push(server.key("tls"), e);
+        }
     }
     if let Some(jwt) = &config.jwt {
         if let Err(e) = muxgate_plugins::JwtVerifier::build(jwt) {
@@ -135,13 +134,8 @@ fn check_upstream(out: &mut Problems, at: &FieldPath, upstream: &UpstreamConfig)
     }
     for (k, target) in upstream.targets.iter().enumerate() {
         let tp = at.key("targets").index(k);
-        match crate::upstream::TargetUrl::parse(&target.url) {
-            Err(why) => out.push(tp.key("url"), why),
-            Ok(url) if url.is_secure() => out.push(
-                tp.key("url"),
-                "wss:// targets are not available in this build yet; use ws://",
-            ),
-            Ok(_) => {}
+        if let Err(why) = crate::upstream::TargetUrl::parse(&target.url) {
+            out.push(tp.key("url"), why);
         }
         if target.weight == 0 {
             out.push(tp.key("weight"), "must be greater than 0");
@@ -176,6 +170,11 @@ fn check_upstream(out: &mut Problems, at: &FieldPath, upstream: &UpstreamConfig)
         }
     }
     check_websocket(out, &at.key("websocket_config"), &upstream.websocket_config);
+    if let Some(ca) = upstream.tls.as_ref().and_then(|t| t.ca_file.as_deref()) {
+        if let Err(e) = crate::tls::client_config(Some(ca)) {
+            out.push(at.key("tls").key("ca_file"), e);
+        }
+    }
 
     let hc = &upstream.health_checks;
     let hp = at.key("health_checks");

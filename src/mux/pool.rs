@@ -199,6 +199,7 @@ impl MuxPool {
         self.metrics.mux_conn_state(name, &label, "connecting", 1);
         let connected = upstream::connect(
             &target.url,
+            upstream.tls.as_ref(),
             &path,
             headers,
             upstream.mux_socket_config,

@@ -81,7 +81,7 @@ impl HashOn {
 }
 
 /// A WebSocket to a target.
-pub type UpstreamSocket = WebSocketStream<TcpStream>;
+pub type UpstreamSocket = WebSocketStream<crate::tls::UpstreamStream>;
 
 /// `ws://host:port` of a target, checked once at load time.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -129,6 +129,15 @@ impl TargetUrl {
     /// `host:port`, for connecting and for the `Host` header.
     pub fn authority(&self) -> &str {
         &self.authority
+    }
+
+    /// The host, for TLS server-name verification.
+    pub fn host(&self) -> &str {
+        let host = self
+            .authority
+            .rsplit_once(':')
+            .map_or(&*self.authority, |(h, _)| h);
+        host.trim_start_matches('[').trim_end_matches(']')
     }
 }
 
@@ -194,6 +203,8 @@ pub struct Upstream {
     pub pipeline: muxgate_plugins::Pipeline,
     /// Direct mode: the header that carries verified claims upstream.
     pub claims_header: http::HeaderName,
+    /// TLS for `wss://` targets.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
     /// tungstenite settings for both sockets of a session on this upstream.
     pub socket_config: WebSocketConfig,
     /// Settings for mux connections: a frame wraps a message of up to
@@ -214,6 +225,14 @@ impl Upstream {
             claims_header = verifier.claims_header.clone();
             pipeline.require_first(Arc::new(muxgate_plugins::JwtPlugin(verifier)));
         }
+        let tls_config = config
+            .targets
+            .iter()
+            .any(|t| t.url.starts_with("wss://"))
+            .then(|| {
+                let ca = config.tls.as_ref().and_then(|t| t.ca_file.as_deref());
+                crate::tls::client_config(ca).expect("validated TLS settings")
+            });
         for plugin in &config.plugins {
             if let muxgate_plugins::PluginConfig::Jwt { settings, .. } = plugin {
                 if let Ok(h) = http::HeaderName::from_bytes(settings.claims_header.as_bytes()) {
@@ -254,6 +273,7 @@ impl Upstream {
             balancer: Balancer::new(config.load_balancing, &targets),
             pipeline,
             claims_header,
+            tls: tls_config,
             hash_on: config
                 .hash_on
                 .as_deref()
@@ -330,6 +350,7 @@ pub struct Connected {
 /// (which may carry `Sec-WebSocket-Protocol`), all within `timeout`.
 pub async fn connect(
     target: &TargetUrl,
+    tls: Option<&Arc<rustls::ClientConfig>>,
     path_and_query: &str,
     headers: HeaderMap,
     config: WebSocketConfig,
@@ -346,6 +367,13 @@ pub async fn connect(
                 })?;
             // Relayed messages are latency-sensitive and already batched by us.
             let _ = tcp.set_nodelay(true);
+            let tls = if target.is_secure() { tls } else { None };
+            let stream = crate::tls::UpstreamStream::connect(tcp, target.host(), tls)
+                .await
+                .map_err(|source| ConnectError::Refused {
+                    target: label(),
+                    source,
+                })?;
             let uri = format!("ws://{}{}", target.authority(), path_and_query);
             let mut request = http::Request::builder().uri(uri).body(()).map_err(|e| {
                 ConnectError::Handshake {
@@ -370,7 +398,7 @@ pub async fn connect(
                 HeaderValue::from_str(&generate_key()).expect("base64 key"),
             );
             let (socket, response) =
-                tokio_tungstenite::client_async_with_config(request, tcp, Some(config))
+                tokio_tungstenite::client_async_with_config(request, stream, Some(config))
                     .await
                     .map_err(|source| ConnectError::Handshake {
                         target: label(),

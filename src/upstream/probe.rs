@@ -92,6 +92,7 @@ async fn probe(upstream: &Upstream, target: &Target) -> Result<(), String> {
     match hc.active_probe {
         ActiveProbe::Websocket => connect(
             &target.url,
+            upstream.tls.as_ref(),
             &hc.path,
             probe_headers(upstream),
             upstream.socket_config,
@@ -115,7 +116,16 @@ async fn http_get(upstream: &Upstream, target: &Target) -> Result<(), String> {
     let tcp = TcpStream::connect(target.url.authority())
         .await
         .map_err(|e| format!("connecting: {e}"))?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+    // A wss:// target is probed over TLS too.
+    let tls = if target.url.is_secure() {
+        upstream.tls.as_ref()
+    } else {
+        None
+    };
+    let stream = crate::tls::UpstreamStream::connect(tcp, target.url.host(), tls)
+        .await
+        .map_err(|e| format!("TLS: {e}"))?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(|e| format!("HTTP handshake: {e}"))?;
     let mut request = http::Request::get(&*hc.path)

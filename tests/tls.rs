@@ -1,0 +1,185 @@
+//! `wss://` end to end: client to broker (the `server.tls` listener) and
+//! broker to upstream (`wss://` targets verified against `tls.ca_file`),
+//! with a CA and certificates generated here (rcgen).
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use common::upstream::TestUpstream;
+use common::*;
+use futures_util::{SinkExt, StreamExt};
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_tungstenite::tungstenite::Message;
+
+/// A CA and a certificate for localhost and 127.0.0.1 it signed, as PEM
+/// files in a fresh directory: (dir, ca.pem, server.pem, server.key).
+struct Pki {
+    dir: PathBuf,
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+impl Pki {
+    fn new() -> Pki {
+        let dir = std::env::temp_dir().join(format!("muxgate-tls-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+            .unwrap()
+            .signed_by(&key, &ca)
+            .unwrap();
+        let pki = Pki {
+            ca: dir.join("ca.pem"),
+            cert: dir.join("server.pem"),
+            key: dir.join("server.key"),
+            dir,
+        };
+        std::fs::write(&pki.ca, ca.pem()).unwrap();
+        std::fs::write(&pki.cert, cert.pem()).unwrap();
+        std::fs::write(&pki.key, key.serialize_pem()).unwrap();
+        pki
+    }
+
+    fn client_config(&self) -> Arc<rustls::ClientConfig> {
+        let mut roots = rustls::RootCertStore::empty();
+        for c in CertificateDer::pem_file_iter(&self.ca).unwrap() {
+            roots.add(c.unwrap()).unwrap();
+        }
+        Arc::new(
+            rustls::ClientConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+        )
+    }
+
+    fn server_config(&self) -> Arc<rustls::ServerConfig> {
+        let certs = CertificateDer::pem_file_iter(&self.cert)
+            .unwrap()
+            .map(|c| c.unwrap())
+            .collect();
+        let key = PrivateKeyDer::from_pem_file(&self.key).unwrap();
+        Arc::new(
+            rustls::ServerConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .unwrap(),
+        )
+    }
+}
+
+impl Drop for Pki {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A `wss://` echo upstream with the Pki's server certificate.
+async fn wss_echo(pki: &Pki) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(pki.server_config());
+    let task = tokio::spawn(async move {
+        let mut conns = tokio::task::JoinSet::new();
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            conns.spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let Ok(mut ws) = tokio_tungstenite::accept_async(tls).await else {
+                    return;
+                };
+                while let Some(Ok(m)) = ws.next().await {
+                    if (m.is_text() || m.is_binary()) && ws.send(m).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    (addr, task)
+}
+
+/// A client on the broker's wss:// listener reaches a ws:// upstream, which
+/// sees `X-Forwarded-Proto: https`.
+#[tokio::test]
+async fn clients_connect_over_tls() {
+    let pki = Pki::new();
+    let mut up = TestUpstream::start().await;
+    let server = format!(
+        "tls: {{cert_file: {}, key_file: {}}}",
+        pki.cert.display(),
+        pki.key.display()
+    );
+    let broker = start_broker(&direct_config(&[up.addr], "", "", &server)).await;
+    let tcp = TcpStream::connect(broker.client_addr).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(pki.client_config())
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .expect("TLS handshake with the broker");
+    let url = format!("wss://localhost:{}/ws/echo", broker.client_addr.port());
+    let (mut ws, _) = within("handshake", tokio_tungstenite::client_async(url, tls))
+        .await
+        .unwrap();
+    ws.send(Message::text("over TLS")).await.unwrap();
+    assert_eq!(
+        within("echo", ws.next()).await.unwrap().unwrap(),
+        Message::text("over TLS")
+    );
+    let (_, headers) = up.handshake().await;
+    assert_eq!(header(&headers, "x-forwarded-proto"), Some("https"));
+    // A plain-text client gets no WebSocket from a TLS listener.
+    assert!(tokio_tungstenite::connect_async(broker.url("/ws/echo"))
+        .await
+        .is_err());
+}
+
+/// The broker reaches a wss:// target it verifies against `tls.ca_file`,
+/// and refuses (502) a target whose certificate it cannot verify.
+#[tokio::test]
+async fn wss_targets_are_verified() {
+    let pki = Pki::new();
+    let (addr, _task) = wss_echo(&pki).await;
+    let target = format!("wss://127.0.0.1:{}", addr.port());
+    let yaml = |ca: &PathBuf| {
+        direct_config(
+            &[addr],
+            "",
+            &format!("tls: {{ca_file: {}}}", ca.display()),
+            "",
+        )
+        .replace(&format!("ws://{addr}"), &target)
+    };
+    let broker = start_broker(&yaml(&pki.ca)).await;
+    let (mut ws, _) = connect(&broker.url("/ws/echo"), &[]).await;
+    echo_roundtrip(&mut ws, Message::text("to a wss upstream")).await;
+    drop(ws);
+    broker.stop().await;
+
+    // Trusting another CA only: the target's certificate is refused.
+    let other = Pki::new();
+    let broker = start_broker(&yaml(&other.ca)).await;
+    let a = broker.client_addr;
+    assert_eq!(
+        raw_http(a, &upgrade_request(a, "/ws/echo", "")).await.0,
+        502
+    );
+}
