@@ -411,7 +411,16 @@ pub async fn run<C>(
                 if let Poll::Ready(s) = poll_direction(&mut c, &mut u, &mut hooks, cx, &metrics, &name) {
                     return Poll::Ready(s);
                 }
-                poll_direction(&mut u, &mut c, &mut hooks, cx, &metrics, &name)
+                let paused = c.reply.is_some();
+                if let Poll::Ready(s) = poll_direction(&mut u, &mut c, &mut hooks, cx, &metrics, &name) {
+                    return Poll::Ready(s);
+                }
+                // A plugin's reply held the client unread; once it is out,
+                // read on (nothing else would wake this task for it).
+                if paused && c.reply.is_none() {
+                    return poll_direction(&mut c, &mut u, &mut hooks, cx, &metrics, &name);
+                }
+                Poll::Pending
             }) => break stop,
             _ = tokio::time::sleep_until(wake) => {
                 let now = Instant::now();

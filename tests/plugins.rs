@@ -404,3 +404,64 @@ async fn post_response_plugins_see_upstream_initiated_messages() {
         Some(Message::text("contact: [REDACTED]"))
     );
 }
+
+/// `json_schema` passes valid client messages and answers invalid ones
+/// (and non-JSON) with the reason, without forwarding them.
+#[tokio::test]
+async fn json_schema_rejects_invalid_messages() {
+    let schema = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/schemas/chat-message.json"
+    );
+    for direct in [true, false] {
+        let up = Upstream::start(direct).await;
+        let plugins = format!("plugins: [{{name: json_schema, stage: pre_request, settings: {{schema_file: {schema}}}}}]");
+        let broker = start_broker(&up.config("", &plugins)).await;
+        let (mut ws, _) = connect(&broker.url("/ws/echo"), &[]).await;
+        echo_roundtrip(&mut ws, Message::text(r#"{"text":"hello","room":7}"#)).await;
+        for bad in [r#"{"room":7}"#, r#"{"text":5}"#, "not json"] {
+            ws.send(Message::text(bad)).await.unwrap();
+            let Some(Message::Text(reply)) = next_message(&mut ws).await else {
+                panic!("a reply")
+            };
+            let v: serde_json::Value = serde_json::from_str(&reply).unwrap();
+            assert_eq!(v["error"], "invalid message", "{bad}");
+            assert!(v["detail"].as_str().is_some_and(|d| !d.is_empty()));
+        }
+        // Nothing invalid reached the upstream: the next echo is the next valid message.
+        echo_roundtrip(&mut ws, Message::text(r#"{"text":"again"}"#)).await;
+        broker.stop().await;
+    }
+}
+
+/// `transform` stamps the verified user on client messages and removes
+/// fields, in both modes.
+#[tokio::test]
+async fn transform_stamps_the_user_from_claims() {
+    for direct in [true, false] {
+        let up = Upstream::start(direct).await;
+        let plugins = "auth_required: true\nplugins: [{name: transform, stage: pre_request, settings: {set: {user: '{{claims.sub}}'}, add: {v: 1}, remove: [admin]}}]";
+        let broker = start_broker(&with_jwt(up.config("", plugins))).await;
+        let token = hs256(good_claims(), SECRET);
+        let (mut ws, _) = connect(
+            &broker.url("/ws/echo"),
+            &[("authorization", &format!("Bearer {token}"))],
+        )
+        .await;
+        ws.send(Message::text(
+            r#"{"text":"hi","user":"mallory","admin":true}"#,
+        ))
+        .await
+        .unwrap();
+        let Some(Message::Text(echo)) = next_message(&mut ws).await else {
+            panic!("an echo")
+        };
+        let v: serde_json::Value = serde_json::from_str(&echo).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"text": "hi", "user": "alice", "v": 1}),
+            "direct={direct}"
+        );
+        broker.stop().await;
+    }
+}

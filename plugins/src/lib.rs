@@ -22,10 +22,12 @@
 pub mod values;
 
 mod api_key;
+mod json_schema;
 mod jwt;
 mod message_size;
 mod rate_limit;
 mod regex_filter;
+mod transform;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -35,10 +37,12 @@ use serde::Deserialize;
 use tokio_tungstenite::tungstenite::Message;
 
 pub use api_key::ApiKeySettings;
+pub use json_schema::JsonSchemaSettings;
 pub use jwt::{JwtPlugin, JwtSettings, JwtVerifier};
 pub use message_size::MessageSizeSettings;
 pub use rate_limit::RateLimitSettings;
 pub use regex_filter::RegexFilterSettings;
+pub use transform::TransformSettings;
 
 /// Where in a session a plugin runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -86,6 +90,14 @@ pub enum PluginConfig {
         stage: Stage,
         settings: RegexFilterSettings,
     },
+    JsonSchema {
+        stage: Stage,
+        settings: JsonSchemaSettings,
+    },
+    Transform {
+        stage: Stage,
+        settings: TransformSettings,
+    },
 }
 
 impl PluginConfig {
@@ -95,7 +107,9 @@ impl PluginConfig {
             | PluginConfig::ApiKey { stage, .. }
             | PluginConfig::RateLimit { stage, .. }
             | PluginConfig::MessageSize { stage, .. }
-            | PluginConfig::RegexFilter { stage, .. } => *stage,
+            | PluginConfig::RegexFilter { stage, .. }
+            | PluginConfig::JsonSchema { stage, .. }
+            | PluginConfig::Transform { stage, .. } => *stage,
         }
     }
 
@@ -106,7 +120,10 @@ impl PluginConfig {
             PluginConfig::RateLimit { .. } | PluginConfig::MessageSize { .. } => {
                 &[Stage::PreRequest, Stage::PostResponse]
             }
-            PluginConfig::RegexFilter { .. } => &[Stage::PreRequest, Stage::PostResponse],
+            PluginConfig::RegexFilter { .. } | PluginConfig::Transform { .. } => {
+                &[Stage::PreRequest, Stage::PostResponse]
+            }
+            PluginConfig::JsonSchema { .. } => &[Stage::PreRequest],
         }
     }
 }
@@ -263,6 +280,14 @@ impl Pipeline {
                 }
                 PluginConfig::RegexFilter { settings, .. } => {
                     regex_filter::RegexFilterPlugin::build(settings)
+                        .map(|p| Arc::new(p) as Arc<dyn Plugin>)
+                }
+                PluginConfig::JsonSchema { settings, .. } => {
+                    json_schema::JsonSchemaPlugin::build(settings)
+                        .map(|p| Arc::new(p) as Arc<dyn Plugin>)
+                }
+                PluginConfig::Transform { settings, .. } => {
+                    transform::TransformPlugin::build(settings)
                         .map(|p| Arc::new(p) as Arc<dyn Plugin>)
                 }
             };
