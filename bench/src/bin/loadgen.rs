@@ -42,6 +42,9 @@ enum Mode {
         duration: Duration,
         #[arg(long, value_parser = humantime::parse_duration, default_value = "2s")]
         warmup: Duration,
+        /// Extra handshake header, `Name: value` (repeatable).
+        #[arg(long = "header")]
+        headers: Vec<String>,
     },
     /// Short sessions at a steady rate: open, one echo, close. Prints one
     /// line per second: opened, failed.
@@ -72,6 +75,11 @@ type Ws = WebSocketStream<TcpStream>;
 
 /// Connects from 127.0.0.`source` to the `ws://host:port/path` in `url`.
 async fn open(url: &str, source: u8) -> Ws {
+    open_with(url, source, &[]).await
+}
+
+/// [`open`] with extra handshake headers (`Name: value`).
+async fn open_with(url: &str, source: u8, headers: &[String]) -> Ws {
     let rest = url.strip_prefix("ws://").expect("ws:// URL");
     let (authority, _) = rest.split_once('/').unwrap_or((rest, ""));
     let addr: SocketAddr = authority.parse().expect("IP:PORT in URL");
@@ -84,7 +92,17 @@ async fn open(url: &str, source: u8) -> Ws {
         .expect("bind source address");
     let tcp = socket.connect(addr).await.expect("connect");
     tcp.set_nodelay(true).expect("nodelay");
-    let (ws, _) = tokio_tungstenite::client_async(url, tcp)
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut request = url.into_client_request().expect("request");
+    for h in headers {
+        let (name, value) = h.split_once(':').expect("--header 'Name: value'");
+        request.headers_mut().insert(
+            tokio_tungstenite::tungstenite::http::HeaderName::from_bytes(name.trim().as_bytes())
+                .expect("header name"),
+            value.trim().parse().expect("header value"),
+        );
+    }
+    let (ws, _) = tokio_tungstenite::client_async(request, tcp)
         .await
         .expect("WebSocket handshake");
     ws
@@ -99,7 +117,8 @@ async fn main() {
             size,
             duration,
             warmup,
-        } => echo(url, connections, size, duration, warmup).await,
+            headers,
+        } => echo(url, connections, size, duration, warmup, &headers).await,
         Mode::Idle {
             url,
             connections,
@@ -154,13 +173,20 @@ async fn churn(url: String, rate: u32, duration: Duration) {
     );
 }
 
-async fn echo(url: String, connections: usize, size: usize, duration: Duration, warmup: Duration) {
+async fn echo(
+    url: String,
+    connections: usize,
+    size: usize,
+    duration: Duration,
+    warmup: Duration,
+    headers: &[String],
+) {
     let payload = Bytes::from(vec![b'x'; size]);
     let measuring = Arc::new(AtomicBool::new(false));
     let stop = Arc::new(AtomicBool::new(false));
     let mut tasks = Vec::new();
     for i in 0..connections {
-        let mut ws = open(&url, (i % 254) as u8 + 1).await;
+        let mut ws = open_with(&url, (i % 254) as u8 + 1, headers).await;
         let payload = payload.clone();
         let measuring = Arc::clone(&measuring);
         let stop = Arc::clone(&stop);
