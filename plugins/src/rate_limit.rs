@@ -67,7 +67,13 @@ pub struct RateLimitPlugin {
     action: LimitAction,
     by_ip: (Option<Shared<IpAddr>>, Option<Shared<IpAddr>>),
     by_subject: (Option<Shared<String>>, Option<Shared<String>>),
+    /// Sessions started; every [`PRUNE_EVERY`] the shared buckets forget
+    /// keys that are full again (so the maps do not grow without bound).
+    sessions: std::sync::atomic::AtomicU64,
 }
+
+/// How often (in new sessions) idle keys are pruned from shared buckets.
+const PRUNE_EVERY: u64 = 1024;
 
 fn quota(field: &str, rate: Option<u32>, burst: Option<u32>) -> Result<Option<Quota>, BuildError> {
     let Some(rate) = rate else {
@@ -109,6 +115,7 @@ impl RateLimitPlugin {
             action: s.action,
             by_ip: (keyed(messages), keyed(bytes)),
             by_subject: (keyed(messages), keyed(bytes)),
+            sessions: std::sync::atomic::AtomicU64::new(0),
         })
     }
 }
@@ -119,6 +126,20 @@ impl Plugin for RateLimitPlugin {
     }
 
     fn session(&self, ctx: &SessionCtx) -> Box<dyn MessageHook> {
+        let n = self
+            .sessions
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if n % PRUNE_EVERY == PRUNE_EVERY - 1 {
+            for l in [&self.by_ip.0, &self.by_ip.1].into_iter().flatten() {
+                l.retain_recent();
+            }
+            for l in [&self.by_subject.0, &self.by_subject.1]
+                .into_iter()
+                .flatten()
+            {
+                l.retain_recent();
+            }
+        }
         let subject = ctx
             .claims
             .as_ref()

@@ -221,6 +221,20 @@ fn check_upstream(out: &mut Problems, at: &FieldPath, upstream: &UpstreamConfig)
             );
         }
     }
+    for (j, plugin) in upstream.plugins.iter().enumerate() {
+        if let muxgate_plugins::PluginConfig::MessageSize { settings, .. } = plugin {
+            let max = upstream.websocket_config.max_message_size;
+            if settings.max_bytes > max {
+                out.push(
+                    at.key("plugins").index(j).key("settings").key("max_bytes"),
+                    format!(
+                        "{} is above websocket_config.max_message_size ({max}), which already refuses such messages",
+                        settings.max_bytes
+                    ),
+                );
+            }
+        }
+    }
     if let Err(errors) = muxgate_plugins::Pipeline::build(&upstream.plugins) {
         for (j, e) in errors {
             let mut path = at.key("plugins").index(j);
