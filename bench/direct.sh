@@ -6,18 +6,9 @@
 #   2. broker RSS holding 1,000 idle direct sessions.
 # Usage: bench/direct.sh [DURATION]   (default 10s per run)
 set -euo pipefail
-root=$(cd "$(dirname "$0")/.." && pwd)
+source "$(dirname "$0")/common.sh"
 duration=${1:-10s}
-cargo build --release --quiet --manifest-path "$root/Cargo.toml" \
-  -p muxgate -p muxgate-backend -p muxgate-bench
-bin=$root/target/release
-work=$(mktemp -d)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
-trap cleanup EXIT
 
-wait_port() { for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; exit 1; }
-rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
 
 "$bin/demo-upstream" 127.0.0.1:3100 & pids+=($!)
 cat > "$work/muxgate.yaml" <<YAML
@@ -41,7 +32,6 @@ straight=$("$bin/loadgen" echo --url ws://127.0.0.1:3100/echo -c 100 --size 64 -
 echo "no proxy: $straight"
 proxied=$("$bin/loadgen" echo --url ws://127.0.0.1:8180/ws/echo -c 100 --size 64 --duration "$duration")
 echo "muxgate:  $proxied"
-rate() { sed -E 's/.*round_trips_per_sec=([0-9]+).*/\1/' <<<"$1"; }
 awk -v a="$(rate "$proxied")" -v b="$(rate "$straight")" 'BEGIN { printf "ratio muxgate/no-proxy: %.3f\n", a / b }'
 
 echo "## RSS, 1,000 idle direct sessions"

@@ -7,15 +7,8 @@
 # binds to a target without a live connection).
 # Usage: bench/failover.sh [RATE]   (new sessions per second, default 200)
 set -euo pipefail
-root=$(cd "$(dirname "$0")/.." && pwd)
+source "$(dirname "$0")/common.sh"
 rate=${1:-200}
-cargo build --release --quiet --manifest-path "$root/Cargo.toml" -p muxgate -p muxgate-backend -p muxgate-bench
-bin=$root/target/release
-work=$(mktemp -d)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
-trap cleanup EXIT
-wait_port() { for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; exit 1; }
 
 for mode in direct multiplexed; do
   "$bin/demo-upstream" 127.0.0.1:3101 & victim=$!; pids+=($victim)

@@ -7,18 +7,9 @@
 #      upstream sockets carrying them (clients per upstream socket).
 # Usage: bench/mux.sh [DURATION] [SESSIONS]   (defaults 10s, 10000)
 set -euo pipefail
-root=$(cd "$(dirname "$0")/.." && pwd)
+source "$(dirname "$0")/common.sh"
 duration=${1:-10s}
 sessions=${2:-10000}
-cargo build --release --quiet --manifest-path "$root/Cargo.toml" \
-  -p muxgate -p muxgate-backend -p muxgate-bench
-bin=$root/target/release
-work=$(mktemp -d)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
-trap cleanup EXIT
-wait_port() { for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; exit 1; }
-rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
 
 "$bin/demo-upstream" 127.0.0.1:3100 & upstream=$!; pids+=($upstream)
 cat > "$work/muxgate.yaml" <<YAML
@@ -42,7 +33,6 @@ upstreams:
 YAML
 "$bin/muxgate" --config "$work/muxgate.yaml" --log-level warn & broker=$!; pids+=($broker)
 wait_port 3100; wait_port 8180
-rate() { sed -E 's/.*round_trips_per_sec=([0-9]+).*/\1/' <<<"$1"; }
 
 echo "## echo, 100 connections, 64 B, $duration each"
 declare -A r

@@ -4,15 +4,8 @@
 # plugins, direct mode, 100 connections, 64-byte messages; prints the ratio.
 # Usage: bench/plugins.sh [DURATION]   (default 10s per run)
 set -euo pipefail
-root=$(cd "$(dirname "$0")/.." && pwd)
+source "$(dirname "$0")/common.sh"
 duration=${1:-10s}
-cargo build --release --quiet --manifest-path "$root/Cargo.toml" -p muxgate -p muxgate-backend -p muxgate-bench
-bin=$root/target/release
-work=$(mktemp -d)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
-trap cleanup EXIT
-wait_port() { for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; exit 1; }
 
 "$bin/demo-upstream" 127.0.0.1:3100 & pids+=($!)
 export MUXGATE_BENCH_SECRET=bench-secret-with-enough-bytes
@@ -42,7 +35,6 @@ payload=$(printf '{"sub":"bench","iss":"bench","exp":%d}' $(( $(date +%s) + 3600
 sig=$(printf '%s.%s' "$header" "$payload" | openssl dgst -sha256 -hmac "$MUXGATE_BENCH_SECRET" -binary | b64)
 token="$header.$payload.$sig"
 
-rate() { sed -E 's/.*round_trips_per_sec=([0-9]+).*/\1/' <<<"$1"; }
 plain=$("$bin/loadgen" echo --url ws://127.0.0.1:8180/ws/plain -c 100 --size 64 --duration "$duration")
 echo "no plugins:   $plain"
 chain=$("$bin/loadgen" echo --url ws://127.0.0.1:8180/ws/chain -c 100 --size 64 --duration "$duration" --header "Authorization: Bearer $token")
