@@ -168,34 +168,31 @@ where
         }
     }
 
-    /// Writes the outbox if the socket will take it.
+    /// Writes a plugin's reply, then the outbox, as far as the socket
+    /// will take them.
     fn poll_write_outbox(
         &mut self,
         cx: &mut Context<'_>,
         metrics: &Metrics,
         upstream: &str,
     ) -> Poll<Result<(), WsError>> {
-        if self.reply.is_some() {
-            match Pin::new(&mut self.ws).poll_ready(cx) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Ready(Ok(())) => {}
-            }
-            let reply = self.reply.take().expect("checked");
-            Pin::new(&mut self.ws).start_send(reply)?;
-            self.unflushed = true;
-        }
-        let Some(msg) = self.outbox.take() else {
+        std::task::ready!(self.poll_write_slot(cx, |leg| &mut leg.reply, metrics, upstream))?;
+        self.poll_write_slot(cx, |leg| &mut leg.outbox, metrics, upstream)
+    }
+
+    /// Writes the message in `slot`, if any, once the socket is ready.
+    fn poll_write_slot(
+        &mut self,
+        cx: &mut Context<'_>,
+        slot: fn(&mut Self) -> &mut Option<Message>,
+        metrics: &Metrics,
+        upstream: &str,
+    ) -> Poll<Result<(), WsError>> {
+        if slot(self).is_none() {
             return Poll::Ready(Ok(()));
-        };
-        match Pin::new(&mut self.ws).poll_ready(cx) {
-            Poll::Pending => {
-                self.outbox = Some(msg);
-                return Poll::Pending;
-            }
-            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-            Poll::Ready(Ok(())) => {}
         }
+        std::task::ready!(Pin::new(&mut self.ws).poll_ready(cx))?;
+        let msg = slot(self).take().expect("checked above");
         if let Message::Close(frame) = &msg {
             let code = close_code_of(frame);
             self.sent_close = Some(code);

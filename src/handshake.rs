@@ -163,11 +163,11 @@ pub async fn handle(
     mut request: Request,
 ) -> Response {
     let started = Instant::now();
-    let details = app
-        .routes
-        .lookup(request.uri().path())
+    let route = app.routes.lookup(request.uri().path()).cloned();
+    let details = route
+        .as_ref()
         .is_some_and(|r| r.upstream.config.websocket_config.return_error_details);
-    match accept(&app, remote, &mut request, started).await {
+    match accept(&app, route, remote, &mut request, started).await {
         Ok(response) => response,
         Err(error) => {
             let status = error.status();
@@ -304,15 +304,12 @@ async fn client_socket(
 
 async fn accept(
     app: &Arc<AppState>,
+    route: Option<Route>,
     remote: SocketAddr,
     request: &mut Request,
     started: Instant,
 ) -> Result<Response, HandshakeError> {
-    let route = app
-        .routes
-        .lookup(request.uri().path())
-        .ok_or(HandshakeError::NotFound)?
-        .clone();
+    let route = route.ok_or(HandshakeError::NotFound)?;
     let key = check_upgrade(request)?;
     if app.shutdown.is_shutting_down() {
         return Err(HandshakeError::ShuttingDown);

@@ -201,15 +201,13 @@ impl MuxConn {
                     Some(cmd) => self.encode(st, cmd),
                     None => {
                         st.ping_due = false;
-                        Some(Message::Ping(Default::default()))
+                        Message::Ping(Default::default())
                     }
                 };
-                if let Some(msg) = msg {
-                    if let Err(e) = Pin::new(&mut self.ws).start_send(msg) {
-                        return Poll::Ready(ConnEnd::Lost(e.to_string()));
-                    }
-                    st.unflushed = true;
+                if let Err(e) = Pin::new(&mut self.ws).start_send(msg) {
+                    return Poll::Ready(ConnEnd::Lost(e.to_string()));
                 }
+                st.unflushed = true;
             }
             if budget == 0 {
                 cx.waker().wake_by_ref();
@@ -245,8 +243,8 @@ impl MuxConn {
         Poll::Pending
     }
 
-    /// Turns a command into the frame to write (`None`: nothing to write).
-    fn encode(&self, st: &mut State, cmd: ConnCmd) -> Option<Message> {
+    /// Turns a command into the frame to write.
+    fn encode(&self, st: &mut State, cmd: ConnCmd) -> Message {
         let msg = match cmd {
             ConnCmd::Open {
                 session,
@@ -285,7 +283,7 @@ impl MuxConn {
         };
         self.counters.frames_out.inc();
         self.counters.bytes_out.inc_by(msg.len() as u64);
-        Some(msg)
+        msg
     }
 
     /// Routes one upstream frame to its session(s).
