@@ -13,17 +13,6 @@ use mux_peer::{Behavior, MuxPeer, OutFrame, Payload, PeerEvent};
 use tokio_tungstenite::tungstenite::Message;
 use uuid::Uuid;
 
-/// Waits for the `open` of the next session; returns (connection, session).
-async fn next_open(peer: &mut MuxPeer) -> (u64, Uuid) {
-    match peer
-        .wait_for("an open", |e| matches!(e, PeerEvent::Open { .. }))
-        .await
-    {
-        PeerEvent::Open { conn, session, .. } => (conn, session),
-        _ => unreachable!(),
-    }
-}
-
 /// A client that stops reading is closed with 1008 "slow consumer"; while
 /// it is stalled, a neighbour on the same mux connection keeps at least 90%
 /// of the message rate it has without a stalled client.
@@ -38,7 +27,7 @@ async fn slow_consumer_is_closed_and_neighbours_keep_flowing() {
     let cfg = mux_config(&[peer.addr], "pool_size: 1\nclient_queue: 1000", "", "");
     let broker = start_broker(&cfg).await;
     let (mut neighbour, _) = connect(&broker.url("/ws/echo"), &[]).await;
-    let (conn, _) = next_open(&mut peer).await;
+    let (conn, _, _) = peer.next_open().await;
 
     async fn neighbour_rate(ws: &mut Client) -> f64 {
         let mut rates = Vec::new();
@@ -65,7 +54,7 @@ async fn slow_consumer_is_closed_and_neighbours_keep_flowing() {
     let mut attempts = Vec::new();
     for attempt in 1..=3 {
         let (mut slow, _) = connect(&broker.url("/ws/echo"), &[]).await;
-        let (_, slow_id) = next_open(&mut peer).await;
+        let (_, slow_id, _) = peer.next_open().await;
         let unstalled = neighbour_rate(&mut neighbour).await;
         // Stall the slow client: its socket buffers fill and its session's
         // queue holds the rest (below client_queue).

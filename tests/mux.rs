@@ -18,22 +18,6 @@ use uuid::Uuid;
 
 const ENVELOPES: [&str; 2] = ["json", "binary"];
 
-/// Waits for the `open` of the next session; returns (connection, session).
-async fn next_open(peer: &mut MuxPeer) -> (u64, Uuid, bool) {
-    match peer
-        .wait_for("an open", |e| matches!(e, PeerEvent::Open { .. }))
-        .await
-    {
-        PeerEvent::Open {
-            conn,
-            session,
-            resumed,
-            ..
-        } => (conn, session, resumed),
-        _ => unreachable!(),
-    }
-}
-
 /// Hello comes first on every connection, the open carries route, path,
 /// headers, remote address and offered subprotocols, messages pass
 /// byte-exact both ways, and close codes cross in both directions.
@@ -100,7 +84,7 @@ async fn sessions_round_trip_in_both_encodings() {
             _ => unreachable!(),
         }
         let (mut ws, _) = connect(&broker.url("/ws/echo"), &[]).await;
-        next_open(&mut peer).await;
+        peer.next_open().await;
         for len in [0usize, 1, 125, 126, 65535, 65536] {
             let bytes: Vec<u8> = (0..len).map(|i| (i * 7 % 256) as u8).collect();
             echo_roundtrip(&mut ws, Message::Binary(Bytes::from(bytes))).await;
@@ -124,7 +108,7 @@ async fn sessions_round_trip_in_both_encodings() {
 
         // Client-initiated close reaches the upstream.
         let (mut ws, _) = connect(&broker.url("/ws/echo"), &[]).await;
-        let (_, session, _) = next_open(&mut peer).await;
+        let (_, session, _) = peer.next_open().await;
         ws.close(Some(CloseFrame {
             code: CloseCode::from(4002),
             reason: "bye".into(),
@@ -147,7 +131,7 @@ async fn sessions_round_trip_in_both_encodings() {
         }
         // A close frame without a code is reported as 1005.
         let (mut ws, _) = connect(&broker.url("/ws/echo"), &[]).await;
-        next_open(&mut peer).await;
+        peer.next_open().await;
         ws.close(None).await.unwrap();
         match peer
             .wait_for("close", |e| matches!(e, PeerEvent::Close { .. }))
@@ -171,7 +155,7 @@ async fn invalid_upstream_close_codes_become_1011() {
     let mut peer = MuxPeer::start(Behavior::Manual).await;
     let broker = start_broker(&mux_config(&[peer.addr], "pool_size: 1", "", "")).await;
     let (mut ws, _) = connect(&broker.url("/ws/echo"), &[]).await;
-    let (conn, session, _) = next_open(&mut peer).await;
+    let (conn, session, _) = peer.next_open().await;
     peer.send(
         conn,
         OutFrame::Close {
@@ -202,7 +186,7 @@ async fn broadcast_to_listed_and_to_all_sessions() {
         let mut conn = 0;
         for _ in 0..3 {
             let (ws, _) = connect(&broker.url("/ws/echo"), &[]).await;
-            let (c, s, _) = next_open(&mut peer).await;
+            let (c, s, _) = peer.next_open().await;
             clients.push(ws);
             ids.push(s);
             conn = c;
@@ -257,7 +241,7 @@ async fn malformed_frames_are_counted_and_the_connection_stays_up() {
         );
         let broker = start_broker(&cfg).await;
         let (mut ws, _) = connect(&broker.url("/ws/echo"), &[]).await;
-        let (conn, _, _) = next_open(&mut peer).await;
+        let (conn, _, _) = peer.next_open().await;
         let junk: Vec<Message> = if envelope == "json" {
             vec![
                 Message::text("not json"),
@@ -535,7 +519,7 @@ async fn sessions_close_with_1013_when_no_connection_returns() {
     let cfg = mux_config(&[peer.addr], "pool_size: 1\nresume_timeout: 300ms", "", "");
     let broker = start_broker(&cfg).await;
     let (mut ws, _) = connect(&broker.url("/ws/echo"), &[]).await;
-    next_open(&mut peer).await;
+    peer.next_open().await;
     peer.kill().await;
     assert_eq!(expect_close(&mut ws).await.0, 1013);
 }
@@ -552,7 +536,7 @@ async fn resume_buffer_overflow_is_1013() {
     );
     let broker = start_broker(&cfg).await;
     let (mut ws, _) = connect(&broker.url("/ws/echo"), &[]).await;
-    next_open(&mut peer).await;
+    peer.next_open().await;
     peer.kill().await;
     for k in 0..10 {
         if ws.send(Message::text(k.to_string())).await.is_err() {
@@ -568,7 +552,7 @@ async fn shutdown_closes_multiplexed_sessions_with_1001() {
     let mut peer = MuxPeer::start(Behavior::Echo).await;
     let broker = start_broker(&mux_config(&[peer.addr], "pool_size: 1", "", "")).await;
     let (mut ws, _) = connect(&broker.url("/ws/echo"), &[]).await;
-    let (_, session, _) = next_open(&mut peer).await;
+    let (_, session, _) = peer.next_open().await;
     broker.shutdown.begin();
     assert_eq!(expect_close(&mut ws).await.0, 1001);
     expect_end(&mut ws).await;

@@ -384,13 +384,7 @@ async fn post_response_plugins_see_upstream_initiated_messages() {
     let plugins = "plugins: [{name: regex_filter, stage: post_response, settings: {presets: [email], action: redact}}]";
     let broker = start_broker(&mux_config(&[peer.addr], "pool_size: 1", plugins, "")).await;
     let (mut ws, _) = connect(&broker.url("/ws/echo"), &[]).await;
-    let (conn, session) = match peer
-        .wait_for("open", |e| matches!(e, PeerEvent::Open { .. }))
-        .await
-    {
-        PeerEvent::Open { conn, session, .. } => (conn, session),
-        _ => unreachable!(),
-    };
+    let (conn, session, _) = peer.next_open().await;
     peer.send(
         conn,
         OutFrame::Message {

@@ -278,6 +278,22 @@ impl MuxPeer {
         self.events.try_recv().ok()
     }
 
+    /// Skips events until the next `open`; returns (connection, session, resumed).
+    pub async fn next_open(&mut self) -> (ConnId, Uuid, bool) {
+        match self
+            .wait_for("an open", |e| matches!(e, PeerEvent::Open { .. }))
+            .await
+        {
+            PeerEvent::Open {
+                conn,
+                session,
+                resumed,
+                ..
+            } => (conn, session, resumed),
+            _ => unreachable!("wait_for returned a non-open event"),
+        }
+    }
+
     /// Skips events until one matches `pred`; returns it (10 s timeout, panics with `what`).
     pub async fn wait_for(
         &mut self,
