@@ -3,6 +3,11 @@
 //! - `loadgen echo --url URL -c 100 --size 64 --duration 10s`: each
 //!   connection keeps one message in flight and waits for its echo; prints
 //!   round trips per second and latency percentiles.
+//! - `loadgen latency --url URL -c 100 --size 64 --rate 5000 --duration 10s`:
+//!   open loop at a fixed total rate; each message's latency counts from the
+//!   instant it was scheduled, not the instant it was sent, so a stall delays
+//!   the clock of every message behind it (no coordinated omission). Prints
+//!   the achieved rate and latency percentiles.
 //! - `loadgen idle --url URL -c 1000 --hold 30s`: opens the connections,
 //!   prints `open N` once all are up, holds them, then closes them.
 //!
@@ -45,6 +50,23 @@ enum Mode {
         /// Extra handshake header, `Name: value` (repeatable).
         #[arg(long = "header")]
         headers: Vec<String>,
+    },
+    /// Echo at a fixed total rate, spread evenly over the connections.
+    Latency {
+        #[arg(long)]
+        url: String,
+        #[arg(short, long, default_value_t = 100)]
+        connections: usize,
+        /// Message size in bytes; the first 8 carry the scheduled send time.
+        #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(8..))]
+        size: u32,
+        /// Messages per second over all connections together.
+        #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u32).range(1..))]
+        rate: u32,
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
+        duration: Duration,
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "2s")]
+        warmup: Duration,
     },
     /// Short sessions at a steady rate: open, one echo, close. Prints one
     /// line per second: opened, failed.
@@ -119,6 +141,21 @@ async fn main() {
             warmup,
             headers,
         } => echo(url, connections, size, duration, warmup, &headers).await,
+        Mode::Latency {
+            url,
+            connections,
+            size,
+            rate,
+            duration,
+            warmup,
+        } => {
+            let schedule = Schedule {
+                interval: Duration::from_secs_f64(1.0 / f64::from(rate)),
+                warmup,
+                duration,
+            };
+            latency(url, connections, size as usize, schedule).await
+        }
         Mode::Idle {
             url,
             connections,
@@ -136,7 +173,7 @@ async fn main() {
 async fn churn(url: String, rate: u32, duration: Duration) {
     let ok = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let failed = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let mut ticks = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(rate.max(1))));
+    let mut ticks = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(rate)));
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     let mut next_report = Duration::from_secs(1);
@@ -239,13 +276,166 @@ async fn echo(
     );
 }
 
-async fn idle(url: String, connections: usize, source_offset: u8, hold: Duration) {
+/// When each message of a fixed-rate run is due: message `j` (counted over
+/// all connections) at `j * interval` after the start, on connection
+/// `j % connections`. Messages due in the warm-up are sent but not counted.
+#[derive(Clone, Copy)]
+struct Schedule {
+    interval: Duration,
+    warmup: Duration,
+    duration: Duration,
+}
+
+impl Schedule {
+    fn messages(&self) -> u64 {
+        ((self.warmup + self.duration).as_nanos() / self.interval.as_nanos().max(1)) as u64
+    }
+
+    fn due(&self, message: u64) -> Duration {
+        Duration::from_nanos(self.interval.as_nanos() as u64 * message)
+    }
+
+    fn measured(&self, due: Duration) -> bool {
+        due >= self.warmup && due < self.warmup + self.duration
+    }
+}
+
+/// What one connection's reader saw in a fixed-rate run.
+struct Received {
+    /// Latency from the scheduled send time, for messages due in the window.
+    hist: Histogram<u64>,
+    /// Echoes that arrived inside the measured window (for the achieved rate).
+    arrived_in_window: u64,
+    /// Echoes received at all.
+    total: u64,
+}
+
+async fn latency(url: String, connections: usize, size: usize, schedule: Schedule) {
+    let connections = connections.max(1);
     let mut sockets = Vec::with_capacity(connections);
     for i in 0..connections {
-        let source = source_offset.wrapping_add((i % 254) as u8).max(1);
-        sockets.push(open(&url, source).await);
+        sockets.push(open(&url, (i % 254) as u8 + 1).await);
     }
-    println!("open {connections}");
+    let messages = schedule.messages();
+    let start = Instant::now();
+    let (mut due_txs, mut writers, mut readers) = (Vec::new(), Vec::new(), Vec::new());
+    for (i, ws) in sockets.into_iter().enumerate() {
+        let (mut sink, stream) = ws.split();
+        // Deep enough that the pacer only waits when the socket itself is
+        // stuck, and then the wait counts: latency runs from the due time.
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Duration>(4096);
+        due_txs.push(tx);
+        writers.push(tokio::spawn(async move {
+            let mut payload = vec![b'x'; size];
+            while let Some(due) = rx.recv().await {
+                payload[..8].copy_from_slice(&(due.as_nanos() as u64).to_le_bytes());
+                let message = Message::Binary(Bytes::copy_from_slice(&payload));
+                if sink.send(message).await.is_err() {
+                    break;
+                }
+            }
+            sink
+        }));
+        let expected =
+            messages / connections as u64 + u64::from((i as u64) < messages % connections as u64);
+        readers.push(tokio::spawn(read_echoes(stream, start, schedule, expected)));
+    }
+    // A thread of its own paces the sends: tokio's timers tick in whole
+    // milliseconds, which would add up to 1 ms to every measured latency;
+    // a thread sleep wakes within tens of microseconds.
+    let pacer = std::thread::spawn(move || {
+        for message in 0..messages {
+            let due = schedule.due(message);
+            let wait = (start + due).saturating_duration_since(Instant::now());
+            if !wait.is_zero() {
+                std::thread::sleep(wait);
+            }
+            if due_txs[(message % connections as u64) as usize]
+                .blocking_send(due)
+                .is_err()
+            {
+                break;
+            }
+        }
+    });
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
+    let (mut arrived_in_window, mut received) = (0u64, 0u64);
+    let mut streams = Vec::with_capacity(connections);
+    for reader in readers {
+        let (stream, r) = reader.await.expect("reader task");
+        hist.add(r.hist).unwrap();
+        arrived_in_window += r.arrived_in_window;
+        received += r.total;
+        streams.push(stream);
+    }
+    pacer.join().expect("pacer thread");
+    for (writer, stream) in writers.into_iter().zip(streams) {
+        let sink = writer.await.expect("writer task");
+        if let Ok(mut ws) = stream.reunite(sink) {
+            let _ = ws.close(None).await;
+        }
+    }
+    let achieved = arrived_in_window as f64 / schedule.duration.as_secs_f64();
+    let target = 1.0 / schedule.interval.as_secs_f64();
+    println!(
+        "target_per_sec={target:.0} achieved_per_sec={achieved:.0} measured={} lost={} connections={connections} size={size} p50_us={} p99_us={} p999_us={} max_us={}",
+        hist.len(),
+        messages - received,
+        hist.value_at_quantile(0.5),
+        hist.value_at_quantile(0.99),
+        hist.value_at_quantile(0.999),
+        hist.max()
+    );
+}
+
+/// Reads one connection's `expected` echoes, each carrying its due time in
+/// its first 8 bytes; gives up 5 s after the last one was due (those count
+/// as lost).
+async fn read_echoes(
+    mut stream: futures_util::stream::SplitStream<Ws>,
+    start: Instant,
+    schedule: Schedule,
+    expected: u64,
+) -> (futures_util::stream::SplitStream<Ws>, Received) {
+    let window = (start + schedule.warmup)..(start + schedule.warmup + schedule.duration);
+    let give_up = tokio::time::Instant::from_std(window.end + Duration::from_secs(5));
+    let mut r = Received {
+        hist: Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap(),
+        arrived_in_window: 0,
+        total: 0,
+    };
+    while r.total < expected {
+        let Ok(Some(Ok(message))) = tokio::time::timeout_at(give_up, stream.next()).await else {
+            break;
+        };
+        let Message::Binary(b) = message else {
+            continue;
+        };
+        let now = Instant::now();
+        let due = Duration::from_nanos(u64::from_le_bytes(b[..8].try_into().expect("8 bytes")));
+        r.total += 1;
+        if window.contains(&now) {
+            r.arrived_in_window += 1;
+        }
+        if schedule.measured(due) {
+            let _ = r
+                .hist
+                .record(now.duration_since(start + due).as_micros() as u64);
+        }
+    }
+    (stream, r)
+}
+
+async fn idle(url: String, connections: usize, source_offset: u8, hold: Duration) {
+    // 64 handshakes in flight: several times faster than one by one, and far
+    // inside every listener's accept backlog.
+    let url = &url;
+    let sockets: Vec<Ws> = futures_util::stream::iter(0..connections)
+        .map(|i| open(url, source_offset.wrapping_add((i % 254) as u8).max(1)))
+        .buffer_unordered(64)
+        .collect()
+        .await;
+    println!("open {}", sockets.len());
     tokio::select! {
         _ = tokio::time::sleep(hold) => {}
         _ = tokio::signal::ctrl_c() => {}
