@@ -1,10 +1,15 @@
 # Shared by the bench/*.sh scripts (sourced, not run): builds the release
-# binaries, makes a scratch directory, and stops every process the script
-# recorded in `pids` when it exits.
+# binaries (or takes prebuilt ones from BENCH_BIN), makes a scratch
+# directory, stops every process the script recorded in `pids` when it
+# exits, and holds the helpers the scripts share.
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-cargo build --release --quiet --manifest-path "$root/Cargo.toml" \
-  -p muxgate -p muxgate-backend -p muxgate-bench
-bin=$root/target/release
+if [ -n "${BENCH_BIN:-}" ]; then
+  bin=$BENCH_BIN
+else
+  cargo build --release --quiet --manifest-path "$root/Cargo.toml" \
+    -p muxgate -p muxgate-backend -p muxgate-bench
+  bin=$root/target/release
+fi
 work=$(mktemp -d)
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
@@ -13,3 +18,57 @@ trap cleanup EXIT
 wait_port() { for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; exit 1; }
 rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
 rate() { sed -E 's/.*round_trips_per_sec=([0-9]+).*/\1/' <<<"$1"; }
+# The value of `NAME=number` in a loadgen result line: field NAME LINE.
+field() { sed -nE "s/.*(^| )$1=([0-9.]+).*/\\2/p" <<<"$2"; }
+
+# A process and its children (NGINX's workers).
+tree_pids() { echo "$1" $(pgrep -P "$1" || true); }
+# Sum of the RSS of a process and its children, in KiB.
+tree_rss() { local p total=0; for p in $(tree_pids "$1"); do total=$((total + $(rss_kib "$p"))); done; echo "$total"; }
+# The most open files any one process of the tree holds.
+tree_max_fds() { local p n most=0; for p in $(tree_pids "$1"); do n=$(ls "/proc/$p/fd" | wc -l); [ "$n" -gt "$most" ] && most=$n; done; echo "$most"; }
+# Established TCP connections to 127.0.0.1:$2 that the tree of process $1 owns.
+tree_sockets_to() {
+  local owners; owners=$(tree_pids "$1" | tr ' ' '|')
+  ss -Htnp state established "( dst 127.0.0.1:$2 )" | grep -cE "pid=($owners)," || true
+}
+
+# The Prometheus text of the muxgate whose admin listener is on port $1.
+metrics() { (exec 3<>"/dev/tcp/127.0.0.1/$1"; printf 'GET /metrics HTTP/1.0\r\n\r\n' >&3; cat <&3); }
+# Waits (bounded) until the muxgate with admin port $1 counts $2 open
+# sessions and has nothing left in its mux write queues (every `open` frame
+# is written to the upstream).
+wait_sessions() {
+  for _ in $(seq 200); do
+    metrics "$1" | awk -v n="$2" '/^muxgate_sessions_active/ {s += $NF}
+      /^muxgate_mux_write_queue_depth/ {q += $NF} END {exit !(s >= n && q == 0)}' && return 0
+    sleep 0.05
+  done
+  echo "muxgate (admin :$1) never reported $2 open sessions" >&2; exit 1
+}
+
+# Opens $2 idle WebSocket connections to $1 and returns once every handshake
+# is done. They come from several loadgen processes, at most 5,000 each
+# (the hard limit is 20,000 open files per process), each starting at its
+# own source address in 127.0.0.0/8; release_idle closes them.
+hold_idle() {
+  local url=$1 total=$2 procs i n fd line
+  procs=$(( (total + 4999) / 5000 )); [ "$procs" -ge 2 ] || procs=2
+  idle_pids=(); idle_fds=()
+  for ((i = 0; i < procs; i++)); do
+    n=$(( total / procs + (i < total % procs ? 1 : 0) ))
+    rm -f "$work/idle-$i"; mkfifo "$work/idle-$i"
+    "$bin/loadgen" idle --url "$url" -c "$n" --source-offset $(( 1 + i * 254 / procs )) --hold 1h \
+      > "$work/idle-$i" & idle_pids+=($!); pids+=($!)
+  done
+  # Open every fifo before reading any, so that all loadgens start at once.
+  for ((i = 0; i < procs; i++)); do exec {fd}<"$work/idle-$i"; idle_fds+=("$fd"); done
+  for fd in "${idle_fds[@]}"; do
+    read -r -t 300 line <&"$fd" && [[ $line == open* ]] || { echo "loadgen idle to $url failed" >&2; exit 1; }
+  done
+}
+release_idle() {
+  local fd
+  kill "${idle_pids[@]}"; wait "${idle_pids[@]}" 2>/dev/null || true
+  for fd in "${idle_fds[@]}"; do exec {fd}<&-; done
+}

@@ -1,29 +1,54 @@
 #!/usr/bin/env bash
-# Side-by-side benchmark: the demo echo upstream reached with no proxy, through
-# NGINX, HAProxy, muxgate direct and muxgate multiplexed (binary envelope),
-# all in one run on this machine. Writes BENCHMARKS.md with ratios against
-# NGINX and against no proxy. Installs nginx and haproxy from apt if missing.
+# Side-by-side benchmark (issue 6): the demo echo upstream reached with no
+# proxy, through NGINX, HAProxy, muxgate direct and muxgate multiplexed
+# (binary envelope, pool_size 2), all in one run on this machine. Measures,
+# in this order:
+#   1. proxy RSS per idle session: 5,000 direct sessions (two sockets each)
+#      through NGINX, HAProxy and muxgate direct, and 19,000 multiplexed
+#      sessions through muxgate (the most one process can hold under the
+#      hard limit of 20,000 open files), each on a proxy that has served
+#      nothing yet; with the upstream sockets and open files each proxy
+#      holds meanwhile;
+#   2. round-trip latency p50/p99/p99.9 at a fixed moderate rate (5,000
+#      messages/s over 100 connections, 64 B), counted from each message's
+#      scheduled send time;
+#   3. echo throughput (round trips/s) with 100 connections at 64 B and 4 KiB.
+# Writes BENCHMARKS.md (tables as ratios against NGINX and against no proxy,
+# each target of the issue met or not), bench/results.tsv (one
+# `measure path value` row per number) and PNG charts in bench/charts/.
+# Installs nginx, haproxy and a font from apt if missing (bench/deps.sh).
 #
-# Usage: bench/run.sh [DURATION] [IDLE]   (default 10s per throughput run,
-# 1000 idle connections for the memory column)
-#
-# Measures: echo round trips/s with 100 connections at 64 B and at 4 KiB,
-# with p50/p99/p99.9 latency of those runs; RSS per idle proxied connection.
-# Not yet: latency at a fixed moderate rate, 5,000/19,000-session scale, PNG
-# charts (see the issue notes).
+# Usage: bench/run.sh   Settings come from the environment [defaults]:
+#   BENCH_DURATION [10s]  each latency and throughput run, after BENCH_WARMUP [2s]
+#   BENCH_RATE [5000]     messages/s of the latency runs
+#   BENCH_IDLE_DIRECT [5000], BENCH_IDLE_MUX [19000]   idle sessions
+#   BENCH_OUT [repo root] where BENCHMARKS.md, bench/results.tsv and bench/charts/ go
+#   BENCH_BIN             take the binaries from this directory, no release build
+#   BENCH_PORT_BASE       7 consecutive ports from this one [3100 8280 8380 8180 8181 9190 9191]
 set -euo pipefail
-duration=${1:-10s}
-idle=${2:-1000}
+duration=${BENCH_DURATION:-10s}
+warmup=${BENCH_WARMUP:-2s}
+rate=${BENCH_RATE:-5000}
+idle_direct=${BENCH_IDLE_DIRECT:-5000}
+idle_mux=${BENCH_IDLE_MUX:-19000}
+pool_size=2
+"$(dirname "$0")/deps.sh"
 source "$(dirname "$0")/common.sh"
-
-if ! command -v nginx >/dev/null || ! command -v haproxy >/dev/null; then
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light haproxy >/dev/null
+out=${BENCH_OUT:-$root}
+if [ -n "${BENCH_PORT_BASE:-}" ]; then
+  read -r up_port nginx_port haproxy_port direct_port mux_port direct_admin mux_admin \
+    < <(seq "$BENCH_PORT_BASE" $((BENCH_PORT_BASE + 6)) | xargs)
+else
+  up_port=3100 nginx_port=8280 haproxy_port=8380 direct_port=8180 mux_port=8181 direct_admin=9190 mux_admin=9191
 fi
-nginx=$(command -v nginx); haproxy=$(command -v haproxy)
+nginx=$(command -v nginx || echo /usr/sbin/nginx); haproxy=$(command -v haproxy || echo /usr/sbin/haproxy)
 
-"$bin/demo-upstream" 127.0.0.1:3100 & pids+=($!)
+"$bin/demo-upstream" "127.0.0.1:$up_port" & pids+=($!)
 cat > "$work/nginx.conf" <<CONF
 worker_processes auto;
+# Each worker may hold all 10,000 sockets of the 5,000 sessions; the machine
+# allows 20,000 open files per process.
+worker_rlimit_nofile 20000;
 pid $work/nginx.pid;
 error_log $work/nginx-error.log warn;
 daemon off;
@@ -32,9 +57,9 @@ http {
   access_log off;
   map \$http_upgrade \$connection_upgrade { default upgrade; '' close; }
   server {
-    listen 127.0.0.1:8280;
+    listen 127.0.0.1:$nginx_port;
     location / {
-      proxy_pass http://127.0.0.1:3100;
+      proxy_pass http://127.0.0.1:$up_port;
       proxy_http_version 1.1;
       proxy_set_header Upgrade \$http_upgrade;
       proxy_set_header Connection \$connection_upgrade;
@@ -49,26 +74,27 @@ global
   maxconn 9500
 defaults
   mode http
+  maxconn 9500
   timeout connect 5s
   timeout client 1h
   timeout server 1h
   timeout tunnel 1h
 frontend fe
-  bind 127.0.0.1:8380
+  bind 127.0.0.1:$haproxy_port
   default_backend be
 backend be
-  server s1 127.0.0.1:3100
+  server s1 127.0.0.1:$up_port
 CONF
 # One muxgate process per mode, so each one's memory is measured alone.
 for mode in direct mux; do
-  if [ "$mode" = direct ]; then port=8180; admin=9190; ws='enable_direct_communication: true'
-  else port=8181; admin=9191; ws='enable_direct_communication: false, envelope: binary, pool_size: 2'; fi
+  if [ "$mode" = direct ]; then port=$direct_port; admin=$direct_admin; ws='enable_direct_communication: true'
+  else port=$mux_port; admin=$mux_admin; ws="enable_direct_communication: false, envelope: binary, pool_size: $pool_size"; fi
   cat > "$work/muxgate-$mode.yaml" <<YAML
 server: {listen: "127.0.0.1:$port", admin_listen: "127.0.0.1:$admin", max_connections: 100000}
 upstreams:
   - name: $mode
     routes: [{external_path: /ws, internal_path: /echo}]
-    targets: [{url: "ws://127.0.0.1:3100"}]
+    targets: [{url: "ws://127.0.0.1:$up_port"}]
     websocket_config: {$ws, ping_period: 120s, pong_wait: 180s}
 YAML
 done
@@ -76,64 +102,165 @@ done
 "$haproxy" -f "$work/haproxy.cfg" & haproxy_pid=$!; pids+=($haproxy_pid)
 "$bin/muxgate" --config "$work/muxgate-direct.yaml" --log-level warn & direct_pid=$!; pids+=($direct_pid)
 "$bin/muxgate" --config "$work/muxgate-mux.yaml" --log-level warn & mux_pid=$!; pids+=($mux_pid)
-for p in 3100 8280 8380 8180 8181; do wait_port $p; done
-
-# Sum of the RSS of a process and its children (NGINX's workers), in KiB.
-tree_rss() { local total=0; for p in $1 $(pgrep -P "$1" || true); do total=$((total + $(rss_kib "$p"))); done; echo "$total"; }
+for p in $up_port $nginx_port $haproxy_port $direct_port $mux_port $direct_admin $mux_admin; do wait_port "$p"; done
 
 declare -A url=(
-  [none]="ws://127.0.0.1:3100/echo"
-  [nginx]="ws://127.0.0.1:8280/echo"
-  [haproxy]="ws://127.0.0.1:8380/echo"
-  [muxgate-direct]="ws://127.0.0.1:8180/ws"
-  [muxgate-mux]="ws://127.0.0.1:8181/ws"
+  [none]="ws://127.0.0.1:$up_port/echo"
+  [nginx]="ws://127.0.0.1:$nginx_port/echo"
+  [haproxy]="ws://127.0.0.1:$haproxy_port/echo"
+  [muxgate-direct]="ws://127.0.0.1:$direct_port/ws"
+  [muxgate-mux]="ws://127.0.0.1:$mux_port/ws"
 )
 declare -A pid=([nginx]=$nginx_pid [haproxy]=$haproxy_pid [muxgate-direct]=$direct_pid [muxgate-mux]=$mux_pid)
+declare -A admin=([muxgate-direct]=$direct_admin [muxgate-mux]=$mux_admin)
 order=(none nginx haproxy muxgate-direct muxgate-mux)
-declare -A r64 r4k p99_64 mem
-field() { sed -E "s/.*$1=([0-9]+).*/\\1/" <<<"$2"; }
-# Memory first, on fresh processes (an allocator keeps what it freed, so
+proxies=(nginx haproxy muxgate-direct muxgate-mux)
+
+results=$out/bench/results.tsv
+mkdir -p "$out/bench"
+printf 'measure\tpath\tvalue\n' > "$results"
+declare -A res
+# record MEASURE PATH VALUE: keeps a number for the report and the charts.
+record() {
+  [[ $3 =~ ^[0-9]+(\.[0-9]+)?$ ]] || { echo "bench: $1 of $2 is not a number: '$3'" >&2; exit 1; }
+  res[$1/$2]=$3
+  printf '%s\t%s\t%s\n' "$1" "$2" "$3" >> "$results"
+}
+
+# 1. Memory first, on fresh processes (an allocator keeps what it freed, so
 # growth measured after the throughput runs would read low).
-for name in nginx haproxy muxgate-direct muxgate-mux; do
+for name in "${proxies[@]}"; do
+  n=$idle_direct; [ "$name" = muxgate-mux ] && n=$idle_mux
   before=$(tree_rss "${pid[$name]}")
-  rm -f "$work/idle.out"; mkfifo "$work/idle.out"
-  "$bin/loadgen" idle --url "${url[$name]}" -c "$idle" --hold 120s > "$work/idle.out" & idle_pid=$!
-  read -r _ < "$work/idle.out"
+  hold_idle "${url[$name]}" "$n"
+  # NGINX, HAProxy and muxgate direct answer 101 only once the upstream
+  # answered; a multiplexed session is through once its `open` is written.
+  [ -z "${admin[$name]:-}" ] || wait_sessions "${admin[$name]}" "$n"
   after=$(tree_rss "${pid[$name]}")
-  mem[$name]=$(( (after - before) * 1024 / idle ))
-  kill "$idle_pid"; wait "$idle_pid" 2>/dev/null || true
-  echo "$name: $(( mem[$name] )) B per idle connection"
+  record idle_sessions "$name" "$n"
+  record idle_bytes_per_session "$name" $(( (after - before) * 1024 / n ))
+  record upstream_sockets "$name" "$(tree_sockets_to "${pid[$name]}" "$up_port")"
+  record open_files "$name" "$(tree_max_fds "${pid[$name]}")"
+  release_idle
+  echo "$name: $n idle sessions, ${res[idle_bytes_per_session/$name]} B each, ${res[upstream_sockets/$name]} upstream sockets, at most ${res[open_files/$name]} open files in one process"
 done
 
+# 2. Latency at a fixed rate, well under every path's saturation.
 for name in "${order[@]}"; do
-  out=$("$bin/loadgen" echo --url "${url[$name]}" -c 100 --size 64 --duration "$duration")
-  r64[$name]=$(rate "$out"); p99_64[$name]=$(field p99_us "$out")
-  echo "$name 64B: $out"
-  out=$("$bin/loadgen" echo --url "${url[$name]}" -c 100 --size 4096 --duration "$duration")
-  r4k[$name]=$(rate "$out")
-  echo "$name 4KiB: $out"
+  line=$("$bin/loadgen" latency --url "${url[$name]}" -c 100 --size 64 --rate "$rate" --duration "$duration" --warmup "$warmup")
+  echo "$name latency: $line"
+  record latency_achieved_per_sec "$name" "$(field achieved_per_sec "$line")"
+  record latency_lost "$name" "$(field lost "$line")"
+  for q in p50 p99 p999; do record "latency_${q}_us" "$name" "$(field "${q}_us" "$line")"; done
 done
+
+# 3. Throughput: one message in flight per connection.
+for name in "${order[@]}"; do
+  for size in 64 4096; do
+    line=$("$bin/loadgen" echo --url "${url[$name]}" -c 100 --size "$size" --duration "$duration" --warmup "$warmup")
+    echo "$name echo $size B: $line"
+    record "echo_$([ "$size" = 64 ] && echo 64 || echo 4k)_per_sec" "$name" "$(field round_trips_per_sec "$line")"
+  done
+done
+
+"$bin/charts" "$results" "$out/bench/charts"
+
+# === the report ===
+# ratio A B: A/B to two decimals.
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "-" }'; }
+# holds A OP B: whether the comparison is true (awk, so decimals work).
+holds() { awk -v a="$1" -v b="$3" "BEGIN { exit !(a $2 b) }"; }
+verdict() { if holds "$@"; then echo met; else echo "**not met**"; fi; }
+# The better of NGINX and HAProxy on MEASURE, where better is OP (> or <):
+# prints its name.
+better_proxy() { if holds "${res[$1/nginx]}" "$2" "${res[$1/haproxy]}"; then echo nginx; else echo haproxy; fi; }
+# One target line: direct against the better of NGINX and HAProxy.
+direct_line() {
+  local measure=$1 op=$2 what=$3 unit=$4 best
+  best=$(better_proxy "$measure" "$op")
+  echo "  - $what: $(verdict "${res[$measure/muxgate-direct]}" "$op=" "${res[$measure/$best]}") (${res[$measure/muxgate-direct]} $unit against $best's ${res[$measure/$best]})"
+}
+elapsed=$SECONDS
+rev=$(git -C "$root" describe --always --dirty)
 {
   echo "# Benchmarks"
   echo
-  echo "Written by \`bench/run.sh $duration $idle\` on $(date -u +%Y-%m-%d), $(nproc) cores, $(uname -r);"
-  echo "$($nginx -v 2>&1 | head -1), $($haproxy -v | head -1 | cut -d' ' -f1-3), muxgate $(git -C "$root" rev-parse --short HEAD)."
-  echo "Everything (load generator, proxies, demo echo upstream) shares the same 2 cores, so a proxy costs"
-  echo "about half the no-proxy rate whatever it is; compare the proxies with each other."
+  echo "Written by \`bench/run.sh\` on $(date -u +%Y-%m-%d) in $((elapsed / 60)) min $((elapsed % 60)) s (everything, build included)."
   echo
-  echo "| path | echo rt/s, 64 B | vs NGINX | vs no proxy | p99 µs, 64 B | echo rt/s, 4 KiB | vs NGINX | RSS per idle connection |"
-  echo "| --- | --- | --- | --- | --- | --- | --- | --- |"
+  echo "- Machine: $(nproc) cores ($(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)),"
+  echo "  $(awk '/^MemTotal/ {printf "%.0f", $2 / 1048576}' /proc/meminfo) GiB, kernel $(uname -r), Debian $(cat /etc/debian_version), at most $(ulimit -Hn) open files per process."
+  echo "- Versions: $("$nginx" -v 2>&1 | sed 's/^nginx version: //'), $("$haproxy" -v | head -1 | cut -d' ' -f1-3), muxgate $rev,"
+  echo "  built by $(rustc --version | cut -d' ' -f1-2) ($([ -n "${BENCH_BIN:-}" ] && echo "binaries from $BENCH_BIN" || echo release profile))."
+  echo "- Paths: the demo echo upstream (\`demo-upstream\`, path /echo) with no proxy, through NGINX, through"
+  echo "  HAProxy (HTTP mode), through muxgate direct, and through muxgate multiplexed (binary envelope, pool_size $pool_size)."
+  echo "- Everything (load generator, proxies, upstream) shares the same $(nproc) cores, so a proxy costs a large"
+  echo "  share of the no-proxy rate whatever it is; compare the proxies with each other."
+  echo
+  echo "## Targets"
+  echo
+  echo "- Direct mode at least as good as the better of NGINX and HAProxy on every measure:"
+  direct_line echo_64_per_sec ">" "throughput, 64 B" "rt/s"
+  direct_line echo_4k_per_sec ">" "throughput, 4 KiB" "rt/s"
+  direct_line latency_p99_us "<" "p99 latency at $rate msg/s" "µs"
+  direct_line idle_bytes_per_session "<" "RSS per idle direct session" "B"
+  for size in 64 4k; do
+    r=$(ratio "${res[echo_${size}_per_sec/muxgate-mux]}" "${res[echo_${size}_per_sec/muxgate-direct]}")
+    label=$([ "$size" = 64 ] && echo "64 B" || echo "4 KiB")
+    echo "- Multiplexed throughput at least 0.8 of direct, $label: $(verdict "$r" ">=" 0.8) ($r)"
+  done
+  m=${res[idle_bytes_per_session/muxgate-mux]}
+  echo "- At most 4 KiB of broker RSS per idle multiplexed session: $(verdict "$m" "<=" 4096) ($m B at ${res[idle_sessions/muxgate-mux]} sessions)"
+  s=${res[upstream_sockets/muxgate-mux]}
+  echo "- Upstream sockets equal to pool_size ($pool_size) at ${res[idle_sessions/muxgate-mux]} clients: $(verdict "$s" "==" "$pool_size") ($s)"
+  echo
+  echo "## Throughput"
+  echo
+  echo "Echo round trips per second, 100 connections, one message in flight on each, $duration after $warmup of warm-up."
+  echo
+  echo "| path | 64 B, rt/s | vs NGINX | vs no proxy | 4 KiB, rt/s | vs NGINX | vs no proxy |"
+  echo "| --- | --- | --- | --- | --- | --- | --- |"
   for name in "${order[@]}"; do
-    m=${mem[$name]:-}
-    echo "| $name | ${r64[$name]} | $(ratio "${r64[$name]}" "${r64[nginx]}") | $(ratio "${r64[$name]}" "${r64[none]}") | ${p99_64[$name]} | ${r4k[$name]} | $(ratio "${r4k[$name]}" "${r4k[nginx]}") | ${m:+$m B} |"
+    a=${res[echo_64_per_sec/$name]} b=${res[echo_4k_per_sec/$name]}
+    echo "| $name | $a | $(ratio "$a" "${res[echo_64_per_sec/nginx]}") | $(ratio "$a" "${res[echo_64_per_sec/none]}") | $b | $(ratio "$b" "${res[echo_4k_per_sec/nginx]}") | $(ratio "$b" "${res[echo_4k_per_sec/none]}") |"
   done
   echo
-  echo "RSS per idle connection: the proxy's RSS growth holding $idle idle client connections (two sockets"
-  echo "each for NGINX, HAProxy and muxgate direct; one for muxgate multiplexed, whose $idle sessions share"
-  echo "2 upstream sockets), divided by $idle."
+  echo "![Echo throughput](bench/charts/throughput.png)"
   echo
-  echo "Not measured yet (issue 6): latency at a fixed moderate rate, 5,000 direct and 19,000 multiplexed"
-  echo "sessions, PNG charts."
-} > "$root/BENCHMARKS.md"
-cat "$root/BENCHMARKS.md"
+  echo "## Latency"
+  echo
+  echo "Open loop at $rate messages/s in total, spread evenly over 100 connections, 64 B, $duration after $warmup"
+  echo "of warm-up. Each latency counts from the instant the message was scheduled, not sent, so a stall"
+  echo "delays every message behind it (no coordinated omission). The ratios are of p99."
+  echo
+  echo "| path | achieved msg/s | lost | p50 µs | p99 µs | p99.9 µs | p99 vs NGINX | p99 vs no proxy |"
+  echo "| --- | --- | --- | --- | --- | --- | --- | --- |"
+  for name in "${order[@]}"; do
+    p99=${res[latency_p99_us/$name]}
+    echo "| $name | ${res[latency_achieved_per_sec/$name]} | ${res[latency_lost/$name]} | ${res[latency_p50_us/$name]} | $p99 | ${res[latency_p999_us/$name]} | $(ratio "$p99" "${res[latency_p99_us/nginx]}") | $(ratio "$p99" "${res[latency_p99_us/none]}") |"
+  done
+  echo
+  echo "![Latency at a fixed rate](bench/charts/latency.png)"
+  echo
+  echo "## Memory"
+  echo
+  echo "RSS growth of the proxy's processes (NGINX's master and workers together) while it holds the idle"
+  echo "sessions, divided by their number; each proxy had served nothing before. The sessions come from"
+  echo "several load-generator processes spread over source addresses in 127.0.0.0/8. A direct session is"
+  echo "two sockets in the proxy (client and upstream); multiplexed sessions share the upstream sockets of"
+  echo "the pool. Upstream sockets: established connections from the proxy to the upstream while the"
+  echo "sessions are open. Open files: the most held by any one process of the proxy (limit $(ulimit -Hn))."
+  echo
+  echo "| path | idle sessions | RSS per idle session, B | vs NGINX | upstream sockets | open files |"
+  echo "| --- | --- | --- | --- | --- | --- |"
+  for name in "${proxies[@]}"; do
+    b=${res[idle_bytes_per_session/$name]}
+    echo "| $name | ${res[idle_sessions/$name]} | $b | $(ratio "$b" "${res[idle_bytes_per_session/nginx]}") | ${res[upstream_sockets/$name]} | ${res[open_files/$name]} |"
+  done
+  echo
+  echo "![RSS per idle session](bench/charts/memory.png)"
+  echo
+  echo "The numbers behind the tables and charts are in [bench/results.tsv](bench/results.tsv); the charts"
+  echo "are redrawn from it by \`target/release/charts bench/results.tsv bench/charts\`."
+} > "$out/BENCHMARKS.md"
+cat "$out/BENCHMARKS.md"
+echo "bench/run.sh: done in $((elapsed / 60)) min $((elapsed % 60)) s"
