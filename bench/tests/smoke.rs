@@ -1,0 +1,213 @@
+//! Smoke run of `bench/run.sh`: every path and every measure in a tiny
+//! configuration (sub-second runs, 200 idle sessions), written to a scratch
+//! directory instead of the committed BENCHMARKS.md and charts.
+//!
+//! It uses the debug binaries `cargo test` builds, never the release ones
+//! run.sh would build: a nested release build takes minutes on a fresh
+//! clone, while the debug build of the broker and the demo upstream is
+//! already there (their own integration tests need it) or is a link away.
+//! Debug numbers mean nothing; the test only checks that the harness
+//! produces a number everywhere and valid charts.
+//!
+//! It needs NGINX, HAProxy and a DejaVu font: run.sh installs them from apt
+//! when missing (`.ci/run` does so up front), and the test fails, never
+//! skips, when they cannot be had.
+
+use std::collections::HashMap;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+const PATHS: [&str; 5] = ["none", "nginx", "haproxy", "muxgate-direct", "muxgate-mux"];
+const PROXIES: [&str; 4] = ["nginx", "haproxy", "muxgate-direct", "muxgate-mux"];
+
+/// bench/run.sh runs end to end and leaves a number in every cell of the
+/// results file and of BENCHMARKS.md, and three valid PNG charts.
+#[test]
+fn run_sh_writes_every_number_and_chart() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let bin = Path::new(env!("CARGO_BIN_EXE_loadgen")).parent().unwrap();
+    build_broker_binaries(root, bin);
+    let out = scratch_dir();
+    let started = Instant::now();
+
+    let run = Command::new("timeout")
+        .args(["300", "bash"])
+        .arg(root.join("bench/run.sh"))
+        .env("BENCH_BIN", bin)
+        .env("BENCH_OUT", &out)
+        .env("BENCH_DURATION", "300ms")
+        .env("BENCH_WARMUP", "100ms")
+        .env("BENCH_RATE", "1000")
+        .env("BENCH_IDLE_DIRECT", "200")
+        .env("BENCH_IDLE_MUX", "200")
+        .env("BENCH_PORT_BASE", free_port_base().to_string())
+        .output()
+        .expect("run bench/run.sh");
+    let log = format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&run.stdout),
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert!(run.status.success(), "bench/run.sh failed:\n{log}");
+    eprintln!("bench/run.sh took {:?}", started.elapsed());
+
+    let results = read_results(&out.join("bench/results.tsv"));
+    let mut expected: Vec<(&str, &str)> = Vec::new();
+    for path in PATHS {
+        for measure in [
+            "echo_64_per_sec",
+            "echo_4k_per_sec",
+            "latency_achieved_per_sec",
+            "latency_p50_us",
+            "latency_p99_us",
+            "latency_p999_us",
+        ] {
+            expected.push((measure, path));
+        }
+    }
+    for path in PROXIES {
+        for measure in [
+            "idle_sessions",
+            "idle_bytes_per_session",
+            "upstream_sockets",
+            "open_files",
+        ] {
+            expected.push((measure, path));
+        }
+    }
+    for (measure, path) in expected {
+        let value = results
+            .get(&(measure.to_string(), path.to_string()))
+            .unwrap_or_else(|| panic!("results.tsv has no {measure} for {path}\n{log}"));
+        assert!(*value > 0.0, "{measure} for {path} is {value}\n{log}");
+    }
+
+    let report = std::fs::read_to_string(out.join("BENCHMARKS.md")).expect("BENCHMARKS.md");
+    let rows = table_rows(&report);
+    // Throughput and latency: one row per path; memory: one per proxy.
+    assert_eq!(rows.len(), 2 * PATHS.len() + PROXIES.len(), "{report}");
+    for row in rows {
+        for cell in &row[1..] {
+            assert!(
+                cell.parse::<f64>().is_ok(),
+                "not a number: {cell:?} in the row {row:?}\n{report}"
+            );
+        }
+    }
+    let verdicts = report
+        .lines()
+        .filter(|l| l.contains(": met (") || l.contains(": **not met** ("))
+        .count();
+    assert_eq!(verdicts, 8, "a verdict for every target:\n{report}");
+
+    for chart in ["throughput", "latency", "memory"] {
+        let file = out.join(format!("bench/charts/{chart}.png"));
+        assert!(report.contains(&format!("(bench/charts/{chart}.png)")));
+        check_png(&file);
+    }
+    std::fs::remove_dir_all(&out).unwrap();
+}
+
+/// Builds (or finds up to date) the debug `muxgate` and `demo-upstream`
+/// next to this crate's own binaries: `cargo test -p muxgate-bench` alone
+/// builds only the bench crate's.
+fn build_broker_binaries(root: &Path, bin: &Path) {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut build = Command::new(cargo);
+    build
+        .current_dir(root)
+        .args([
+            "build",
+            "--quiet",
+            "--bins",
+            "-p",
+            "muxgate",
+            "-p",
+            "muxgate-backend",
+        ])
+        .arg("--target-dir")
+        .arg(bin.parent().unwrap());
+    if bin.ends_with("release") {
+        build.arg("--release");
+    }
+    let status = build.status().expect("run cargo build");
+    assert!(
+        status.success(),
+        "cargo build of the broker binaries failed"
+    );
+    for name in ["muxgate", "demo-upstream"] {
+        assert!(
+            bin.join(name).exists(),
+            "{name} is not in {}",
+            bin.display()
+        );
+    }
+}
+
+/// A scratch directory for this run's report, results and charts.
+fn scratch_dir() -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("muxgate-bench-smoke-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// The first of 7 consecutive free ports on 127.0.0.1, below the ephemeral
+/// range, so that a smoke run never collides with a full bench/run.sh on the
+/// default ports or with another smoke run.
+fn free_port_base() -> u16 {
+    let start = 20_000 + (std::process::id() % 1000) as u16 * 10;
+    (0..1000)
+        .map(|i| 20_000 + (start - 20_000 + i * 10) % 10_000)
+        .find(|&base| (base..base + 7).all(|p| TcpListener::bind(("127.0.0.1", p)).is_ok()))
+        .expect("7 free ports in 20000-29999")
+}
+
+fn read_results(file: &Path) -> HashMap<(String, String), f64> {
+    let text = std::fs::read_to_string(file).expect("results.tsv");
+    text.lines()
+        .skip(1)
+        .map(|line| {
+            let fields: Vec<&str> = line.split('\t').collect();
+            assert_eq!(fields.len(), 3, "results.tsv line {line:?}");
+            let value = fields[2].parse().unwrap_or_else(|_| panic!("{line:?}"));
+            ((fields[0].to_string(), fields[1].to_string()), value)
+        })
+        .collect()
+}
+
+/// The body rows of every Markdown table, split into trimmed cells.
+fn table_rows(report: &str) -> Vec<Vec<String>> {
+    report
+        .lines()
+        .filter(|l| l.starts_with("| ") && !l.starts_with("| path") && !l.starts_with("| ---"))
+        .map(|l| {
+            l.trim_matches('|')
+                .split('|')
+                .map(|c| c.trim().to_string())
+                .collect()
+        })
+        .collect()
+}
+
+/// The file decodes as a PNG and is not a blank canvas.
+fn check_png(file: &Path) {
+    let decoder = png::Decoder::new(std::io::BufReader::new(
+        std::fs::File::open(file).unwrap_or_else(|e| panic!("{}: {e}", file.display())),
+    ));
+    let mut reader = decoder.read_info().expect("PNG header");
+    let mut pixels = vec![0; reader.output_buffer_size().expect("PNG size")];
+    let frame = reader.next_frame(&mut pixels).expect("PNG data");
+    assert!(
+        frame.width >= 400 && frame.height >= 300,
+        "{}",
+        file.display()
+    );
+    let drawn = pixels[..frame.buffer_size()]
+        .iter()
+        .filter(|&&b| b != 255)
+        .count();
+    assert!(drawn > 1000, "{} is blank", file.display());
+}
