@@ -456,11 +456,11 @@ async fn accept(
         remote,
     };
     app.shutdown.spawn(async move {
-        match client_socket(on_upgrade, socket_config).await {
-            Ok(client) => direct::run(session, client, connected.socket).await,
+        match on_upgrade.await {
+            Ok(client) => direct::run(session, TokioIo::new(client), connected).await,
             Err(error) => {
                 debug!(session = %session.guard.handle.id, %error, "client upgrade failed");
-                let mut upstream_socket = connected.socket;
+                let mut upstream_socket = connected.websocket(socket_config).await;
                 let close = crate::close::frame(crate::close::GOING_AWAY, "client went away");
                 let _ = tokio::time::timeout(
                     upstream.config.websocket_config.close_timeout,

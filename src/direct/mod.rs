@@ -9,6 +9,10 @@
 //! on the fast writer through TCP, as `copy_bidirectional` does. Frames are
 //! fed while more are ready and flushed once per burst. The same task pings
 //! both legs every `ping_period` and drops a leg silent for `pong_wait`.
+//!
+//! That message relay serves routes with message plugins, which need whole
+//! messages. Every other direct session takes [`passthrough`], which relays
+//! frames as bytes, unchanged, and holds no buffer while idle.
 
 use std::future::poll_fn;
 use std::net::SocketAddr;
@@ -23,7 +27,7 @@ use http::HeaderMap;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError, ProtocolError};
-use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 use tracing::{debug, info, warn};
@@ -34,6 +38,8 @@ use crate::metrics::{Direction, MessageCounters, Metrics, Side};
 use crate::session::SessionGuard;
 use crate::upstream::{self, ConnectError, Connected, TargetLease, Upstream};
 use muxgate_plugins::{SessionHooks, Verdict};
+
+mod passthrough;
 
 /// Messages relayed per direction before yielding, so one busy direction
 /// cannot starve the other or the timers.
@@ -70,7 +76,6 @@ pub async fn connect_upstream(
             upstream.tls.as_ref(),
             path_and_query,
             headers.clone(),
-            upstream.socket_config,
             left,
         )
         .await
@@ -201,6 +206,13 @@ where
         Pin::new(&mut self.ws).start_send(msg)?;
         self.unflushed = true;
         Poll::Ready(Ok(()))
+    }
+
+    fn summary(&self) -> LegSummary {
+        LegSummary {
+            messages_read: self.messages_read,
+            sent_close: self.sent_close,
+        }
     }
 
     fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), WsError>> {
@@ -359,9 +371,28 @@ where
     }
 }
 
-/// Relays between `client` and the upstream socket until the session ends,
-/// then closes both sides with the right codes.
-pub async fn run<C>(
+/// Relays between the upgraded `client` connection and the upstream until
+/// the session ends, then closes both sides with the right codes: frame by
+/// frame when no message plugin needs whole messages, else message by
+/// message.
+pub async fn run<C>(session: DirectSession, client: C, upstream: Connected)
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+{
+    let hooks = &session.hooks;
+    if !hooks.has_pre_request() && !hooks.has_post_response() {
+        return passthrough::run(session, client, upstream.io).await;
+    }
+    let config = session.upstream.socket_config;
+    let client = WebSocketStream::from_raw_socket(client, Role::Server, Some(config)).await;
+    let upstream_ws = upstream.websocket(config).await;
+    // Boxed, so that the frame relay's sessions do not carry this larger
+    // future's layout in their own.
+    Box::pin(relay_messages(session, client, upstream_ws)).await
+}
+
+/// The message relay: see the module documentation.
+async fn relay_messages<C>(
     mut session: DirectSession,
     client: WebSocketStream<C>,
     upstream_ws: upstream::UpstreamSocket,
@@ -580,17 +611,21 @@ fn decide(stop: &Stop, details: bool) -> Ending {
     }
 }
 
-async fn finish<C, U>(session: DirectSession, mut c: Leg<C>, mut u: Leg<U>, stop: Stop)
-where
-    C: AsyncRead + AsyncWrite + Unpin,
-    U: AsyncRead + AsyncWrite + Unpin,
-{
-    let ws = &session.upstream.config.websocket_config;
+/// Decides how the session ends and records what `stop` says about the
+/// upstream's health.
+fn conclude(session: &DirectSession, stop: &Stop) -> Ending {
     let name = &session.upstream.name;
     let metrics = &session.metrics;
-    let ending = decide(&stop, ws.return_error_details);
+    let ending = decide(
+        stop,
+        session
+            .upstream
+            .config
+            .websocket_config
+            .return_error_details,
+    );
     if let Stop::PingTimeout { side } = stop {
-        metrics.ping_timeout(name, side);
+        metrics.ping_timeout(name, *side);
     }
     if ending.upstream_failed {
         let target = session.lease.target();
@@ -599,6 +634,44 @@ where
             warn!(upstream = %name, target_url = %target.label, cause = %ending.cause, "target marked unhealthy");
         }
     }
+    ending
+}
+
+/// What the "session ended" log line reports of each side.
+struct LegSummary {
+    messages_read: u64,
+    sent_close: Option<u16>,
+}
+
+/// Logs the end of `session`, then releases its permit and registry entry
+/// (before the sockets close, so a client that sees its connection end
+/// can reconnect into the freed slot).
+fn log_end(session: DirectSession, cause: &str, client: LegSummary, upstream: LegSummary) {
+    let handle = &session.guard.handle;
+    info!(
+        session = %handle.id,
+        upstream = %session.upstream.name,
+        target_url = %session.lease.target().label,
+        mode = "direct",
+        duration_ms = handle.started.elapsed().as_millis() as u64,
+        client_messages = client.messages_read,
+        upstream_messages = upstream.messages_read,
+        client_close_code = client.sent_close,
+        upstream_close_code = upstream.sent_close,
+        cause = %cause,
+        "session ended"
+    );
+}
+
+async fn finish<C, U>(session: DirectSession, mut c: Leg<C>, mut u: Leg<U>, stop: Stop)
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    let ws = &session.upstream.config.websocket_config;
+    let name = &session.upstream.name;
+    let metrics = &session.metrics;
+    let ending = conclude(&session, &stop);
     let close_both = async {
         tokio::join!(
             close_leg(
@@ -625,23 +698,8 @@ where
     {
         debug!(session = %session.guard.handle.id, "close handshake timed out");
     }
-    let handle = &session.guard.handle;
-    info!(
-        session = %handle.id,
-        upstream = %name,
-        target_url = %session.lease.target().label,
-        mode = "direct",
-        duration_ms = handle.started.elapsed().as_millis() as u64,
-        client_messages = c.messages_read,
-        upstream_messages = u.messages_read,
-        client_close_code = c.sent_close,
-        upstream_close_code = u.sent_close,
-        cause = %ending.cause,
-        "session ended"
-    );
-    // Release the permit and registry entry before the sockets close, so a
-    // client that sees its connection end can reconnect into the freed slot.
-    drop(session);
+    let (client, upstream) = (c.summary(), u.summary());
+    log_end(session, &ending.cause, client, upstream);
     drop(c);
     drop(u);
 }

@@ -14,7 +14,6 @@ use http::header::{HeaderMap, HeaderValue, SEC_WEBSOCKET_PROTOCOL};
 use muxgate_backend::protocol::{self, Encoding, Frame, Hello};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
-use tokio_tungstenite::tungstenite::error::{Error as WsError, ProtocolError};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 use uuid::Uuid;
@@ -202,7 +201,6 @@ impl MuxPool {
             upstream.tls.as_ref(),
             &path,
             headers,
-            upstream.mux_socket_config,
             ws.handshake_timeout,
         )
         .await;
@@ -214,18 +212,8 @@ impl MuxPool {
             }
             why
         };
-        let mut connected = match connected {
+        let connected = match connected {
             Ok(c) => c,
-            Err(upstream::ConnectError::Handshake {
-                source: WsError::Protocol(ProtocolError::SecWebSocketSubProtocolError(_)),
-                ..
-            }) => {
-                self.metrics
-                    .upstream_connect_failed(name, &label, "subprotocol");
-                return Err(failure(format!(
-                    "{label} did not select the {offered} subprotocol; dropping the connection"
-                )));
-            }
             Err(e) => {
                 self.metrics
                     .upstream_connect_failed(name, &label, e.reason());
@@ -252,7 +240,8 @@ impl MuxPool {
             }),
             self.encoding,
         );
-        if let Err(e) = futures_util::SinkExt::send(&mut connected.socket, hello).await {
+        let mut socket = connected.websocket(upstream.mux_socket_config).await;
+        if let Err(e) = futures_util::SinkExt::send(&mut socket, hello).await {
             return Err(failure(format!("sending hello to {label}: {e}")));
         }
         let (tx, rx) = mpsc::channel(MUX_WRITE_QUEUE);
@@ -270,7 +259,7 @@ impl MuxPool {
         let conn = MuxConn {
             upstream: Arc::clone(name),
             encoding: self.encoding,
-            ws: connected.socket,
+            ws: socket,
             rx,
             counters: self.metrics.conn_counters(name, slot),
             metrics: Arc::clone(&self.metrics),

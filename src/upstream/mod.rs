@@ -12,10 +12,14 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
+use http_body_util::Empty;
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::handshake::client::generate_key;
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::WebSocketStream;
 
 pub use balance::Balancer;
@@ -81,7 +85,7 @@ impl HashOn {
 }
 
 /// A WebSocket to a target.
-pub type UpstreamSocket = WebSocketStream<crate::tls::UpstreamStream>;
+pub type UpstreamSocket = WebSocketStream<UpstreamIo>;
 
 /// `ws://host:port` of a target, checked once at load time.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -323,7 +327,7 @@ pub enum ConnectError {
     Handshake {
         target: String,
         #[source]
-        source: tokio_tungstenite::tungstenite::Error,
+        source: HandshakeFailure,
     },
     #[error("no handshake from {target} within {}", humantime::format_duration(*.timeout))]
     Timeout { target: String, timeout: Duration },
@@ -334,82 +338,86 @@ impl ConnectError {
     pub fn reason(&self) -> &'static str {
         match self {
             ConnectError::Refused { .. } => "connect",
+            ConnectError::Handshake {
+                source: HandshakeFailure::Subprotocol(_),
+                ..
+            } => "subprotocol",
             ConnectError::Handshake { .. } => "handshake",
             ConnectError::Timeout { .. } => "timeout",
         }
     }
 }
 
-/// An open upstream WebSocket and the subprotocol the target selected.
+/// How a target's answer to the upgrade request fell short.
+#[derive(Debug, thiserror::Error)]
+pub enum HandshakeFailure {
+    #[error("HTTP: {0}")]
+    Http(#[from] hyper::Error),
+    #[error("building the request: {0}")]
+    Request(#[from] http::Error),
+    #[error("answered HTTP {0} instead of 101 Switching Protocols")]
+    Status(http::StatusCode),
+    #[error("the Sec-WebSocket-Accept header does not match the key sent")]
+    BadAccept,
+    #[error("selected the subprotocol {0:?}, which was not offered")]
+    Subprotocol(HeaderValue),
+}
+
+/// The raw byte stream of an upgraded upstream connection (TCP or TLS),
+/// with whatever the target sent right after its 101 still to be read.
+pub type UpstreamIo = TokioIo<hyper::upgrade::Upgraded>;
+
+/// An upgraded connection to a target and the subprotocol it selected.
 pub struct Connected {
-    pub socket: UpstreamSocket,
+    pub io: UpstreamIo,
     pub protocol: Option<HeaderValue>,
+}
+
+impl Connected {
+    /// The connection as a WebSocket (the broker is the client).
+    pub async fn websocket(self, config: WebSocketConfig) -> UpstreamSocket {
+        WebSocketStream::from_raw_socket(self.io, Role::Client, Some(config)).await
+    }
 }
 
 /// Opens a WebSocket to `target` at `path_and_query`, sending `headers`
 /// (which may carry `Sec-WebSocket-Protocol`), all within `timeout`.
+///
+/// The upgrade goes through hyper's HTTP/1 client rather than tungstenite's
+/// so that the connection comes back as raw bytes: direct mode can then
+/// relay frames without decoding them ([`crate::direct`]), and the other
+/// users wrap it with [`Connected::websocket`].
 pub async fn connect(
     target: &TargetUrl,
     tls: Option<&Arc<rustls::ClientConfig>>,
     path_and_query: &str,
     headers: HeaderMap,
-    config: WebSocketConfig,
     timeout: Duration,
 ) -> Result<Connected, ConnectError> {
     let label = || target.to_string();
-    let attempt =
-        async {
-            let tcp = TcpStream::connect(target.authority())
-                .await
-                .map_err(|source| ConnectError::Refused {
-                    target: label(),
-                    source,
-                })?;
-            // Relayed messages are latency-sensitive and already batched by us.
-            let _ = tcp.set_nodelay(true);
-            let tls = if target.is_secure() { tls } else { None };
-            let stream = crate::tls::UpstreamStream::connect(tcp, target.host(), tls)
-                .await
-                .map_err(|source| ConnectError::Refused {
-                    target: label(),
-                    source,
-                })?;
-            let uri = format!("ws://{}{}", target.authority(), path_and_query);
-            let mut request = http::Request::builder().uri(uri).body(()).map_err(|e| {
-                ConnectError::Handshake {
-                    target: label(),
-                    source: e.into(),
-                }
+    let attempt = async {
+        let tcp = TcpStream::connect(target.authority())
+            .await
+            .map_err(|source| ConnectError::Refused {
+                target: label(),
+                source,
             })?;
-            let h = request.headers_mut();
-            *h = headers;
-            h.insert(
-                header::HOST,
-                HeaderValue::from_str(target.authority()).expect("validated authority"),
-            );
-            h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
-            h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-            h.insert(
-                header::SEC_WEBSOCKET_VERSION,
-                HeaderValue::from_static("13"),
-            );
-            h.insert(
-                header::SEC_WEBSOCKET_KEY,
-                HeaderValue::from_str(&generate_key()).expect("base64 key"),
-            );
-            let (socket, response) =
-                tokio_tungstenite::client_async_with_config(request, stream, Some(config))
-                    .await
-                    .map_err(|source| ConnectError::Handshake {
-                        target: label(),
-                        source,
-                    })?;
-            let protocol = response
-                .headers()
-                .get(header::SEC_WEBSOCKET_PROTOCOL)
-                .cloned();
-            Ok(Connected { socket, protocol })
-        };
+        // Relayed messages are latency-sensitive and already batched by us.
+        let _ = tcp.set_nodelay(true);
+        let tls = if target.is_secure() { tls } else { None };
+        let stream = crate::tls::UpstreamStream::connect(tcp, target.host(), tls)
+            .await
+            .map_err(|source| ConnectError::Refused {
+                target: label(),
+                source,
+            })?;
+        upgrade(stream, target, path_and_query, headers)
+            .await
+            .map_err(|source| ConnectError::Handshake {
+                target: label(),
+                source,
+            })
+    };
     match tokio::time::timeout(timeout, attempt).await {
         Ok(result) => result,
         Err(_) => Err(ConnectError::Timeout {
@@ -417,6 +425,73 @@ pub async fn connect(
             timeout,
         }),
     }
+}
+
+/// Sends the WebSocket upgrade request over `stream` and checks the answer
+/// (RFC 6455 §4.1): status 101, the accept key, an offered subprotocol.
+async fn upgrade(
+    stream: crate::tls::UpstreamStream,
+    target: &TargetUrl,
+    path_and_query: &str,
+    headers: HeaderMap,
+) -> Result<Connected, HandshakeFailure> {
+    let key = generate_key();
+    let mut request = http::Request::get(path_and_query).body(Empty::<Bytes>::new())?;
+    let offered = headers.get(header::SEC_WEBSOCKET_PROTOCOL).cloned();
+    let h = request.headers_mut();
+    *h = headers;
+    h.insert(
+        header::HOST,
+        HeaderValue::from_str(target.authority()).expect("validated authority"),
+    );
+    h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    h.insert(
+        header::SEC_WEBSOCKET_VERSION,
+        HeaderValue::from_static("13"),
+    );
+    h.insert(
+        header::SEC_WEBSOCKET_KEY,
+        HeaderValue::from_str(&key).expect("base64 key"),
+    );
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    // The connection future must run while the request is in flight; it
+    // ends once the 101 hands the socket over (or, on any other status,
+    // once `sender` is dropped at the end of the first future).
+    let (response, conn) = tokio::join!(
+        async move { sender.send_request(request).await },
+        conn.with_upgrades()
+    );
+    let mut response = response?;
+    conn?;
+    if response.status() != http::StatusCode::SWITCHING_PROTOCOLS {
+        return Err(HandshakeFailure::Status(response.status()));
+    }
+    let accept = response.headers().get(header::SEC_WEBSOCKET_ACCEPT);
+    if accept.map(|v| v.as_bytes()) != Some(derive_accept_key(key.as_bytes()).as_bytes()) {
+        return Err(HandshakeFailure::BadAccept);
+    }
+    let protocol = response
+        .headers()
+        .get(header::SEC_WEBSOCKET_PROTOCOL)
+        .cloned();
+    if let Some(selected) = &protocol {
+        let was_offered = offered
+            .as_ref()
+            .and_then(|o| o.to_str().ok())
+            .is_some_and(|o| {
+                o.split(',')
+                    .any(|p| p.trim().as_bytes() == selected.as_bytes())
+            });
+        if !was_offered {
+            return Err(HandshakeFailure::Subprotocol(selected.clone()));
+        }
+    }
+    let upgraded = hyper::upgrade::on(&mut response).await?;
+    Ok(Connected {
+        io: TokioIo::new(upgraded),
+        protocol,
+    })
 }
 
 #[cfg(test)]

@@ -95,14 +95,15 @@ async fn probe(upstream: &Upstream, target: &Target) -> Result<(), String> {
             upstream.tls.as_ref(),
             &hc.path,
             probe_headers(upstream),
-            upstream.socket_config,
             hc.timeout,
         )
         .await
-        .map(|mut c| {
+        .map(|c| {
             // Close politely; the verdict is already in.
+            let config = upstream.socket_config;
             tokio::spawn(async move {
-                let _ = tokio::time::timeout(Duration::from_secs(1), c.socket.close(None)).await;
+                let mut socket = c.websocket(config).await;
+                let _ = tokio::time::timeout(Duration::from_secs(1), socket.close(None)).await;
             });
         })
         .map_err(|e| e.to_string()),

@@ -1,0 +1,1100 @@
+//! The frame relay of direct mode, for sessions with no message plugin.
+//!
+//! Nothing in such a session needs a message's payload, so each socket's
+//! bytes are read into a buffer on the stack and written on unchanged: a
+//! client's frames keep the client's own masking key (valid toward the
+//! upstream) and an upstream's frames stay unmasked (valid toward the
+//! client). Only frame headers are read, with tungstenite's parser, to
+//! enforce masking and `max_message_size`, count messages, and know where
+//! frames begin, which is where the broker may put frames of its own (its
+//! pings, and the closes [`super::decide`] chooses). Text is checked to be
+//! UTF-8 as it passes, so bad input gets the same 1007 as in the message
+//! relay. Close and pong frames are held whole: close codes reach the
+//! metrics and a code a client may not receive is replaced, and the pongs
+//! that answer the broker's own pings go no further.
+//!
+//! An idle session owns no buffer. Bytes the destination cannot take at
+//! once go to that direction's spill buffer, which is freed once written;
+//! while it holds anything the source is not read, so a slow reader pushes
+//! back on the fast writer through TCP, as `copy_bidirectional` does.
+
+use std::future::poll_fn;
+use std::io::{self, Cursor};
+use std::mem::MaybeUninit;
+use std::ops::Range;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError, ProtocolError};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::{Control, Data, OpCode};
+use tokio_tungstenite::tungstenite::protocol::frame::{Frame, FrameHeader};
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tracing::{debug, info};
+
+use super::{conclude, log_end, DirectSession, LegSummary, Stop};
+use crate::close;
+use crate::metrics::{Direction, MessageCounters, Metrics, Side};
+
+/// Bytes read per read call. On the stack, so it costs an idle session
+/// nothing; large enough that a 4 KiB message and its header come in one
+/// read.
+const CHUNK: usize = 16 * 1024;
+/// Reads per direction before yielding, so one busy direction cannot
+/// starve the other or the timers.
+const READS_PER_TURN: usize = 16;
+/// The longest frame header (RFC 6455 §5.2).
+const MAX_HEADER: usize = 14;
+/// The largest control frame payload.
+const MAX_CONTROL_PAYLOAD: u64 = 125;
+/// The payload of the broker's pings, by which their pongs are known.
+const PING_PAYLOAD: &[u8] = b"muxgate";
+
+/// The data message a frame belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Text,
+    Binary,
+}
+
+/// Something the scanner saw complete.
+#[derive(Debug, PartialEq, Eq)]
+enum Seen {
+    Message {
+        kind: Kind,
+        len: u64,
+    },
+    /// A close frame, with its code (1005: none given).
+    Close {
+        code: u16,
+    },
+}
+
+/// The frame being passed through.
+#[derive(Debug)]
+struct InFrame {
+    /// Payload bytes still to come.
+    left: u64,
+    /// The frame ends a data message.
+    ends_message: bool,
+    /// A close or pong frame is held whole (header and payload) rather
+    /// than passed on as it comes; this is it so far.
+    held: Option<Vec<u8>>,
+    mask: Option<[u8; 4]>,
+    /// The payload is text, checked as it passes.
+    text: bool,
+    /// Payload bytes passed so far (where the mask's cycle stands).
+    offset: usize,
+}
+
+/// Follows the frames of one direction's byte stream.
+#[derive(Debug)]
+struct Scanner {
+    /// Frames from this side must be masked (it is the client), and must
+    /// not be otherwise.
+    from: Side,
+    max_message: u64,
+    /// Header bytes of the next frame, held until the header is whole.
+    head: [u8; MAX_HEADER],
+    head_len: usize,
+    frame: Option<InFrame>,
+    /// The data message in progress and its size so far.
+    message: Option<(Kind, u64)>,
+    /// The close code this side sent, once its close frame has passed.
+    closed: Option<u16>,
+    utf8: Utf8Check,
+}
+
+/// Checks text that arrives in pieces: the end of a piece may cut a
+/// character, whose first bytes wait here for the rest.
+#[derive(Debug, Default)]
+struct Utf8Check {
+    partial: [u8; 4],
+    partial_len: usize,
+}
+
+impl Utf8Check {
+    fn feed(&mut self, mut bytes: &[u8]) -> Result<(), WsError> {
+        let bad = || WsError::Utf8("invalid UTF-8 in a text message".into());
+        // Finish the character cut at the end of the last piece.
+        while self.partial_len > 0 {
+            let Some((&b, rest)) = bytes.split_first() else {
+                return Ok(());
+            };
+            self.partial[self.partial_len] = b;
+            self.partial_len += 1;
+            bytes = rest;
+            match std::str::from_utf8(&self.partial[..self.partial_len]) {
+                Ok(_) => self.partial_len = 0,
+                Err(e) if e.error_len().is_some() || self.partial_len == 4 => return Err(bad()),
+                Err(_) => {}
+            }
+        }
+        match std::str::from_utf8(bytes) {
+            Ok(_) => Ok(()),
+            Err(e) if e.error_len().is_some() => Err(bad()),
+            Err(e) => {
+                let rest = &bytes[e.valid_up_to()..];
+                self.partial[..rest.len()].copy_from_slice(rest);
+                self.partial_len = rest.len();
+                Ok(())
+            }
+        }
+    }
+
+    /// The message ended: no character may be left cut.
+    fn finish(&mut self) -> Result<(), WsError> {
+        if std::mem::take(&mut self.partial_len) > 0 {
+            return Err(WsError::Utf8("text message ends inside a character".into()));
+        }
+        Ok(())
+    }
+}
+
+/// Where the bytes to write out of one chunk are: a range of the chunk,
+/// then (rarely) bytes of the scanner's own (a held header's start, a
+/// close frame).
+#[derive(Default)]
+struct Out {
+    direct: Range<usize>,
+    owned: Vec<u8>,
+}
+
+impl Out {
+    fn pass(&mut self, chunk: &[u8], range: Range<usize>) {
+        if range.is_empty() {
+            return;
+        }
+        if self.owned.is_empty() && (self.direct.is_empty() || self.direct.end == range.start) {
+            if self.direct.is_empty() {
+                self.direct = range;
+            } else {
+                self.direct.end = range.end;
+            }
+        } else {
+            self.owned.extend_from_slice(&chunk[range]);
+        }
+    }
+
+    fn own(&mut self, bytes: &[u8]) {
+        self.owned.extend_from_slice(bytes);
+    }
+}
+
+impl Scanner {
+    fn new(from: Side, max_message: u64) -> Self {
+        Scanner {
+            from,
+            max_message,
+            head: [0; MAX_HEADER],
+            head_len: 0,
+            frame: None,
+            message: None,
+            closed: None,
+            utf8: Utf8Check::default(),
+        }
+    }
+
+    /// No frame is partly written: the broker may write one of its own.
+    fn at_boundary(&self) -> bool {
+        self.frame.is_none()
+    }
+
+    /// Follows `chunk`, noting in `out` what to write on and in `seen` what
+    /// completed. Stops at the first frame that breaks the rules; nothing
+    /// of that frame is passed on.
+    fn scan(&mut self, chunk: &[u8], out: &mut Out, seen: &mut Vec<Seen>) -> Result<(), WsError> {
+        let mut at = 0;
+        while at < chunk.len() {
+            let Some(frame) = &mut self.frame else {
+                at = self.header(chunk, at, out)?;
+                if let Some(f) = &self.frame {
+                    if f.left == 0 {
+                        self.end_frame(out, seen)?;
+                    }
+                }
+                continue;
+            };
+            let take = frame.left.min((chunk.len() - at) as u64) as usize;
+            let piece = &chunk[at..at + take];
+            if frame.text {
+                check_text(&mut self.utf8, piece, frame.mask, frame.offset)?;
+            }
+            match &mut frame.held {
+                Some(held) => held.extend_from_slice(piece),
+                None => out.pass(chunk, at..at + take),
+            }
+            frame.offset += take;
+            frame.left -= take as u64;
+            at += take;
+            if frame.left == 0 {
+                self.end_frame(out, seen)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads header bytes from `chunk[at..]`; returns where the payload
+    /// starts (or the chunk's end, with the header still incomplete).
+    fn header(&mut self, chunk: &[u8], at: usize, out: &mut Out) -> Result<usize, WsError> {
+        let take = (MAX_HEADER - self.head_len).min(chunk.len() - at);
+        let held = self.head_len;
+        self.head[held..held + take].copy_from_slice(&chunk[at..at + take]);
+        let mut cursor = Cursor::new(&self.head[..held + take]);
+        let Some((header, len)) = FrameHeader::parse(&mut cursor)? else {
+            self.head_len += take;
+            return Ok(chunk.len());
+        };
+        let header_len = cursor.position() as usize;
+        self.check(&header, len)?;
+        let from_chunk = header_len - held;
+        let hold = matches!(
+            header.opcode,
+            OpCode::Control(Control::Close | Control::Pong)
+        );
+        let mut frame = InFrame {
+            left: len,
+            ends_message: false,
+            held: None,
+            mask: header.mask,
+            text: false,
+            offset: 0,
+        };
+        if hold {
+            let mut bytes = Vec::with_capacity(header_len + len as usize);
+            bytes.extend_from_slice(&self.head[..header_len]);
+            frame.held = Some(bytes);
+        } else {
+            out.own(&self.head[..held]);
+            out.pass(chunk, at..at + from_chunk);
+        }
+        if let OpCode::Data(data) = header.opcode {
+            let kind = match (data, self.message) {
+                (Data::Text, _) => Kind::Text,
+                (Data::Binary, _) => Kind::Binary,
+                (_, Some((kind, _))) => kind,
+                (_, None) => unreachable!("checked: a continuation continues a message"),
+            };
+            let size = self.message.map_or(0, |(_, size)| size) + len;
+            self.message = Some((kind, size));
+            frame.ends_message = header.is_final;
+            frame.text = kind == Kind::Text;
+        }
+        self.head_len = 0;
+        self.frame = Some(frame);
+        Ok(at + from_chunk)
+    }
+
+    /// The rules the broker enforces; the peers check the rest (UTF-8,
+    /// close payloads) and close with their own codes, which pass through.
+    fn check(&self, header: &FrameHeader, len: u64) -> Result<(), WsError> {
+        let protocol = |e: ProtocolError| Err(WsError::Protocol(e));
+        match (self.from, header.mask.is_some()) {
+            (Side::Client, false) => return protocol(ProtocolError::UnmaskedFrameFromClient),
+            (Side::Upstream, true) => return protocol(ProtocolError::MaskedFrameFromServer),
+            _ => {}
+        }
+        // No extension is ever negotiated through the broker.
+        if header.rsv1 || header.rsv2 || header.rsv3 {
+            return protocol(ProtocolError::NonZeroReservedBits);
+        }
+        match header.opcode {
+            OpCode::Control(_) => {
+                if !header.is_final {
+                    return protocol(ProtocolError::FragmentedControlFrame);
+                }
+                if len > MAX_CONTROL_PAYLOAD {
+                    return protocol(ProtocolError::ControlFrameTooBig);
+                }
+                Ok(())
+            }
+            OpCode::Data(data) => {
+                match (data, self.message) {
+                    (Data::Continue, None) => {
+                        return protocol(ProtocolError::UnexpectedContinueFrame)
+                    }
+                    (Data::Text | Data::Binary, Some(_)) => {
+                        return protocol(ProtocolError::ExpectedFragment(data))
+                    }
+                    _ => {}
+                }
+                let size = self.message.map_or(0, |(_, size)| size).saturating_add(len);
+                if size > self.max_message {
+                    return Err(WsError::Capacity(CapacityError::MessageTooLong {
+                        size: size as usize,
+                        max_size: self.max_message as usize,
+                    }));
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn end_frame(&mut self, out: &mut Out, seen: &mut Vec<Seen>) -> Result<(), WsError> {
+        let frame = self.frame.take().expect("a frame in progress");
+        if frame.ends_message {
+            if let Some((kind, len)) = self.message.take() {
+                if kind == Kind::Text {
+                    self.utf8.finish()?;
+                }
+                seen.push(Seen::Message { kind, len });
+            }
+        }
+        let Some(mut bytes) = frame.held else {
+            return Ok(());
+        };
+        let header_len = bytes.len() - payload_len(&bytes);
+        let mut payload = bytes[header_len..].to_vec();
+        if let Some(mask) = frame.mask {
+            unmask(&mut payload, mask, 0);
+        }
+        if bytes[0] & 0x0F != u8::from(OpCode::Control(Control::Close)) {
+            // A pong: the answer to one of the broker's pings goes no further.
+            if payload != PING_PAYLOAD {
+                out.own(&bytes);
+            }
+            return Ok(());
+        }
+        let code = match payload.len() {
+            0 => 1005,
+            1 => return Err(WsError::Protocol(ProtocolError::InvalidCloseSequence)),
+            _ => u16::from_be_bytes([payload[0], payload[1]]),
+        };
+        // A code a client may not receive is replaced, as the message relay
+        // does; the reason is kept.
+        if self.from == Side::Upstream && payload.len() >= 2 && close::client_code(code) != code {
+            let reason = String::from_utf8_lossy(&payload[2..]).into_owned();
+            bytes.clear();
+            let replaced = close::frame(close::client_code(code), &reason);
+            encode(Frame::close(Some(replaced)), &mut bytes);
+        }
+        self.closed = Some(code);
+        seen.push(Seen::Close { code });
+        out.own(&bytes);
+        Ok(())
+    }
+}
+
+/// Checks a piece of a text frame's payload, `offset` bytes into it.
+fn check_text(
+    utf8: &mut Utf8Check,
+    piece: &[u8],
+    mask: Option<[u8; 4]>,
+    offset: usize,
+) -> Result<(), WsError> {
+    let Some(mask) = mask else {
+        return utf8.feed(piece);
+    };
+    let mut plain = [0u8; 512];
+    for (i, part) in piece.chunks(plain.len()).enumerate() {
+        let plain = &mut plain[..part.len()];
+        plain.copy_from_slice(part);
+        unmask(plain, mask, offset + i * 512);
+        utf8.feed(plain)?;
+    }
+    Ok(())
+}
+
+/// Undoes (or applies) `mask` on bytes that start `offset` bytes into a
+/// payload.
+fn unmask(bytes: &mut [u8], mask: [u8; 4], offset: usize) {
+    for (i, b) in bytes.iter_mut().enumerate() {
+        *b ^= mask[(offset + i) % 4];
+    }
+}
+
+/// The payload length of the whole frame in `bytes` (header + payload).
+fn payload_len(bytes: &[u8]) -> usize {
+    let mut cursor = Cursor::new(bytes);
+    match FrameHeader::parse(&mut cursor) {
+        Ok(Some((_, len))) => len as usize,
+        _ => 0,
+    }
+}
+
+/// Appends `frame` to `out`, masked when it goes to the upstream.
+fn encode(frame: Frame, out: &mut Vec<u8>) {
+    frame.format(out).expect("writing to a Vec cannot fail");
+}
+
+/// A frame of the broker's own toward `to`: masked when `to` is the
+/// upstream (the broker is its client).
+fn own_frame(mut frame: Frame, to: Side, out: &mut Vec<u8>) {
+    if to == Side::Upstream {
+        frame.header_mut().mask = Some(rand::random());
+    }
+    encode(frame, out);
+}
+
+/// How a direction stopped.
+enum PumpEnd {
+    Eof,
+    Read(io::Error),
+    Write(io::Error),
+    /// The source broke a rule (see [`Scanner::check`]).
+    Bad(WsError),
+}
+
+/// One direction: frames read from the `scan.from` side, written to the
+/// other.
+struct Pump {
+    scan: Scanner,
+    /// Bytes read but not yet written. Empty and unallocated when idle.
+    spill: Vec<u8>,
+    unflushed: bool,
+    /// Last time anything arrived from the source.
+    last_seen: Instant,
+    counters: MessageCounters,
+    messages_read: u64,
+    /// Closes written toward the destination (by the source or the broker).
+    sent_close: Option<u16>,
+}
+
+impl Pump {
+    fn new(from: Side, max_message: u64, counters: MessageCounters) -> Self {
+        Pump {
+            scan: Scanner::new(from, max_message),
+            spill: Vec::new(),
+            unflushed: false,
+            last_seen: Instant::now(),
+            counters,
+            messages_read: 0,
+            sent_close: None,
+        }
+    }
+
+    fn to(&self) -> Side {
+        match self.scan.from {
+            Side::Client => Side::Upstream,
+            Side::Upstream => Side::Client,
+        }
+    }
+
+    /// Queues a ping of the broker's own; see [`Pump::inject`].
+    fn ping(&mut self) -> bool {
+        self.inject(Frame::ping(PING_PAYLOAD))
+    }
+
+    /// Queues a frame of the broker's own; only at a frame boundary.
+    fn inject(&mut self, frame: Frame) -> bool {
+        if !self.scan.at_boundary() {
+            return false;
+        }
+        let to = self.to();
+        own_frame(frame, to, &mut self.spill);
+        true
+    }
+
+    fn note(&mut self, seen: &mut Vec<Seen>, metrics: &Metrics, upstream: &str) {
+        for s in seen.drain(..) {
+            match s {
+                Seen::Message { kind, len } => {
+                    self.messages_read += 1;
+                    match kind {
+                        Kind::Text => self.counters.text(len as usize),
+                        Kind::Binary => self.counters.binary(len as usize),
+                    }
+                }
+                Seen::Close { code } => {
+                    let sent = match self.to() {
+                        Side::Client => close::client_code(code),
+                        Side::Upstream => code,
+                    };
+                    self.sent_close = Some(sent);
+                    metrics.close_sent(upstream, self.to(), sent);
+                }
+            }
+        }
+    }
+
+    /// Writes the spill to `dst` as far as it will take it.
+    fn poll_drain<W>(&mut self, dst: &mut W, cx: &mut Context<'_>) -> Poll<io::Result<()>>
+    where
+        W: AsyncWrite + Unpin,
+    {
+        while !self.spill.is_empty() {
+            let n = std::task::ready!(Pin::new(&mut *dst).poll_write(cx, &self.spill))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.spill.drain(..n);
+            self.unflushed = true;
+        }
+        // Give the memory back: an idle session holds no buffer.
+        if self.spill.capacity() > 0 {
+            self.spill = Vec::new();
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// Writes `bytes` to `dst`, spilling what it will not take now. The
+    /// spill must be empty.
+    fn write_or_spill<W>(
+        &mut self,
+        dst: &mut W,
+        cx: &mut Context<'_>,
+        mut bytes: &[u8],
+    ) -> io::Result<()>
+    where
+        W: AsyncWrite + Unpin,
+    {
+        while !bytes.is_empty() && self.spill.is_empty() {
+            match Pin::new(&mut *dst).poll_write(cx, bytes) {
+                Poll::Ready(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
+                Poll::Ready(Ok(n)) => {
+                    bytes = &bytes[n..];
+                    self.unflushed = true;
+                }
+                Poll::Ready(Err(e)) => return Err(e),
+                Poll::Pending => break,
+            }
+        }
+        self.spill.extend_from_slice(bytes);
+        Ok(())
+    }
+
+    fn poll_flush<W>(&mut self, dst: &mut W, cx: &mut Context<'_>) -> Poll<io::Result<()>>
+    where
+        W: AsyncWrite + Unpin,
+    {
+        if !self.unflushed {
+            return Poll::Ready(Ok(()));
+        }
+        std::task::ready!(Pin::new(&mut *dst).poll_flush(cx))?;
+        self.unflushed = false;
+        Poll::Ready(Ok(()))
+    }
+
+    /// Moves bytes from `src` to `dst` until neither can make progress.
+    fn poll_pump<R, W>(
+        &mut self,
+        src: &mut R,
+        dst: &mut W,
+        cx: &mut Context<'_>,
+        metrics: &Metrics,
+        upstream: &str,
+    ) -> Poll<PumpEnd>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        let mut buf = [MaybeUninit::<u8>::uninit(); CHUNK];
+        let mut seen = Vec::new();
+        for _ in 0..READS_PER_TURN {
+            match self.poll_drain(dst, cx) {
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(e)) => return Poll::Ready(PumpEnd::Write(e)),
+                // `dst` is full: leave `src` unread.
+                Poll::Pending => return self.flush_then_pending(dst, cx),
+            }
+            let mut read = ReadBuf::uninit(&mut buf);
+            match Pin::new(&mut *src).poll_read(cx, &mut read) {
+                Poll::Pending => return self.flush_then_pending(dst, cx),
+                Poll::Ready(Err(e)) => return Poll::Ready(PumpEnd::Read(e)),
+                Poll::Ready(Ok(())) if read.filled().is_empty() => {
+                    return Poll::Ready(PumpEnd::Eof)
+                }
+                Poll::Ready(Ok(())) => {}
+            }
+            self.last_seen = Instant::now();
+            let chunk = read.filled();
+            let mut out = Out::default();
+            let scanned = self.scan.scan(chunk, &mut out, &mut seen);
+            self.note(&mut seen, metrics, upstream);
+            // What came before a bad frame is still written.
+            let written = self
+                .write_or_spill(dst, cx, &chunk[out.direct.clone()])
+                .and_then(|()| self.write_or_spill(dst, cx, &out.owned));
+            if let Err(e) = written {
+                return Poll::Ready(PumpEnd::Write(e));
+            }
+            if let Err(e) = scanned {
+                return Poll::Ready(PumpEnd::Bad(e));
+            }
+        }
+        cx.waker().wake_by_ref();
+        self.flush_then_pending(dst, cx)
+    }
+
+    fn flush_then_pending<W>(&mut self, dst: &mut W, cx: &mut Context<'_>) -> Poll<PumpEnd>
+    where
+        W: AsyncWrite + Unpin,
+    {
+        match self.poll_flush(dst, cx) {
+            Poll::Ready(Err(e)) => Poll::Ready(PumpEnd::Write(e)),
+            _ => Poll::Pending,
+        }
+    }
+}
+
+/// The stop a direction's end means for the session.
+fn stop_of(end: PumpEnd, from: Side, to: Side, closed: bool) -> Stop {
+    match end {
+        PumpEnd::Eof if closed => Stop::Ended {
+            side: from,
+            clean: true,
+        },
+        PumpEnd::Eof => Stop::ReadFailed {
+            side: from,
+            error: WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake),
+        },
+        PumpEnd::Read(e) => Stop::ReadFailed {
+            side: from,
+            error: WsError::Io(e),
+        },
+        PumpEnd::Write(e) => Stop::WriteFailed {
+            side: to,
+            error: WsError::Io(e),
+        },
+        PumpEnd::Bad(error) => Stop::ReadFailed { side: from, error },
+    }
+}
+
+/// Relays between `client` and `upstream` frame by frame until the session
+/// ends, then closes both sides as [`super::decide`] says.
+pub async fn run<C, U>(session: DirectSession, mut client: C, mut upstream: U)
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    let ws = &session.upstream.config.websocket_config;
+    let name = &*session.upstream.name;
+    let metrics = &*session.metrics;
+    let cancel = session.guard.handle.cancel.clone();
+    let max = ws.max_message_size.bytes() as u64;
+    let mut up = Pump::new(
+        Side::Client,
+        max,
+        metrics.message_counters(name, Direction::ClientToUpstream),
+    );
+    let mut down = Pump::new(
+        Side::Upstream,
+        max,
+        metrics.message_counters(name, Direction::UpstreamToClient),
+    );
+    info!(
+        session = %session.guard.handle.id,
+        upstream = %name,
+        target_url = %session.lease.target().label,
+        mode = "direct",
+        relay = "frames",
+        remote = %session.remote,
+        request_id = %session.request_id,
+        "session opened"
+    );
+    // When each side is next pinged.
+    let mut ping_client = Instant::now() + ws.ping_period;
+    let mut ping_upstream = ping_client;
+    let stop = loop {
+        let wake = ping_client
+            .min(ping_upstream)
+            .min(up.last_seen + ws.pong_wait)
+            .min(down.last_seen + ws.pong_wait);
+        tokio::select! {
+            biased;
+            _ = cancel.cancelled() => break Stop::Shutdown,
+            stop = poll_fn(|cx| {
+                if let Poll::Ready(end) = up.poll_pump(&mut client, &mut upstream, cx, metrics, name) {
+                    let closed = up.scan.closed.is_some();
+                    return Poll::Ready(stop_of(end, Side::Client, Side::Upstream, closed));
+                }
+                if let Poll::Ready(end) = down.poll_pump(&mut upstream, &mut client, cx, metrics, name) {
+                    let closed = down.scan.closed.is_some();
+                    return Poll::Ready(stop_of(end, Side::Upstream, Side::Client, closed));
+                }
+                Poll::Pending
+            }) => break stop,
+            _ = tokio::time::sleep_until(wake) => {
+                let now = Instant::now();
+                // A side left unread because the other is backed up cannot
+                // be blamed for silence.
+                if !up.spill.is_empty() { up.last_seen = now; }
+                if !down.spill.is_empty() { down.last_seen = now; }
+                if now >= up.last_seen + ws.pong_wait {
+                    break Stop::PingTimeout { side: Side::Client };
+                }
+                if now >= down.last_seen + ws.pong_wait {
+                    break Stop::PingTimeout { side: Side::Upstream };
+                }
+                if now >= ping_client {
+                    down.ping();
+                    ping_client = now + ws.ping_period;
+                }
+                if now >= ping_upstream {
+                    up.ping();
+                    ping_upstream = now + ws.ping_period;
+                }
+            }
+        }
+    };
+    let ending = conclude(&session, &stop);
+    let mut client_end = Closing::new(Side::Client, ending.client, ending.drop_client);
+    let mut upstream_end = Closing::new(Side::Upstream, ending.upstream, ending.drop_upstream);
+    let close_both = poll_fn(|cx| {
+        let c = client_end.poll(&mut client, &mut down, &mut up, cx, metrics, name);
+        let u = upstream_end.poll(&mut upstream, &mut up, &mut down, cx, metrics, name);
+        match (c, u) {
+            (Poll::Ready(()), Poll::Ready(())) => Poll::Ready(()),
+            _ => Poll::Pending,
+        }
+    });
+    if tokio::time::timeout(ws.close_timeout, close_both)
+        .await
+        .is_err()
+    {
+        debug!(session = %session.guard.handle.id, "close handshake timed out");
+    }
+    let client_summary = LegSummary {
+        messages_read: up.messages_read,
+        sent_close: down.sent_close,
+    };
+    let upstream_summary = LegSummary {
+        messages_read: down.messages_read,
+        sent_close: up.sent_close,
+    };
+    log_end(session, &ending.cause, client_summary, upstream_summary);
+}
+
+/// Where the end of one side stands.
+#[derive(Debug, PartialEq, Eq)]
+enum Phase {
+    /// Writing what is owed to the side, then the broker's close.
+    Writing,
+    /// Reading until the side answers the close (or, for the upstream,
+    /// until it closes the connection, as a server does).
+    Reading,
+    ShuttingDown,
+    Done,
+}
+
+/// Ends one side: see [`Closing::poll`].
+struct Closing {
+    side: Side,
+    frame: Option<CloseFrame>,
+    phase: Phase,
+}
+
+impl Closing {
+    fn new(side: Side, frame: Option<CloseFrame>, drop: bool) -> Self {
+        Closing {
+            side,
+            frame,
+            phase: if drop {
+                Phase::ShuttingDown
+            } else {
+                Phase::Writing
+            },
+        }
+    }
+
+    /// Writes what `toward` still owes the side and the close frame (if no
+    /// close has passed either way and no frame is half written), then
+    /// reads the side (through `from`, writing nothing on: the session is
+    /// over, so its messages are counted as dropped) until it answers,
+    /// then shuts the connection down.
+    fn poll<X>(
+        &mut self,
+        x: &mut X,
+        toward: &mut Pump,
+        from: &mut Pump,
+        cx: &mut Context<'_>,
+        metrics: &Metrics,
+        upstream: &str,
+    ) -> Poll<()>
+    where
+        X: AsyncRead + AsyncWrite + Unpin,
+    {
+        loop {
+            match self.phase {
+                Phase::Writing => {
+                    if let Some(frame) = self.frame.take() {
+                        let code = u16::from(frame.code);
+                        if toward.sent_close.is_none()
+                            && from.scan.closed.is_none()
+                            && toward.inject(Frame::close(Some(frame)))
+                        {
+                            toward.sent_close = Some(code);
+                            metrics.close_sent(upstream, self.side, code);
+                        }
+                    }
+                    let written = match std::task::ready!(toward.poll_drain(x, cx)) {
+                        Ok(()) => std::task::ready!(toward.poll_flush(x, cx)),
+                        Err(e) => Err(e),
+                    };
+                    self.phase = match written {
+                        Ok(()) => Phase::Reading,
+                        Err(_) => Phase::ShuttingDown,
+                    };
+                }
+                Phase::Reading => {
+                    let answered = from.scan.closed.is_some() && self.side == Side::Client;
+                    if answered {
+                        self.phase = Phase::ShuttingDown;
+                        continue;
+                    }
+                    match std::task::ready!(poll_discard(x, from, cx, metrics, upstream)) {
+                        true => {}
+                        false => self.phase = Phase::ShuttingDown,
+                    }
+                }
+                Phase::ShuttingDown => {
+                    let _ = std::task::ready!(Pin::new(&mut *x).poll_shutdown(cx));
+                    self.phase = Phase::Done;
+                }
+                Phase::Done => return Poll::Ready(()),
+            }
+        }
+    }
+}
+
+/// Reads what `x` sends after the session ended, through `from`'s scanner,
+/// counting its messages as dropped. Ready(true) once something was read,
+/// Ready(false) at the end of the stream or on an error.
+fn poll_discard<X>(
+    x: &mut X,
+    from: &mut Pump,
+    cx: &mut Context<'_>,
+    metrics: &Metrics,
+    upstream: &str,
+) -> Poll<bool>
+where
+    X: AsyncRead + Unpin,
+{
+    let mut buf = [MaybeUninit::<u8>::uninit(); CHUNK];
+    let mut read = ReadBuf::uninit(&mut buf);
+    match std::task::ready!(Pin::new(&mut *x).poll_read(cx, &mut read)) {
+        Ok(()) if !read.filled().is_empty() => {}
+        _ => return Poll::Ready(false),
+    }
+    let mut seen = Vec::new();
+    let scanned = from
+        .scan
+        .scan(read.filled(), &mut Out::default(), &mut seen);
+    let dropped = seen
+        .iter()
+        .filter(|s| matches!(s, Seen::Message { .. }))
+        .count() as u64;
+    let direction = match from.scan.from {
+        Side::Client => Direction::ClientToUpstream,
+        Side::Upstream => Direction::UpstreamToClient,
+    };
+    metrics.messages_dropped(upstream, direction, "session_closed", dropped);
+    Poll::Ready(scanned.is_ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+
+    /// The wire bytes of `frame`, masked with `mask` when given.
+    fn wire(mut frame: Frame, mask: Option<[u8; 4]>) -> Vec<u8> {
+        frame.header_mut().mask = mask;
+        let mut out = Vec::new();
+        encode(frame, &mut out);
+        out
+    }
+
+    fn text(s: &[u8], fin: bool, mask: Option<[u8; 4]>) -> Vec<u8> {
+        wire(
+            Frame::message(s.to_vec(), OpCode::Data(Data::Text), fin),
+            mask,
+        )
+    }
+
+    /// Scans `bytes` split into pieces of `step`, returning what would be
+    /// written on and what was seen.
+    fn scan_in_steps(
+        scanner: &mut Scanner,
+        bytes: &[u8],
+        step: usize,
+    ) -> (Vec<u8>, Vec<Seen>, Result<(), WsError>) {
+        let (mut written, mut seen) = (Vec::new(), Vec::new());
+        for piece in bytes.chunks(step) {
+            let mut out = Out::default();
+            let r = scanner.scan(piece, &mut out, &mut seen);
+            written.extend_from_slice(&piece[out.direct.clone()]);
+            written.extend_from_slice(&out.owned);
+            if r.is_err() {
+                return (written, seen, r);
+            }
+        }
+        (written, seen, Ok(()))
+    }
+
+    const MASK: Option<[u8; 4]> = Some([1, 2, 3, 4]);
+
+    #[test]
+    fn passes_frames_unchanged_however_the_reads_cut_them() {
+        let mut stream = text("héllo".as_bytes(), false, MASK);
+        stream.extend(wire(Frame::ping(b"p".to_vec()), MASK));
+        stream.extend(wire(
+            Frame::message(
+                "wörld".as_bytes().to_vec(),
+                OpCode::Data(Data::Continue),
+                true,
+            ),
+            MASK,
+        ));
+        stream.extend(wire(
+            Frame::message(vec![7u8; 70_000], OpCode::Data(Data::Binary), true),
+            MASK,
+        ));
+        stream.extend(wire(
+            Frame::close(Some(CloseFrame {
+                code: CloseCode::Normal,
+                reason: "bye".into(),
+            })),
+            MASK,
+        ));
+        for step in [1, 2, 3, 7, 13, 100, 4096, stream.len()] {
+            let mut s = Scanner::new(Side::Client, 1 << 20);
+            let (written, seen, r) = scan_in_steps(&mut s, &stream, step);
+            r.unwrap();
+            assert_eq!(written, stream, "step {step}");
+            assert_eq!(
+                seen,
+                vec![
+                    Seen::Message {
+                        kind: Kind::Text,
+                        len: 12
+                    },
+                    Seen::Message {
+                        kind: Kind::Binary,
+                        len: 70_000
+                    },
+                    Seen::Close { code: 1000 },
+                ],
+                "step {step}"
+            );
+            assert!(s.at_boundary());
+            assert_eq!(s.closed, Some(1000));
+        }
+    }
+
+    #[test]
+    fn enforces_masking_by_side() {
+        let mut s = Scanner::new(Side::Client, 1024);
+        let (_, _, r) = scan_in_steps(&mut s, &text(b"x", true, None), 64);
+        assert!(matches!(
+            r,
+            Err(WsError::Protocol(ProtocolError::UnmaskedFrameFromClient))
+        ));
+        let mut s = Scanner::new(Side::Upstream, 1024);
+        let (_, _, r) = scan_in_steps(&mut s, &text(b"x", true, MASK), 64);
+        assert!(matches!(
+            r,
+            Err(WsError::Protocol(ProtocolError::MaskedFrameFromServer))
+        ));
+    }
+
+    #[test]
+    fn a_message_over_the_limit_passes_nothing_of_its_frame() {
+        let mut stream = text(b"ok", true, None);
+        let ok_len = stream.len();
+        stream.extend(text(&[b'a'; 600], false, None));
+        stream.extend(wire(
+            Frame::message(vec![b'b'; 600], OpCode::Data(Data::Continue), true),
+            None,
+        ));
+        let mut s = Scanner::new(Side::Upstream, 1000);
+        let (written, _, r) = scan_in_steps(&mut s, &stream, 5000);
+        assert!(matches!(
+            r,
+            Err(WsError::Capacity(CapacityError::MessageTooLong { .. }))
+        ));
+        // The first fragment (600 <= 1000) passed; the second did not.
+        assert_eq!(written.len(), ok_len + 2 + 2 + 600);
+    }
+
+    #[test]
+    fn text_must_be_utf8_even_cut_inside_a_character() {
+        let good = "a€b".as_bytes();
+        for step in 1..8 {
+            let mut s = Scanner::new(Side::Client, 1024);
+            let (_, seen, r) = scan_in_steps(&mut s, &text(good, true, MASK), step);
+            r.unwrap();
+            assert_eq!(seen.len(), 1);
+            let mut s = Scanner::new(Side::Client, 1024);
+            let (_, _, r) = scan_in_steps(&mut s, &text(&[0x68, 0xff, 0xfe], true, MASK), step);
+            assert!(matches!(r, Err(WsError::Utf8(_))), "step {step}");
+        }
+        // A character split across two fragments is fine; one left open at
+        // the end of the message is not.
+        let mut stream = text(&good[..2], false, MASK);
+        stream.extend(wire(
+            Frame::message(good[2..].to_vec(), OpCode::Data(Data::Continue), true),
+            MASK,
+        ));
+        let mut s = Scanner::new(Side::Client, 1024);
+        scan_in_steps(&mut s, &stream, 3).2.unwrap();
+        let mut s = Scanner::new(Side::Client, 1024);
+        let r = scan_in_steps(&mut s, &text(&good[..2], true, MASK), 64).2;
+        assert!(matches!(r, Err(WsError::Utf8(_))));
+    }
+
+    #[test]
+    fn the_brokers_own_pongs_stop_here_and_others_pass() {
+        let ours = wire(Frame::pong(PING_PAYLOAD.to_vec()), MASK);
+        let theirs = wire(Frame::pong(b"app".to_vec()), MASK);
+        let mut s = Scanner::new(Side::Client, 1024);
+        let (written, _, r) = scan_in_steps(&mut s, &[ours, theirs.clone()].concat(), 3);
+        r.unwrap();
+        assert_eq!(written, theirs);
+    }
+
+    #[test]
+    fn close_codes_a_client_may_not_receive_are_replaced() {
+        let bad = wire(
+            Frame::close(Some(CloseFrame {
+                code: CloseCode::from(1015),
+                reason: "tls".into(),
+            })),
+            None,
+        );
+        let mut s = Scanner::new(Side::Upstream, 1024);
+        let (written, seen, r) = scan_in_steps(&mut s, &bad, 4);
+        r.unwrap();
+        assert_eq!(seen, vec![Seen::Close { code: 1015 }]);
+        let expected = wire(
+            Frame::close(Some(CloseFrame {
+                code: CloseCode::from(1011),
+                reason: "tls".into(),
+            })),
+            None,
+        );
+        assert_eq!(written, expected);
+    }
+
+    #[test]
+    fn rule_breaking_frames_are_refused() {
+        let cases: Vec<(Vec<u8>, &str)> = vec![
+            (
+                wire(
+                    Frame::message(b"x".to_vec(), OpCode::Data(Data::Continue), true),
+                    MASK,
+                ),
+                "continuation without a message",
+            ),
+            (
+                [text(b"a", false, MASK), text(b"b", true, MASK)].concat(),
+                "new message inside a message",
+            ),
+            (wire(Frame::ping(vec![0u8; 126]), MASK), "control too big"),
+            (
+                {
+                    let mut f = text(b"x", true, MASK);
+                    f[0] |= 0x40;
+                    f
+                },
+                "reserved bit",
+            ),
+            (vec![0x83, 0x80, 0, 0, 0, 0], "reserved opcode"),
+        ];
+        for (bytes, what) in cases {
+            let mut s = Scanner::new(Side::Client, 1024);
+            assert!(scan_in_steps(&mut s, &bytes, 64).2.is_err(), "{what}");
+        }
+    }
+}
