@@ -116,16 +116,15 @@ declare -A admin=([muxgate-direct]=$direct_admin [muxgate-mux]=$mux_admin)
 order=(none nginx haproxy muxgate-direct muxgate-mux)
 proxies=(nginx haproxy muxgate-direct muxgate-mux)
 
-results=$out/bench/results.tsv
-mkdir -p "$out/bench"
-printf 'measure\tpath\tvalue\n' > "$results"
 declare -A res
+measures=()
 # record MEASURE PATH VALUE: keeps a number for the report and the charts.
 record() {
   [[ $3 =~ ^[0-9]+(\.[0-9]+)?$ ]] || { echo "bench: $1 of $2 is not a number: '$3'" >&2; exit 1; }
+  [[ " ${measures[*]} " == *" $1 "* ]] || measures+=("$1")
   res[$1/$2]=$3
-  printf '%s\t%s\t%s\n' "$1" "$2" "$3" >> "$results"
 }
+load=$(cut -d' ' -f1 /proc/loadavg)
 
 # 1. Memory first, on fresh processes (an allocator keeps what it freed, so
 # growth measured after the throughput runs would read low).
@@ -163,6 +162,17 @@ for name in "${order[@]}"; do
   done
 done
 
+# The results file, path by path in the tables' order (the charts keep it).
+results=$out/bench/results.tsv
+mkdir -p "$out/bench"
+{
+  printf 'measure\tpath\tvalue\n'
+  for name in "${order[@]}"; do
+    for m in "${measures[@]}"; do
+      [ -z "${res[$m/$name]:-}" ] || printf '%s\t%s\t%s\n' "$m" "$name" "${res[$m/$name]}"
+    done
+  done
+} > "$results"
 "$bin/charts" "$results" "$out/bench/charts"
 
 # === the report ===
@@ -188,7 +198,8 @@ rev=$(git -C "$root" describe --always --dirty)
   echo "Written by \`bench/run.sh\` on $(date -u +%Y-%m-%d) in $((elapsed / 60)) min $((elapsed % 60)) s (everything, build included)."
   echo
   echo "- Machine: $(nproc) cores ($(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)),"
-  echo "  $(awk '/^MemTotal/ {printf "%.0f", $2 / 1048576}' /proc/meminfo) GiB, kernel $(uname -r), Debian $(cat /etc/debian_version), at most $(ulimit -Hn) open files per process."
+  echo "  $(awk '/^MemTotal/ {printf "%.0f", $2 / 1048576}' /proc/meminfo) GiB, kernel $(uname -r), Debian $(cat /etc/debian_version), at most $(ulimit -Hn) open files per process;"
+  echo "  load average $load when the measurements began (anything above 0 is other work competing for the cores)."
   echo "- Versions: $("$nginx" -v 2>&1 | sed 's/^nginx version: //'), $("$haproxy" -v | head -1 | cut -d' ' -f1-3), muxgate $rev,"
   echo "  built by $(rustc --version | cut -d' ' -f1-2) ($([ -n "${BENCH_BIN:-}" ] && echo "binaries from $BENCH_BIN" || echo release profile))."
   echo "- Paths: the demo echo upstream (\`demo-upstream\`, path /echo) with no proxy, through NGINX, through"
