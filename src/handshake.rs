@@ -445,7 +445,7 @@ async fn accept(
         .sessions
         .open(Arc::clone(&upstream.name), Mode::Direct, remote);
     let hooks = session_hooks(&upstream, &guard, &route, remote, &claims);
-    let session = DirectSession {
+    let session = Box::new(DirectSession {
         guard,
         hooks,
         permit,
@@ -454,20 +454,13 @@ async fn accept(
         metrics: Arc::clone(&app.metrics),
         request_id,
         remote,
-    };
+    });
+    // Everything this future holds, it holds for the session's life: only
+    // the box and the connection, not copies of the config.
     app.shutdown.spawn(async move {
         match on_upgrade.await {
             Ok(client) => direct::run(session, TokioIo::new(client), connected).await,
-            Err(error) => {
-                debug!(session = %session.guard.handle.id, %error, "client upgrade failed");
-                let mut upstream_socket = connected.websocket(socket_config).await;
-                let close = crate::close::frame(crate::close::GOING_AWAY, "client went away");
-                let _ = tokio::time::timeout(
-                    upstream.config.websocket_config.close_timeout,
-                    upstream_socket.close(Some(close)),
-                )
-                .await;
-            }
+            Err(error) => Box::pin(direct::abandon(session, connected, error)).await,
         }
     });
     Ok(response)

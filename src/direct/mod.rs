@@ -115,7 +115,8 @@ pub enum UpstreamUnavailable {
 }
 
 /// Everything a direct session owns; dropping it releases the connection
-/// permit, the target lease and the registry entry.
+/// permit, the target lease and the registry entry. Passed around boxed:
+/// each layer of the session's future would otherwise hold its own copy.
 pub struct DirectSession {
     pub guard: SessionGuard,
     /// Message plugins, `pre_request` on client messages and
@@ -375,7 +376,7 @@ where
 /// the session ends, then closes both sides with the right codes: frame by
 /// frame when no message plugin needs whole messages, else message by
 /// message.
-pub async fn run<C>(session: DirectSession, client: C, upstream: Connected)
+pub async fn run<C>(session: Box<DirectSession>, client: C, upstream: Connected)
 where
     C: AsyncRead + AsyncWrite + Unpin,
 {
@@ -391,9 +392,19 @@ where
     Box::pin(relay_messages(session, client, upstream_ws)).await
 }
 
+/// The client's upgrade failed after the upstream was connected: closes
+/// the upstream with 1001.
+pub async fn abandon(session: Box<DirectSession>, upstream: Connected, error: hyper::Error) {
+    debug!(session = %session.guard.handle.id, %error, "client upgrade failed");
+    let mut socket = upstream.websocket(session.upstream.socket_config).await;
+    let close = close::frame(close::GOING_AWAY, "client went away");
+    let timeout = session.upstream.config.websocket_config.close_timeout;
+    let _ = tokio::time::timeout(timeout, socket.close(Some(close))).await;
+}
+
 /// The message relay: see the module documentation.
 async fn relay_messages<C>(
-    mut session: DirectSession,
+    mut session: Box<DirectSession>,
     client: WebSocketStream<C>,
     upstream_ws: upstream::UpstreamSocket,
 ) where
@@ -646,7 +657,7 @@ struct LegSummary {
 /// Logs the end of `session`, then releases its permit and registry entry
 /// (before the sockets close, so a client that sees its connection end
 /// can reconnect into the freed slot).
-fn log_end(session: DirectSession, cause: &str, client: LegSummary, upstream: LegSummary) {
+fn log_end(session: Box<DirectSession>, cause: &str, client: LegSummary, upstream: LegSummary) {
     let handle = &session.guard.handle;
     info!(
         session = %handle.id,
@@ -663,7 +674,7 @@ fn log_end(session: DirectSession, cause: &str, client: LegSummary, upstream: Le
     );
 }
 
-async fn finish<C, U>(session: DirectSession, mut c: Leg<C>, mut u: Leg<U>, stop: Stop)
+async fn finish<C, U>(session: Box<DirectSession>, mut c: Leg<C>, mut u: Leg<U>, stop: Stop)
 where
     C: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,

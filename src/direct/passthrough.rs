@@ -653,7 +653,7 @@ fn stop_of(end: PumpEnd, from: Side, to: Side, closed: bool) -> Stop {
 
 /// Relays between `client` and `upstream` frame by frame until the session
 /// ends, then closes both sides as [`super::decide`] says.
-pub async fn run<C, U>(session: DirectSession, mut client: C, mut upstream: U)
+pub async fn run<C, U>(session: Box<DirectSession>, mut client: C, mut upstream: U)
 where
     C: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
