@@ -21,11 +21,12 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tokio_tungstenite::tungstenite::protocol::Role;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::WebSocketStream;
 use tracing::debug;
 
 use crate::app::AppState;
+use crate::chunked::ChunkedRead;
 use crate::config::Mode;
 use crate::direct::{self, DirectSession, UpstreamUnavailable};
 use crate::limits::LimitRefusal;
@@ -293,14 +294,21 @@ fn session_hooks(
     })
 }
 
-/// The client's WebSocket, once hyper has handed over the upgraded connection.
+/// The client's WebSocket, once hyper has handed over the upgraded
+/// connection; reads go through [`ChunkedRead`], so an idle client holds
+/// only a small decoder buffer.
 async fn client_socket(
     on_upgrade: hyper::upgrade::OnUpgrade,
-    config: tokio_tungstenite::tungstenite::protocol::WebSocketConfig,
-) -> Result<WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>, hyper::Error> {
+    config: WebSocketConfig,
+) -> Result<WebSocketStream<ClientIo>, hyper::Error> {
     let upgraded = on_upgrade.await?;
-    Ok(WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config)).await)
+    let io = ChunkedRead::new(TokioIo::new(upgraded), config.read_buffer_size);
+    let config = config.read_buffer_size(crate::chunked::DECODER_BUFFER);
+    Ok(WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await)
 }
+
+/// A client's upgraded connection, read in chunks.
+pub type ClientIo = ChunkedRead<TokioIo<hyper::upgrade::Upgraded>>;
 
 async fn accept(
     app: &Arc<AppState>,
@@ -366,8 +374,6 @@ async fn accept(
     if let Ok(v) = HeaderValue::from_str(&request_id) {
         h.insert("x-request-id", v);
     }
-    let socket_config = upstream.socket_config;
-
     if upstream.mode() == Mode::Multiplexed {
         let pool = Arc::clone(
             app.pools
@@ -392,7 +398,7 @@ async fn accept(
             .sessions
             .open(Arc::clone(&upstream.name), Mode::Multiplexed, remote);
         let hooks = session_hooks(&upstream, &guard, &route, remote, &claims);
-        let session = MuxSession {
+        let session = Box::new(MuxSession {
             guard,
             hooks,
             permit,
@@ -402,11 +408,13 @@ async fn accept(
             open: Arc::new(open),
             request_id,
             remote,
-        };
+        });
         app.metrics
             .handshake_completed(&upstream.name, started.elapsed());
+        // As for direct sessions: the future holds the box, not copies.
         app.shutdown.spawn(async move {
-            match client_socket(on_upgrade, socket_config).await {
+            let config = session.upstream.socket_config;
+            match client_socket(on_upgrade, config).await {
                 Ok(client) => crate::mux::session::run(session, client).await,
                 Err(error) => {
                     debug!(session = %session.guard.handle.id, %error, "client upgrade failed")

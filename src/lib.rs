@@ -54,6 +54,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod chunked;
 pub mod close;
 pub mod config;
 pub mod direct;

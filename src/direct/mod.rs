@@ -32,6 +32,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 use tracing::{debug, info, warn};
 
+use crate::chunked::ChunkedRead;
 use crate::close;
 use crate::limits::ConnectionPermit;
 use crate::metrics::{Direction, MessageCounters, Metrics, Side};
@@ -385,7 +386,9 @@ where
         return passthrough::run(session, client, upstream.io).await;
     }
     let config = session.upstream.socket_config;
-    let client = WebSocketStream::from_raw_socket(client, Role::Server, Some(config)).await;
+    let client = ChunkedRead::new(client, config.read_buffer_size);
+    let decoder = config.read_buffer_size(crate::chunked::DECODER_BUFFER);
+    let client = WebSocketStream::from_raw_socket(client, Role::Server, Some(decoder)).await;
     let upstream_ws = upstream.websocket(config).await;
     // Boxed, so that the frame relay's sessions do not carry this larger
     // future's layout in their own.

@@ -34,13 +34,9 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tracing::{debug, info};
 
 use super::{conclude, log_end, DirectSession, LegSummary, Stop};
-use crate::close;
 use crate::metrics::{Direction, MessageCounters, Metrics, Side};
+use crate::{chunked, close};
 
-/// Bytes read per read call. On the stack, so it costs an idle session
-/// nothing; large enough that a 4 KiB message and its header come in one
-/// read.
-const CHUNK: usize = 16 * 1024;
 /// Reads per direction before yielding, so one busy direction cannot
 /// starve the other or the timers.
 const READS_PER_TURN: usize = 16;
@@ -442,6 +438,8 @@ struct Pump {
     scan: Scanner,
     /// Bytes read but not yet written. Empty and unallocated when idle.
     spill: Vec<u8>,
+    /// Bytes read per call ([`chunked::read_chunk`]).
+    chunk: usize,
     unflushed: bool,
     /// Last time anything arrived from the source.
     last_seen: Instant,
@@ -452,10 +450,11 @@ struct Pump {
 }
 
 impl Pump {
-    fn new(from: Side, max_message: u64, counters: MessageCounters) -> Self {
+    fn new(from: Side, max_message: u64, chunk: usize, counters: MessageCounters) -> Self {
         Pump {
             scan: Scanner::new(from, max_message),
             spill: Vec::new(),
+            chunk,
             unflushed: false,
             last_seen: Instant::now(),
             counters,
@@ -579,7 +578,9 @@ impl Pump {
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
     {
-        let mut buf = [MaybeUninit::<u8>::uninit(); CHUNK];
+        // On the stack, so it costs an idle session nothing.
+        let mut buf = [MaybeUninit::<u8>::uninit(); chunked::MAX_CHUNK];
+        let buf = &mut buf[..self.chunk];
         let mut seen = Vec::new();
         for _ in 0..READS_PER_TURN {
             match self.poll_drain(dst, cx) {
@@ -588,7 +589,7 @@ impl Pump {
                 // `dst` is full: leave `src` unread.
                 Poll::Pending => return self.flush_then_pending(dst, cx),
             }
-            let mut read = ReadBuf::uninit(&mut buf);
+            let mut read = ReadBuf::uninit(buf);
             match Pin::new(&mut *src).poll_read(cx, &mut read) {
                 Poll::Pending => return self.flush_then_pending(dst, cx),
                 Poll::Ready(Err(e)) => return Poll::Ready(PumpEnd::Read(e)),
@@ -663,14 +664,17 @@ where
     let metrics = &*session.metrics;
     let cancel = session.guard.handle.cancel.clone();
     let max = ws.max_message_size.bytes() as u64;
+    let chunk = chunked::read_chunk(ws.read_buffer_size.bytes());
     let mut up = Pump::new(
         Side::Client,
         max,
+        chunk,
         metrics.message_counters(name, Direction::ClientToUpstream),
     );
     let mut down = Pump::new(
         Side::Upstream,
         max,
+        chunk,
         metrics.message_counters(name, Direction::UpstreamToClient),
     );
     info!(
@@ -861,8 +865,8 @@ fn poll_discard<X>(
 where
     X: AsyncRead + Unpin,
 {
-    let mut buf = [MaybeUninit::<u8>::uninit(); CHUNK];
-    let mut read = ReadBuf::uninit(&mut buf);
+    let mut buf = [MaybeUninit::<u8>::uninit(); chunked::MAX_CHUNK];
+    let mut read = ReadBuf::uninit(&mut buf[..from.chunk]);
     match std::task::ready!(Pin::new(&mut *x).poll_read(cx, &mut read)) {
         Ok(()) if !read.filled().is_empty() => {}
         _ => return Poll::Ready(false),

@@ -23,6 +23,8 @@ use std::time::Duration;
 use futures_util::{Sink, Stream};
 use muxgate_backend::protocol::{self, Encoding, Frame, Open, Payload};
 use tokio::sync::mpsc;
+
+use super::inbox::SendError;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_util::sync::CancellationToken;
@@ -57,16 +59,12 @@ pub enum ConnCmd {
     },
 }
 
-/// How a connection reaches a session.
-#[derive(Clone)]
-pub struct SessionLink {
-    /// Toward the client, `client_queue` deep; full means slow consumer.
-    pub to_client: mpsc::Sender<ToClient>,
-    /// Signals that must not wait behind a full `to_client`.
-    pub control: mpsc::Sender<Control>,
-}
+/// How a connection reaches a session: its inbox, `client_queue` deep
+/// (full means slow consumer), with signals that pass the queue.
+pub type SessionLink = super::inbox::InboxSender;
 
 /// An item in a session's queue toward its client, in upstream order.
+#[derive(Debug)]
 pub enum ToClient {
     Message(Payload),
     /// The upstream closed the session (code already made valid for clients).
@@ -77,6 +75,7 @@ pub enum ToClient {
 }
 
 /// Out-of-band news for a session.
+#[derive(Debug)]
 pub enum Control {
     /// Its queue toward the client was full (mux-protocol §6).
     SlowConsumer,
@@ -319,10 +318,10 @@ impl MuxConn {
                 Some(link) => {
                     let code = close::client_code(code);
                     let reason = close::truncate_reason(&reason).to_owned();
-                    if let Err(mpsc::error::TrySendError::Full(ToClient::Close { code, reason })) =
-                        link.to_client.try_send(ToClient::Close { code, reason })
+                    if let Err(SendError::Full(ToClient::Close { code, reason })) =
+                        link.try_send(ToClient::Close { code, reason })
                     {
-                        let _ = link.control.try_send(Control::Close { code, reason });
+                        link.signal(Control::Close { code, reason });
                     }
                 }
                 None => self.unknown_session(session),
@@ -362,15 +361,15 @@ impl MuxConn {
     /// Queues an item for a session; false when the session must be
     /// forgotten (slow consumer, or already gone).
     fn deliver(&self, link: &SessionLink, item: ToClient) -> bool {
-        match link.to_client.try_send(item) {
+        match link.try_send(item) {
             Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => {
+            Err(SendError::Full(_)) => {
                 self.metrics
                     .mux_frame_dropped(&self.upstream, "slow_consumer");
-                let _ = link.control.try_send(Control::SlowConsumer);
+                link.signal(Control::SlowConsumer);
                 false
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => {
+            Err(SendError::Closed(_)) => {
                 self.metrics
                     .mux_frame_dropped(&self.upstream, "session_closed");
                 false
@@ -409,9 +408,7 @@ impl MuxConn {
             let lost = Control::ConnLost {
                 unsent: unsent.remove(&id).unwrap_or_default(),
             };
-            // The session reads its control queue promptly; a session that
-            // has ended has dropped its receiver and this returns at once.
-            let _ = tokio::time::timeout(Duration::from_secs(1), link.control.send(lost)).await;
+            link.signal(lost);
         }
     }
 }

@@ -7,9 +7,11 @@
 //!   with backoff and jitter, least-loaded binding (§1, §5.4);
 //! - [`conn`]: one connection's reader/writer, dispatch to sessions,
 //!   broadcast, slow consumers, hand-back of unwritten frames (§3, §5, §6);
-//! - [`session`]: one client, its backpressure and re-binding (§2, §5, §6).
+//! - [`session`]: one client, its backpressure and re-binding (§2, §5, §6);
+//! - [`inbox`]: what a connection hands a session, queue and signals.
 
 pub mod conn;
+pub mod inbox;
 pub mod pool;
 pub mod session;
 

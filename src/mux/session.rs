@@ -27,7 +27,8 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 use tracing::{debug, info};
 
-use super::conn::{ConnCmd, Control, SessionLink, ToClient};
+use super::conn::{ConnCmd, Control, ToClient};
+use super::inbox::{inbox, Inbox, Next};
 use super::pool::{Binding, MuxPool};
 use crate::close;
 use crate::config::WebSocketSettings;
@@ -42,8 +43,6 @@ type CloseCode = (u16, String);
 
 /// Queued upstream messages written to the client per flush.
 const WRITE_BURST: usize = 64;
-/// Depth of the out-of-band control queue (at most a couple of signals live).
-const CONTROL_QUEUE: usize = 8;
 
 /// Everything a multiplexed session owns.
 pub struct MuxSession {
@@ -175,7 +174,7 @@ fn on_control(
 }
 
 /// Runs the session until it ends.
-pub async fn run<C>(mut session: MuxSession, mut client: WebSocketStream<C>)
+pub async fn run<C>(mut session: Box<MuxSession>, mut client: WebSocketStream<C>)
 where
     C: AsyncRead + AsyncWrite + Unpin,
 {
@@ -187,12 +186,7 @@ where
     let metrics = &session.metrics;
     let up_counters = metrics.message_counters(&name, Direction::ClientToUpstream);
     let down_counters = metrics.message_counters(&name, Direction::UpstreamToClient);
-    let (to_client_tx, mut to_client) = mpsc::channel(ws.client_queue);
-    let (control_tx, mut control) = mpsc::channel(CONTROL_QUEUE);
-    let link = SessionLink {
-        to_client: to_client_tx,
-        control: control_tx,
-    };
+    let (link, inbox) = inbox(ws.client_queue);
     info!(session = %id, upstream = %name, mode = "multiplexed", remote = %session.remote, request_id = %session.request_id, "session opened");
 
     let mut bound = Bound::No {
@@ -228,23 +222,27 @@ where
         tokio::select! {
             biased;
             _ = cancel.cancelled() => break Ending::Shutdown,
-            Some(ctl) = control.recv() => {
-                if let Some(ending) = on_control(ctl, &mut carry, &mut bound, ws) {
-                    break ending;
-                }
-                debug!(session = %id, held = carry.len(), "mux connection lost; re-binding");
-            }
-            Some(item) = to_client.recv() => {
+            next = inbox.recv() => {
+                let item = match next {
+                    Next::Signal(ctl) => {
+                        if let Some(ending) = on_control(ctl, &mut carry, &mut bound, ws) {
+                            break ending;
+                        }
+                        debug!(session = %id, held = carry.len(), "mux connection lost; re-binding");
+                        continue;
+                    }
+                    Next::Item(item) => item,
+                };
                 // A client that stops reading must not hide the signals
                 // that end it (slow consumer, shutdown) behind a stuck write.
-                let write = write_burst(&mut client, item, &mut to_client, &mut hooks, &down_counters, &mut sent_down);
+                let write = write_burst(&mut client, item, &inbox, &mut hooks, &down_counters, &mut sent_down);
                 tokio::pin!(write);
                 let mut lost = None;
                 let outcome = loop {
                     tokio::select! {
                         biased;
                         _ = cancel.cancelled() => break Err(Ending::Shutdown),
-                        Some(ctl) = control.recv(), if lost.is_none() => match ctl {
+                        ctl = inbox.signal(), if lost.is_none() => match ctl {
                             Control::ConnLost { .. } => lost = Some(ctl),
                             other => break Err(on_control(other, &mut carry, &mut bound, ws).expect("ends the session")),
                         },
@@ -433,14 +431,7 @@ where
                 )
             }
         };
-    let dropped_down = {
-        to_client.close();
-        let mut n = 0u64;
-        while to_client.try_recv().is_ok() {
-            n += 1;
-        }
-        n
-    };
+    let dropped_down = inbox.close() as u64;
     metrics.messages_dropped(
         &name,
         Direction::UpstreamToClient,
@@ -516,7 +507,7 @@ enum BurstEnd {
 async fn write_burst<C>(
     client: &mut WebSocketStream<C>,
     first: ToClient,
-    queue: &mut mpsc::Receiver<ToClient>,
+    inbox: &Inbox,
     hooks: &mut SessionHooks,
     counters: &crate::metrics::MessageCounters,
     sent: &mut u64,
@@ -558,7 +549,7 @@ where
             }
         }
         if n < WRITE_BURST {
-            item = queue.try_recv().ok();
+            item = inbox.try_item();
         }
     }
     client.flush().await?;
