@@ -297,7 +297,7 @@ fn session_hooks(
 /// The client's WebSocket, once hyper has handed over the upgraded
 /// connection; reads go through [`ChunkedRead`], so an idle client holds
 /// only a small decoder buffer.
-async fn client_socket(
+pub(crate) async fn client_socket(
     on_upgrade: hyper::upgrade::OnUpgrade,
     config: WebSocketConfig,
 ) -> Result<WebSocketStream<ClientIo>, hyper::Error> {
@@ -412,15 +412,8 @@ async fn accept(
         app.metrics
             .handshake_completed(&upstream.name, started.elapsed());
         // As for direct sessions: the future holds the box, not copies.
-        app.shutdown.spawn(async move {
-            let config = session.upstream.socket_config;
-            match client_socket(on_upgrade, config).await {
-                Ok(client) => crate::mux::session::run(session, client).await,
-                Err(error) => {
-                    debug!(session = %session.guard.handle.id, %error, "client upgrade failed")
-                }
-            }
-        });
+        app.shutdown
+            .spawn(crate::mux::session::run(session, on_upgrade));
         return Ok(response);
     }
 

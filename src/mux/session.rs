@@ -173,11 +173,18 @@ fn on_control(
     }
 }
 
-/// Runs the session until it ends.
-pub async fn run<C>(mut session: Box<MuxSession>, mut client: WebSocketStream<C>)
-where
-    C: AsyncRead + AsyncWrite + Unpin,
-{
+/// Takes the client's upgraded connection and runs the session until it
+/// ends. The client's socket is made here, not passed in, so that the
+/// task's future holds it once.
+pub async fn run(mut session: Box<MuxSession>, on_upgrade: hyper::upgrade::OnUpgrade) {
+    let config = session.upstream.socket_config;
+    let mut client = match crate::handshake::client_socket(on_upgrade, config).await {
+        Ok(client) => client,
+        Err(error) => {
+            debug!(session = %session.guard.handle.id, %error, "client upgrade failed");
+            return;
+        }
+    };
     let mut hooks = std::mem::take(&mut session.hooks);
     let ws: &WebSocketSettings = &session.upstream.config.websocket_config;
     let name = Arc::clone(&session.upstream.name);
@@ -265,9 +272,10 @@ where
                 }
             }
             // Bind (or re-bind) to a live connection.
+            // Boxed: binding is rare, and its future is large.
             binding = async {
                 match bind {
-                    Some((pool, deadline)) => pool.bind_by(deadline).await,
+                    Some((pool, deadline)) => Box::pin(async move { pool.bind_by(deadline).await }).await,
                     None => std::future::pending().await,
                 }
             }, if matches!(bound, Bound::No { .. }) => {
@@ -359,7 +367,8 @@ where
                 }
                 if now >= next_ping {
                     next_ping = now + ws.ping_period;
-                    match tokio::time::timeout(ws.pong_wait, client.send(Message::Ping(Default::default()))).await {
+                    let ping = tokio::time::timeout(ws.pong_wait, client.send(Message::Ping(Default::default())));
+                    match Box::pin(ping).await {
                         Ok(Ok(())) => {}
                         Ok(Err(e)) => break Ending::ClientGone { cause: format!("pinging client: {e}"), ping_timeout: false },
                         Err(_) => break Ending::ClientGone { cause: "stopped reading".into(), ping_timeout: true },
@@ -369,7 +378,35 @@ where
         }
     };
 
-    // === the end ===
+    // Boxed: the end's futures need not weigh on every idle session.
+    Box::pin(finish(
+        session,
+        client,
+        inbox,
+        bound,
+        carry,
+        ending,
+        (sent_up, sent_down),
+    ))
+    .await;
+}
+
+/// Closes both sides as `ending` says and logs the session's end.
+async fn finish<C>(
+    session: Box<MuxSession>,
+    mut client: WebSocketStream<C>,
+    inbox: Inbox,
+    bound: Bound,
+    carry: VecDeque<Payload>,
+    ending: Ending,
+    (sent_up, sent_down): (u64, u64),
+) where
+    C: AsyncRead + AsyncWrite + Unpin,
+{
+    let ws: &WebSocketSettings = &session.upstream.config.websocket_config;
+    let name = Arc::clone(&session.upstream.name);
+    let id = session.guard.handle.id;
+    let metrics = &session.metrics;
     let details = ws.return_error_details;
     let (to_client_frame, to_upstream, cause): (Option<CloseCode>, Option<CloseCode>, String) =
         match ending {
