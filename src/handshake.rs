@@ -456,13 +456,7 @@ async fn accept(
         request_id,
         remote,
     });
-    // Everything this future holds, it holds for the session's life: only
-    // the box and the connection, not copies of the config.
-    app.shutdown.spawn(async move {
-        match on_upgrade.await {
-            Ok(client) => direct::run(session, TokioIo::new(client), connected).await,
-            Err(error) => Box::pin(direct::abandon(session, connected, error)).await,
-        }
-    });
+    app.shutdown
+        .spawn(direct::relay(session, on_upgrade, connected));
     Ok(response)
 }

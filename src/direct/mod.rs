@@ -32,6 +32,12 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 use tracing::{debug, info, warn};
 
+use std::future::Future;
+
+use futures_util::future::Either;
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+
 use crate::chunked::ChunkedRead;
 use crate::close;
 use crate::limits::ConnectionPermit;
@@ -373,26 +379,41 @@ where
     }
 }
 
-/// Relays between the upgraded `client` connection and the upstream until
-/// the session ends, then closes both sides with the right codes: frame by
-/// frame when no message plugin needs whole messages, else message by
-/// message.
-pub async fn run<C>(session: Box<DirectSession>, client: C, upstream: Connected)
-where
-    C: AsyncRead + AsyncWrite + Unpin,
-{
+/// The session's task, ready to spawn: it relays between the client, once
+/// its upgrade completes, and the upstream until the session ends, then
+/// closes both sides with the right codes. Frame by frame when no message
+/// plugin needs whole messages, else message by message (boxed: its
+/// larger future must not set the size of every session's task).
+pub fn relay(
+    session: Box<DirectSession>,
+    on_upgrade: OnUpgrade,
+    upstream: Connected,
+) -> impl Future<Output = ()> + Send + 'static {
     let hooks = &session.hooks;
-    if !hooks.has_pre_request() && !hooks.has_post_response() {
-        return passthrough::run(session, client, upstream.io).await;
+    if hooks.has_pre_request() || hooks.has_post_response() {
+        Either::Right(Box::pin(relay_messages_after_upgrade(
+            session, on_upgrade, upstream,
+        )))
+    } else {
+        Either::Left(passthrough::run(session, on_upgrade, upstream))
     }
+}
+
+async fn relay_messages_after_upgrade(
+    session: Box<DirectSession>,
+    on_upgrade: OnUpgrade,
+    upstream: Connected,
+) {
+    let client = match on_upgrade.await {
+        Ok(client) => TokioIo::new(client),
+        Err(error) => return abandon(session, upstream, error).await,
+    };
     let config = session.upstream.socket_config;
     let client = ChunkedRead::new(client, config.read_buffer_size);
     let decoder = config.read_buffer_size(crate::chunked::DECODER_BUFFER);
     let client = WebSocketStream::from_raw_socket(client, Role::Server, Some(decoder)).await;
     let upstream_ws = upstream.websocket(config).await;
-    // Boxed, so that the frame relay's sessions do not carry this larger
-    // future's layout in their own.
-    Box::pin(relay_messages(session, client, upstream_ws)).await
+    relay_messages(session, client, upstream_ws).await
 }
 
 /// The client's upgrade failed after the upstream was connected: closes

@@ -33,8 +33,12 @@ use tokio_tungstenite::tungstenite::protocol::frame::{Frame, FrameHeader};
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tracing::{debug, info};
 
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+
 use super::{conclude, log_end, DirectSession, LegSummary, Stop};
 use crate::metrics::{Direction, MessageCounters, Metrics, Side};
+use crate::upstream::Connected;
 use crate::{chunked, close};
 
 /// Reads per direction before yielding, so one busy direction cannot
@@ -654,11 +658,12 @@ fn stop_of(end: PumpEnd, from: Side, to: Side, closed: bool) -> Stop {
 
 /// Relays between `client` and `upstream` frame by frame until the session
 /// ends, then closes both sides as [`super::decide`] says.
-pub async fn run<C, U>(session: Box<DirectSession>, mut client: C, mut upstream: U)
-where
-    C: AsyncRead + AsyncWrite + Unpin,
-    U: AsyncRead + AsyncWrite + Unpin,
-{
+pub async fn run(session: Box<DirectSession>, on_upgrade: OnUpgrade, connected: Connected) {
+    let mut client = match on_upgrade.await {
+        Ok(client) => TokioIo::new(client),
+        Err(error) => return Box::pin(super::abandon(session, connected, error)).await,
+    };
+    let mut upstream = connected.io;
     let ws = &session.upstream.config.websocket_config;
     let name = &*session.upstream.name;
     let metrics = &*session.metrics;
