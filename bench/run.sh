@@ -19,14 +19,16 @@
 # Installs nginx, haproxy and a font from apt if missing (bench/deps.sh).
 #
 # Usage: bench/run.sh   Settings come from the environment [defaults]:
-#   BENCH_DURATION [10s]  each latency and throughput run, after BENCH_WARMUP [2s]
+#   BENCH_DURATION [5s]   each latency and throughput run, after BENCH_WARMUP [2s]
+#   BENCH_ROUNDS [3]      rounds over all paths, interleaved; each number is the median
 #   BENCH_RATE [5000]     messages/s of the latency runs
 #   BENCH_IDLE_DIRECT [5000], BENCH_IDLE_MUX [19000]   idle sessions
 #   BENCH_OUT [repo root] where BENCHMARKS.md, bench/results.tsv and bench/charts/ go
 #   BENCH_BIN             take the binaries from this directory, no release build
 #   BENCH_PORT_BASE       7 consecutive ports from this one [3100 8280 8380 8180 8181 9190 9191]
 set -euo pipefail
-duration=${BENCH_DURATION:-10s}
+duration=${BENCH_DURATION:-5s}
+rounds=${BENCH_ROUNDS:-3}
 warmup=${BENCH_WARMUP:-2s}
 rate=${BENCH_RATE:-5000}
 idle_direct=${BENCH_IDLE_DIRECT:-5000}
@@ -144,23 +146,40 @@ for name in "${proxies[@]}"; do
   echo "$name: $n idle sessions, ${res[idle_bytes_per_session/$name]} B each, ${res[upstream_sockets/$name]} upstream sockets, at most ${res[open_files/$name]} open files in one process"
 done
 
+# Runs 2 and 3 go round the paths $rounds times, interleaved, and keep
+# each number's median: this machine's speed drifts by 20-30% within
+# minutes (other tenants), so one run per path would rank the drift.
+declare -A runs
+# sample MEASURE PATH VALUE: one round's number.
+sample() { runs[$1/$2]+="$3 "; }
+median() { tr ' ' '\n' <<<"$1" | grep . | sort -n | awk '{ v[NR] = $1 } END { m = (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2; print m }'; }
+
 # 2. Latency at a fixed rate, well under every path's saturation.
-for name in "${order[@]}"; do
-  line=$("$bin/loadgen" latency --url "${url[$name]}" -c 100 --size 64 --rate "$rate" --duration "$duration" --warmup "$warmup")
-  echo "$name latency: $line"
-  record latency_achieved_per_sec "$name" "$(field achieved_per_sec "$line")"
-  record latency_lost "$name" "$(field lost "$line")"
-  for q in p50 p99 p999; do record "latency_${q}_us" "$name" "$(field "${q}_us" "$line")"; done
+for round in $(seq "$rounds"); do
+  for name in "${order[@]}"; do
+    line=$("$bin/loadgen" latency --url "${url[$name]}" -c 100 --size 64 --rate "$rate" --duration "$duration" --warmup "$warmup")
+    echo "round $round, $name latency: $line"
+    sample latency_achieved_per_sec "$name" "$(field achieved_per_sec "$line")"
+    sample latency_lost "$name" "$(field lost "$line")"
+    for q in p50 p99 p999; do sample "latency_${q}_us" "$name" "$(field "${q}_us" "$line")"; done
+  done
 done
 
 # 3. Throughput: one message in flight per connection.
-for name in "${order[@]}"; do
+for round in $(seq "$rounds"); do
   for size in 64 4096; do
-    line=$("$bin/loadgen" echo --url "${url[$name]}" -c 100 --size "$size" --duration "$duration" --warmup "$warmup")
-    echo "$name echo $size B: $line"
-    record "echo_$([ "$size" = 64 ] && echo 64 || echo 4k)_per_sec" "$name" "$(field round_trips_per_sec "$line")"
+    for name in "${order[@]}"; do
+      line=$("$bin/loadgen" echo --url "${url[$name]}" -c 100 --size "$size" --duration "$duration" --warmup "$warmup")
+      echo "round $round, $name echo $size B: $line"
+      sample "echo_$([ "$size" = 64 ] && echo 64 || echo 4k)_per_sec" "$name" "$(field round_trips_per_sec "$line")"
+    done
   done
 done
+for key in "${!runs[@]}"; do
+  record "${key%/*}" "${key#*/}" "$(median "${runs[$key]}")"
+done
+# The spread of each throughput, for the report: lowest-highest over the rounds.
+spread() { tr ' ' '\n' <<<"${runs[$1/$2]}" | grep . | sort -n | awk 'NR == 1 { lo = $1 } { hi = $1 } END { print lo "-" hi }'; }
 
 # The results file, path by path in the tables' order (the charts keep it).
 results=$out/bench/results.tsv
@@ -226,13 +245,14 @@ rev=$(git -C "$root" describe --always --dirty)
   echo
   echo "## Throughput"
   echo
-  echo "Echo round trips per second, 100 connections, one message in flight on each, $duration after $warmup of warm-up."
+  echo "Echo round trips per second, 100 connections, one message in flight on each, $duration after $warmup of warm-up;"
+  echo "the median of $rounds rounds that visit every path in turn (their range in brackets)."
   echo
   echo "| path | 64 B, rt/s | vs NGINX | vs no proxy | 4 KiB, rt/s | vs NGINX | vs no proxy |"
   echo "| --- | --- | --- | --- | --- | --- | --- |"
   for name in "${order[@]}"; do
     a=${res[echo_64_per_sec/$name]} b=${res[echo_4k_per_sec/$name]}
-    echo "| $name | $a | $(ratio "$a" "${res[echo_64_per_sec/nginx]}") | $(ratio "$a" "${res[echo_64_per_sec/none]}") | $b | $(ratio "$b" "${res[echo_4k_per_sec/nginx]}") | $(ratio "$b" "${res[echo_4k_per_sec/none]}") |"
+    echo "| $name | $a ($(spread echo_64_per_sec "$name")) | $(ratio "$a" "${res[echo_64_per_sec/nginx]}") | $(ratio "$a" "${res[echo_64_per_sec/none]}") | $b ($(spread echo_4k_per_sec "$name")) | $(ratio "$b" "${res[echo_4k_per_sec/nginx]}") | $(ratio "$b" "${res[echo_4k_per_sec/none]}") |"
   done
   echo
   echo "![Echo throughput](bench/charts/throughput.png)"
@@ -240,14 +260,15 @@ rev=$(git -C "$root" describe --always --dirty)
   echo "## Latency"
   echo
   echo "Open loop at $rate messages/s in total, spread evenly over 100 connections, 64 B, $duration after $warmup"
-  echo "of warm-up. Each latency counts from the instant the message was scheduled, not sent, so a stall"
-  echo "delays every message behind it (no coordinated omission). The ratios are of p99."
+  echo "of warm-up, the median of $rounds interleaved rounds (p99 range in brackets). Each latency counts from"
+  echo "the instant the message was scheduled, not sent, so a stall delays every message behind it (no"
+  echo "coordinated omission). The ratios are of p99."
   echo
   echo "| path | achieved msg/s | lost | p50 µs | p99 µs | p99.9 µs | p99 vs NGINX | p99 vs no proxy |"
   echo "| --- | --- | --- | --- | --- | --- | --- | --- |"
   for name in "${order[@]}"; do
     p99=${res[latency_p99_us/$name]}
-    echo "| $name | ${res[latency_achieved_per_sec/$name]} | ${res[latency_lost/$name]} | ${res[latency_p50_us/$name]} | $p99 | ${res[latency_p999_us/$name]} | $(ratio "$p99" "${res[latency_p99_us/nginx]}") | $(ratio "$p99" "${res[latency_p99_us/none]}") |"
+    echo "| $name | ${res[latency_achieved_per_sec/$name]} | ${res[latency_lost/$name]} | ${res[latency_p50_us/$name]} | $p99 ($(spread latency_p99_us "$name")) | ${res[latency_p999_us/$name]} | $(ratio "$p99" "${res[latency_p99_us/nginx]}") | $(ratio "$p99" "${res[latency_p99_us/none]}") |"
   done
   echo
   echo "![Latency at a fixed rate](bench/charts/latency.png)"

@@ -39,6 +39,8 @@ fn run_sh_writes_every_number_and_chart() {
         .env("BENCH_OUT", &out)
         .env("BENCH_DURATION", "300ms")
         .env("BENCH_WARMUP", "100ms")
+        // Two rounds, so the medians are of more than one number.
+        .env("BENCH_ROUNDS", "2")
         .env("BENCH_RATE", "1000")
         .env("BENCH_IDLE_DIRECT", "200")
         .env("BENCH_IDLE_MUX", "200")
@@ -91,7 +93,7 @@ fn run_sh_writes_every_number_and_chart() {
     for row in rows {
         for cell in &row[1..] {
             assert!(
-                cell.parse::<f64>().is_ok(),
+                is_number_cell(cell),
                 "not a number: {cell:?} in the row {row:?}\n{report}"
             );
         }
@@ -210,4 +212,20 @@ fn check_png(file: &Path) {
         .filter(|&&b| b != 255)
         .count();
     assert!(drawn > 1000, "{} is blank", file.display());
+}
+
+/// A number, optionally followed by the range of the rounds it is the
+/// median of: `14867.5 (13878-15857)`.
+fn is_number_cell(cell: &str) -> bool {
+    let (value, range) = match cell.split_once(" (") {
+        Some((value, range)) => (value, Some(range)),
+        None => (cell, None),
+    };
+    let number = |s: &str| s.parse::<f64>().is_ok();
+    number(value)
+        && range.is_none_or(|r| {
+            r.strip_suffix(')')
+                .and_then(|r| r.split_once('-'))
+                .is_some_and(|(lo, hi)| number(lo) && number(hi))
+        })
 }
