@@ -204,7 +204,12 @@ impl Scanner {
     /// Follows `chunk`, noting in `out` what to write on and in `seen` what
     /// completed. Stops at the first frame that breaks the rules; nothing
     /// of that frame is passed on.
-    fn scan(&mut self, chunk: &[u8], out: &mut Out, seen: &mut Vec<Seen>) -> Result<(), WsError> {
+    fn scan(
+        &mut self,
+        chunk: &[u8],
+        out: &mut Out,
+        seen: &mut impl FnMut(Seen),
+    ) -> Result<(), WsError> {
         let mut at = 0;
         while at < chunk.len() {
             let Some(frame) = &mut self.frame else {
@@ -331,14 +336,14 @@ impl Scanner {
         }
     }
 
-    fn end_frame(&mut self, out: &mut Out, seen: &mut Vec<Seen>) -> Result<(), WsError> {
+    fn end_frame(&mut self, out: &mut Out, seen: &mut impl FnMut(Seen)) -> Result<(), WsError> {
         let frame = self.frame.take().expect("a frame in progress");
         if frame.ends_message {
             if let Some((kind, len)) = self.message.take() {
                 if kind == Kind::Text {
                     self.utf8.finish()?;
                 }
-                seen.push(Seen::Message { kind, len });
+                seen(Seen::Message { kind, len });
             }
         }
         let Some(mut bytes) = frame.held else {
@@ -370,7 +375,7 @@ impl Scanner {
             encode(Frame::close(Some(replaced)), &mut bytes);
         }
         self.closed = Some(code);
-        seen.push(Seen::Close { code });
+        seen(Seen::Close { code });
         out.own(&bytes);
         Ok(())
     }
@@ -489,26 +494,40 @@ impl Pump {
         true
     }
 
-    fn note(&mut self, seen: &mut Vec<Seen>, metrics: &Metrics, upstream: &str) {
-        for s in seen.drain(..) {
-            match s {
-                Seen::Message { kind, len } => {
-                    self.messages_read += 1;
-                    match kind {
-                        Kind::Text => self.counters.text(len as usize),
-                        Kind::Binary => self.counters.binary(len as usize),
-                    }
-                }
-                Seen::Close { code } => {
-                    let sent = match self.to() {
-                        Side::Client => close::client_code(code),
-                        Side::Upstream => code,
-                    };
-                    self.sent_close = Some(sent);
-                    metrics.close_sent(upstream, self.to(), sent);
+    /// Scans `chunk` (see [`Scanner::scan`]), counting what completes as
+    /// it goes.
+    fn scan(
+        &mut self,
+        chunk: &[u8],
+        out: &mut Out,
+        metrics: &Metrics,
+        upstream: &str,
+    ) -> Result<(), WsError> {
+        let to = self.to();
+        let Pump {
+            scan,
+            counters,
+            messages_read,
+            sent_close,
+            ..
+        } = self;
+        scan.scan(chunk, out, &mut |seen| match seen {
+            Seen::Message { kind, len } => {
+                *messages_read += 1;
+                match kind {
+                    Kind::Text => counters.text(len as usize),
+                    Kind::Binary => counters.binary(len as usize),
                 }
             }
-        }
+            Seen::Close { code } => {
+                let sent = match to {
+                    Side::Client => close::client_code(code),
+                    Side::Upstream => code,
+                };
+                *sent_close = Some(sent);
+                metrics.close_sent(upstream, to, sent);
+            }
+        })
     }
 
     /// Writes the spill to `dst` as far as it will take it.
@@ -585,7 +604,6 @@ impl Pump {
         // On the stack, so it costs an idle session nothing.
         let mut buf = [MaybeUninit::<u8>::uninit(); chunked::MAX_CHUNK];
         let buf = &mut buf[..self.chunk];
-        let mut seen = Vec::new();
         for _ in 0..READS_PER_TURN {
             match self.poll_drain(dst, cx) {
                 Poll::Ready(Ok(())) => {}
@@ -605,8 +623,7 @@ impl Pump {
             self.last_seen = Instant::now();
             let chunk = read.filled();
             let mut out = Out::default();
-            let scanned = self.scan.scan(chunk, &mut out, &mut seen);
-            self.note(&mut seen, metrics, upstream);
+            let scanned = self.scan(chunk, &mut out, metrics, upstream);
             // What came before a bad frame is still written.
             let written = self
                 .write_or_spill(dst, cx, &chunk[out.direct.clone()])
@@ -876,14 +893,12 @@ where
         Ok(()) if !read.filled().is_empty() => {}
         _ => return Poll::Ready(false),
     }
-    let mut seen = Vec::new();
+    let mut dropped = 0u64;
     let scanned = from
         .scan
-        .scan(read.filled(), &mut Out::default(), &mut seen);
-    let dropped = seen
-        .iter()
-        .filter(|s| matches!(s, Seen::Message { .. }))
-        .count() as u64;
+        .scan(read.filled(), &mut Out::default(), &mut |seen| {
+            dropped += u64::from(matches!(seen, Seen::Message { .. }));
+        });
     let direction = match from.scan.from {
         Side::Client => Direction::ClientToUpstream,
         Side::Upstream => Direction::UpstreamToClient,
@@ -922,7 +937,7 @@ mod tests {
         let (mut written, mut seen) = (Vec::new(), Vec::new());
         for piece in bytes.chunks(step) {
             let mut out = Out::default();
-            let r = scanner.scan(piece, &mut out, &mut seen);
+            let r = scanner.scan(piece, &mut out, &mut |s| seen.push(s));
             written.extend_from_slice(&piece[out.direct.clone()]);
             written.extend_from_slice(&out.owned);
             if r.is_err() {
