@@ -104,6 +104,14 @@ struct Scanner {
     /// The close code this side sent, once its close frame has passed.
     closed: Option<u16>,
     utf8: Utf8Check,
+    /// A frame broke the rules: nothing is passed on any more, but frames
+    /// are still followed, so the side's answer to the broker's close is
+    /// recognised behind the rest of the bad frame.
+    poisoned: bool,
+    /// The rule broken in the current [`Scanner::scan`], reported at its end.
+    error: Option<WsError>,
+    /// The stream cannot be followed any more (an unparseable header).
+    lost: bool,
 }
 
 /// Checks text that arrives in pieces: the end of a piece may cut a
@@ -193,6 +201,17 @@ impl Scanner {
             message: None,
             closed: None,
             utf8: Utf8Check::default(),
+            poisoned: false,
+            error: None,
+            lost: false,
+        }
+    }
+
+    /// Notes the first broken rule; from now on nothing is passed on.
+    fn poison(&mut self, error: WsError) {
+        if !self.poisoned {
+            self.poisoned = true;
+            self.error = Some(error);
         }
     }
 
@@ -202,8 +221,10 @@ impl Scanner {
     }
 
     /// Follows `chunk`, noting in `out` what to write on and in `seen` what
-    /// completed. Stops at the first frame that breaks the rules; nothing
-    /// of that frame is passed on.
+    /// completed. Returns the first broken rule; nothing from where it is
+    /// found on is passed on (see `poisoned`): none of a frame whose header
+    /// breaks a rule, and none of a text frame from the read that holds its
+    /// first bad byte.
     fn scan(
         &mut self,
         chunk: &[u8],
@@ -211,48 +232,67 @@ impl Scanner {
         seen: &mut impl FnMut(Seen),
     ) -> Result<(), WsError> {
         let mut at = 0;
-        while at < chunk.len() {
-            let Some(frame) = &mut self.frame else {
-                at = self.header(chunk, at, out)?;
-                if let Some(f) = &self.frame {
-                    if f.left == 0 {
-                        self.end_frame(out, seen)?;
-                    }
+        while at < chunk.len() && !self.lost {
+            if self.frame.is_none() {
+                at = self.header(chunk, at, out);
+                if self.frame.as_ref().is_some_and(|f| f.left == 0) {
+                    self.end_frame(out, seen);
                 }
                 continue;
-            };
+            }
+            let frame = self.frame.as_mut().expect("checked above");
             let take = frame.left.min((chunk.len() - at) as u64) as usize;
             let piece = &chunk[at..at + take];
+            let mut bad_text = None;
             if frame.text {
-                check_text(&mut self.utf8, piece, frame.mask, frame.offset)?;
-            }
-            match &mut frame.held {
-                Some(held) => held.extend_from_slice(piece),
-                None => out.pass(chunk, at..at + take),
+                if let Err(e) = check_text(&mut self.utf8, piece, frame.mask, frame.offset) {
+                    frame.text = false;
+                    bad_text = Some(e);
+                }
             }
             frame.offset += take;
             frame.left -= take as u64;
+            let ends = frame.left == 0;
+            match (&mut frame.held, bad_text) {
+                (_, Some(e)) => self.poison(e),
+                (Some(held), None) => held.extend_from_slice(piece),
+                (None, None) if !self.poisoned => out.pass(chunk, at..at + take),
+                (None, None) => {}
+            }
             at += take;
-            if frame.left == 0 {
-                self.end_frame(out, seen)?;
+            if ends {
+                self.end_frame(out, seen);
             }
         }
-        Ok(())
+        self.error.take().map_or(Ok(()), Err)
     }
 
     /// Reads header bytes from `chunk[at..]`; returns where the payload
     /// starts (or the chunk's end, with the header still incomplete).
-    fn header(&mut self, chunk: &[u8], at: usize, out: &mut Out) -> Result<usize, WsError> {
+    fn header(&mut self, chunk: &[u8], at: usize, out: &mut Out) -> usize {
         let take = (MAX_HEADER - self.head_len).min(chunk.len() - at);
         let held = self.head_len;
         self.head[held..held + take].copy_from_slice(&chunk[at..at + take]);
         let mut cursor = Cursor::new(&self.head[..held + take]);
-        let Some((header, len)) = FrameHeader::parse(&mut cursor)? else {
-            self.head_len += take;
-            return Ok(chunk.len());
+        let (header, len) = match FrameHeader::parse(&mut cursor) {
+            Ok(Some(parsed)) => parsed,
+            Ok(None) => {
+                self.head_len += take;
+                return chunk.len();
+            }
+            Err(e) => {
+                // No length to skip by: the rest cannot be followed.
+                self.poison(e);
+                self.lost = true;
+                return chunk.len();
+            }
         };
         let header_len = cursor.position() as usize;
-        self.check(&header, len)?;
+        if !self.poisoned {
+            if let Err(e) = self.check(&header, len) {
+                self.poison(e);
+            }
+        }
         let from_chunk = header_len - held;
         let hold = matches!(
             header.opcode,
@@ -266,11 +306,11 @@ impl Scanner {
             text: false,
             offset: 0,
         };
-        if hold {
+        if hold && len <= MAX_CONTROL_PAYLOAD {
             let mut bytes = Vec::with_capacity(header_len + len as usize);
             bytes.extend_from_slice(&self.head[..header_len]);
             frame.held = Some(bytes);
-        } else {
+        } else if !self.poisoned {
             out.own(&self.head[..held]);
             out.pass(chunk, at..at + from_chunk);
         }
@@ -279,16 +319,17 @@ impl Scanner {
                 (Data::Text, _) => Kind::Text,
                 (Data::Binary, _) => Kind::Binary,
                 (_, Some((kind, _))) => kind,
-                (_, None) => unreachable!("checked: a continuation continues a message"),
+                // Only past a broken rule (checked otherwise).
+                (_, None) => Kind::Binary,
             };
             let size = self.message.map_or(0, |(_, size)| size) + len;
             self.message = Some((kind, size));
             frame.ends_message = header.is_final;
-            frame.text = kind == Kind::Text;
+            frame.text = kind == Kind::Text && !self.poisoned;
         }
         self.head_len = 0;
         self.frame = Some(frame);
-        Ok(at + from_chunk)
+        at + from_chunk
     }
 
     /// The rules the broker enforces; the peers check the rest (UTF-8,
@@ -336,18 +377,20 @@ impl Scanner {
         }
     }
 
-    fn end_frame(&mut self, out: &mut Out, seen: &mut impl FnMut(Seen)) -> Result<(), WsError> {
+    fn end_frame(&mut self, out: &mut Out, seen: &mut impl FnMut(Seen)) {
         let frame = self.frame.take().expect("a frame in progress");
         if frame.ends_message {
             if let Some((kind, len)) = self.message.take() {
                 if kind == Kind::Text {
-                    self.utf8.finish()?;
+                    if let Err(e) = self.utf8.finish() {
+                        self.poison(e);
+                    }
                 }
                 seen(Seen::Message { kind, len });
             }
         }
         let Some(mut bytes) = frame.held else {
-            return Ok(());
+            return;
         };
         let header_len = bytes.len() - payload_len(&bytes);
         let mut payload = bytes[header_len..].to_vec();
@@ -356,14 +399,17 @@ impl Scanner {
         }
         if bytes[0] & 0x0F != u8::from(OpCode::Control(Control::Close)) {
             // A pong: the answer to one of the broker's pings goes no further.
-            if payload != PING_PAYLOAD {
+            if payload != PING_PAYLOAD && !self.poisoned {
                 out.own(&bytes);
             }
-            return Ok(());
+            return;
         }
         let code = match payload.len() {
             0 => 1005,
-            1 => return Err(WsError::Protocol(ProtocolError::InvalidCloseSequence)),
+            1 => {
+                self.poison(WsError::Protocol(ProtocolError::InvalidCloseSequence));
+                1005
+            }
             _ => u16::from_be_bytes([payload[0], payload[1]]),
         };
         // A code a client may not receive is replaced, as the message relay
@@ -376,8 +422,9 @@ impl Scanner {
         }
         self.closed = Some(code);
         seen(Seen::Close { code });
-        out.own(&bytes);
-        Ok(())
+        if !self.poisoned {
+            out.own(&bytes);
+        }
     }
 }
 
@@ -1089,6 +1136,47 @@ mod tests {
             None,
         );
         assert_eq!(written, expected);
+    }
+
+    #[test]
+    fn past_a_broken_rule_nothing_passes_but_the_close_behind_it_is_seen() {
+        let close = wire(
+            Frame::close(Some(CloseFrame {
+                code: CloseCode::Normal,
+                reason: "".into(),
+            })),
+            MASK,
+        );
+        let bad_text = text(&[b'a', 0xff, b'b', b'c'], true, MASK);
+        let oversized = wire(
+            Frame::message(vec![1u8; 2000], OpCode::Data(Data::Binary), true),
+            MASK,
+        );
+        let ok = text(b"ok", true, MASK);
+        // What may pass: text before the bad byte (it went on before the
+        // byte arrived), none of a frame refused by its header.
+        for (bad, may_pass) in [(bad_text, 6 + 1), (oversized, 0)] {
+            let stream = [ok.clone(), bad, close.clone()].concat();
+            for step in [3, 64, 5000] {
+                let mut s = Scanner::new(Side::Client, 1024);
+                let (mut written, mut first_error) = (Vec::new(), None);
+                for piece in stream.chunks(step) {
+                    let mut out = Out::default();
+                    let r = s.scan(piece, &mut out, &mut |_| {});
+                    written.extend_from_slice(&piece[out.direct.clone()]);
+                    written.extend_from_slice(&out.owned);
+                    if let Err(e) = r {
+                        assert!(first_error.is_none(), "one error, reported once");
+                        first_error = Some(e);
+                    }
+                }
+                assert!(first_error.is_some(), "step {step}");
+                assert!(stream.starts_with(&written), "step {step}");
+                assert!(written.len() >= ok.len(), "step {step}");
+                assert!(written.len() <= ok.len() + may_pass, "step {step}");
+                assert_eq!(s.closed, Some(1000), "step {step}");
+            }
+        }
     }
 
     #[test]
