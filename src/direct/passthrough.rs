@@ -86,6 +86,8 @@ struct InFrame {
     text: bool,
     /// Payload bytes passed so far (where the mask's cycle stands).
     offset: usize,
+    /// A close frame (held, unless it is too big to be valid).
+    close: bool,
 }
 
 /// Follows the frames of one direction's byte stream.
@@ -273,7 +275,16 @@ impl Scanner {
         let take = (MAX_HEADER - self.head_len).min(chunk.len() - at);
         let held = self.head_len;
         self.head[held..held + take].copy_from_slice(&chunk[at..at + take]);
-        let mut cursor = Cursor::new(&self.head[..held + take]);
+        // tungstenite refuses a reserved opcode without saying the frame's
+        // length, which is needed to find the frame behind it: the opcode
+        // is checked here, and parsed as binary.
+        let mut head = self.head;
+        let opcode = head[0] & 0x0F;
+        let reserved = matches!(opcode, 3..=7 | 11..=15);
+        if reserved {
+            head[0] = (head[0] & 0xF0) | 0x2;
+        }
+        let mut cursor = Cursor::new(&head[..held + take]);
         let (header, len) = match FrameHeader::parse(&mut cursor) {
             Ok(Some(parsed)) => parsed,
             Ok(None) => {
@@ -287,6 +298,9 @@ impl Scanner {
                 return chunk.len();
             }
         };
+        if reserved {
+            self.poison(WsError::Protocol(ProtocolError::InvalidOpcode(opcode)));
+        }
         let header_len = cursor.position() as usize;
         if !self.poisoned {
             if let Err(e) = self.check(&header, len) {
@@ -305,10 +319,11 @@ impl Scanner {
             mask: header.mask,
             text: false,
             offset: 0,
+            close: !reserved && header.opcode == OpCode::Control(Control::Close),
         };
         if hold && len <= MAX_CONTROL_PAYLOAD {
             let mut bytes = Vec::with_capacity(header_len + len as usize);
-            bytes.extend_from_slice(&self.head[..header_len]);
+            bytes.extend_from_slice(&head[..header_len]);
             frame.held = Some(bytes);
         } else if !self.poisoned {
             out.own(&self.head[..held]);
@@ -390,6 +405,11 @@ impl Scanner {
             }
         }
         let Some(mut bytes) = frame.held else {
+            if frame.close {
+                // Too big to be valid, and refused: still, the side has
+                // closed and awaits no answer of ours but the end.
+                self.closed = Some(close::PROTOCOL_ERROR);
+            }
             return;
         };
         let header_len = bytes.len() - payload_len(&bytes);
@@ -1155,7 +1175,20 @@ mod tests {
         let ok = text(b"ok", true, MASK);
         // What may pass: text before the bad byte (it went on before the
         // byte arrived), none of a frame refused by its header.
-        for (bad, may_pass) in [(bad_text, 6 + 1), (oversized, 0)] {
+        let reserved_opcode = vec![0x83, 0x82, 1, 2, 3, 4, 9, 9];
+        let too_big_close = {
+            let mut f = close.clone();
+            f[1] = 0x80 | 126;
+            f.splice(2..2, [0, 126]);
+            f.extend(vec![0u8; 126 - (f.len() - 8)]);
+            f
+        };
+        for (bad, may_pass) in [
+            (bad_text, 6 + 1),
+            (oversized, 0),
+            (reserved_opcode, 0),
+            (too_big_close, 0),
+        ] {
             let stream = [ok.clone(), bad, close.clone()].concat();
             for step in [3, 64, 5000] {
                 let mut s = Scanner::new(Side::Client, 1024);
