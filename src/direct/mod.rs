@@ -678,10 +678,10 @@ struct LegSummary {
     sent_close: Option<u16>,
 }
 
-/// Logs the end of `session`, then releases its permit and registry entry
-/// (before the sockets close, so a client that sees its connection end
-/// can reconnect into the freed slot).
-fn log_end(session: Box<DirectSession>, cause: &str, client: LegSummary, upstream: LegSummary) {
+/// Logs the end of `session`. The caller drops the session next, before the
+/// sockets: that releases its permit and registry entry first, so a client
+/// that sees its connection end can reconnect into the freed slot.
+fn log_end(session: &DirectSession, cause: &str, client: LegSummary, upstream: LegSummary) {
     let handle = &session.guard.handle;
     info!(
         session = %handle.id,
@@ -734,7 +734,8 @@ where
         debug!(session = %session.guard.handle.id, "close handshake timed out");
     }
     let (client, upstream) = (c.summary(), u.summary());
-    log_end(session, &ending.cause, client, upstream);
+    log_end(&session, &ending.cause, client, upstream);
+    drop(session);
     drop(c);
     drop(u);
 }

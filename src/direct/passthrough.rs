@@ -110,8 +110,9 @@ struct Scanner {
     /// are still followed, so the side's answer to the broker's close is
     /// recognised behind the rest of the bad frame.
     poisoned: bool,
-    /// The rule broken in the current [`Scanner::scan`], reported at its end.
-    error: Option<WsError>,
+    /// The rule broken in the current [`Scanner::scan`], reported at its
+    /// end (boxed: it is rare, and every idle session carries the field).
+    error: Option<Box<WsError>>,
     /// The stream cannot be followed any more (an unparseable header).
     lost: bool,
 }
@@ -213,7 +214,7 @@ impl Scanner {
     fn poison(&mut self, error: WsError) {
         if !self.poisoned {
             self.poisoned = true;
-            self.error = Some(error);
+            self.error = Some(Box::new(error));
         }
     }
 
@@ -266,7 +267,7 @@ impl Scanner {
                 self.end_frame(out, seen);
             }
         }
-        self.error.take().map_or(Ok(()), Err)
+        self.error.take().map_or(Ok(()), |e| Err(*e))
     }
 
     /// Reads header bytes from `chunk[at..]`; returns where the payload
@@ -846,7 +847,9 @@ pub async fn run(session: Box<DirectSession>, on_upgrade: OnUpgrade, connected: 
         messages_read: down.messages_read,
         sent_close: up.sent_close,
     };
-    log_end(session, &ending.cause, client_summary, upstream_summary);
+    log_end(&session, &ending.cause, client_summary, upstream_summary);
+    // Before the sockets (see `log_end`).
+    drop(session);
 }
 
 /// Where the end of one side stands.

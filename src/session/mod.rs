@@ -42,8 +42,9 @@ impl fmt::Display for SessionId {
     }
 }
 
-/// What the registry knows of an open session. Cheap to clone.
-#[derive(Debug, Clone)]
+/// What the registry knows of an open session; shared (one allocation)
+/// between the registry and the session's guard.
+#[derive(Debug)]
 pub struct SessionHandle {
     pub id: SessionId,
     pub upstream: Arc<str>,
@@ -56,7 +57,7 @@ pub struct SessionHandle {
 
 /// The registry of open sessions.
 pub struct SessionManager {
-    sessions: DashMap<SessionId, SessionHandle>,
+    sessions: DashMap<SessionId, Arc<SessionHandle>>,
     metrics: Arc<Metrics>,
     shutdown: Shutdown,
 }
@@ -77,24 +78,24 @@ impl SessionManager {
         mode: Mode,
         remote: SocketAddr,
     ) -> SessionGuard {
-        let handle = SessionHandle {
+        let handle = Arc::new(SessionHandle {
             id: SessionId::new(),
             upstream,
             mode,
             remote,
             started: Instant::now(),
             cancel: self.shutdown.token(),
-        };
+        });
         self.metrics.session_opened(&handle.upstream, mode.as_str());
-        self.sessions.insert(handle.id, handle.clone());
+        self.sessions.insert(handle.id, Arc::clone(&handle));
         SessionGuard {
             manager: Arc::clone(self),
             handle,
         }
     }
 
-    /// A clone of the session's handle; never a reference into the map.
-    pub fn lookup(&self, id: SessionId) -> Option<SessionHandle> {
+    /// The session's handle; never a reference into the map.
+    pub fn lookup(&self, id: SessionId) -> Option<Arc<SessionHandle>> {
         self.sessions.get(&id).map(|h| h.clone())
     }
 
@@ -119,7 +120,7 @@ impl SessionManager {
 /// A registered session; dropping it unregisters the session.
 pub struct SessionGuard {
     manager: Arc<SessionManager>,
-    pub handle: SessionHandle,
+    pub handle: Arc<SessionHandle>,
 }
 
 impl Drop for SessionGuard {
