@@ -148,15 +148,18 @@ done
 
 # Runs 2 and 3 go round the paths $rounds times, interleaved, and keep
 # each number's median: this machine's speed drifts by 20-30% within
-# minutes (other tenants), so one run per path would rank the drift.
+# minutes (other tenants), so one run per path would rank the drift. Each
+# round starts one path later, so no path always follows the same one.
 declare -A runs
+# rotated ROUND: the paths in the order of that round.
+rotated() { local k=$(( ($1 - 1) % ${#order[@]} )); echo "${order[@]:k}" "${order[@]:0:k}"; }
 # sample MEASURE PATH VALUE: one round's number.
 sample() { runs[$1/$2]+="$3 "; }
 median() { tr ' ' '\n' <<<"$1" | grep . | sort -n | awk '{ v[NR] = $1 } END { m = (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2; print m }'; }
 
 # 2. Latency at a fixed rate, well under every path's saturation.
 for round in $(seq "$rounds"); do
-  for name in "${order[@]}"; do
+  for name in $(rotated "$round"); do
     line=$("$bin/loadgen" latency --url "${url[$name]}" -c 100 --size 64 --rate "$rate" --duration "$duration" --warmup "$warmup")
     echo "round $round, $name latency: $line"
     sample latency_achieved_per_sec "$name" "$(field achieved_per_sec "$line")"
@@ -168,7 +171,7 @@ done
 # 3. Throughput: one message in flight per connection.
 for round in $(seq "$rounds"); do
   for size in 64 4096; do
-    for name in "${order[@]}"; do
+    for name in $(rotated "$round"); do
       line=$("$bin/loadgen" echo --url "${url[$name]}" -c 100 --size "$size" --duration "$duration" --warmup "$warmup")
       echo "round $round, $name echo $size B: $line"
       sample "echo_$([ "$size" = 64 ] && echo 64 || echo 4k)_per_sec" "$name" "$(field round_trips_per_sec "$line")"
@@ -246,7 +249,8 @@ rev=$(git -C "$root" describe --always --dirty)
   echo "## Throughput"
   echo
   echo "Echo round trips per second, 100 connections, one message in flight on each, $duration after $warmup of warm-up;"
-  echo "the median of $rounds rounds that visit every path in turn (their range in brackets)."
+  echo "the median of $rounds rounds that visit every path in turn, each round starting one path later (their range"
+  echo "in brackets)."
   echo
   echo "| path | 64 B, rt/s | vs NGINX | vs no proxy | 4 KiB, rt/s | vs NGINX | vs no proxy |"
   echo "| --- | --- | --- | --- | --- | --- | --- |"
