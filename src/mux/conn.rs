@@ -155,7 +155,7 @@ impl MuxConn {
                 let _ =
                     tokio::time::timeout(Duration::from_secs(1), self.ws.close(Some(frame))).await;
             }
-            ConnEnd::Lost(_) => self.hand_back(st).await,
+            ConnEnd::Lost(_) => self.hand_back(st),
         }
         self.counters.queue_depth.set(0);
         end
@@ -384,7 +384,7 @@ impl MuxConn {
     }
 
     /// Hands every bound session its unwritten messages (§5.1).
-    async fn hand_back(&mut self, mut st: State) {
+    fn hand_back(&mut self, mut st: State) {
         self.rx.close();
         let mut unsent: HashMap<SessionId, Vec<Payload>> = HashMap::new();
         let mut take = |cmd: ConnCmd, st: &mut State| match cmd {
