@@ -81,6 +81,8 @@ struct InFrame {
     /// A close or pong frame is held whole (header and payload) rather
     /// than passed on as it comes; this is it so far.
     held: Option<Vec<u8>>,
+    /// How many of the held bytes are the header.
+    header_len: usize,
     mask: Option<[u8; 4]>,
     /// The payload is text, checked as it passes.
     text: bool,
@@ -317,6 +319,7 @@ impl Scanner {
             left: len,
             ends_message: false,
             held: None,
+            header_len,
             mask: header.mask,
             text: false,
             offset: 0,
@@ -413,12 +416,11 @@ impl Scanner {
             }
             return;
         };
-        let header_len = bytes.len() - payload_len(&bytes);
-        let mut payload = bytes[header_len..].to_vec();
+        let mut payload = bytes[frame.header_len..].to_vec();
         if let Some(mask) = frame.mask {
             unmask(&mut payload, mask, 0);
         }
-        if bytes[0] & 0x0F != u8::from(OpCode::Control(Control::Close)) {
+        if !frame.close {
             // A pong: the answer to one of the broker's pings goes no further.
             if payload != PING_PAYLOAD && !self.poisoned {
                 out.own(&bytes);
@@ -477,16 +479,7 @@ fn unmask(bytes: &mut [u8], mask: [u8; 4], offset: usize) {
     }
 }
 
-/// The payload length of the whole frame in `bytes` (header + payload).
-fn payload_len(bytes: &[u8]) -> usize {
-    let mut cursor = Cursor::new(bytes);
-    match FrameHeader::parse(&mut cursor) {
-        Ok(Some((_, len))) => len as usize,
-        _ => 0,
-    }
-}
-
-/// Appends `frame` to `out`, masked when it goes to the upstream.
+/// Appends `frame` to `out`, masked if its header carries a mask.
 fn encode(frame: Frame, out: &mut Vec<u8>) {
     frame.format(out).expect("writing to a Vec cannot fail");
 }
