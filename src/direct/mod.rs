@@ -14,7 +14,7 @@
 //! messages. Every other direct session takes [`passthrough`], which relays
 //! frames as bytes, unchanged, and holds no buffer while idle.
 
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -22,8 +22,11 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::future::Either;
 use futures_util::{Sink, Stream, StreamExt};
 use http::HeaderMap;
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError, ProtocolError};
@@ -31,12 +34,6 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 use tracing::{debug, info, warn};
-
-use std::future::Future;
-
-use futures_util::future::Either;
-use hyper::upgrade::OnUpgrade;
-use hyper_util::rt::TokioIo;
 
 use crate::chunked::ChunkedRead;
 use crate::close;
