@@ -21,6 +21,7 @@ use tracing::{info, warn};
 use crate::admin;
 use crate::config::Config;
 use crate::config::Mode;
+use crate::event_loops::{ClientLoops, ServeFuture};
 use crate::handshake;
 use crate::limits::ConnectionLimits;
 use crate::metrics::Metrics;
@@ -48,6 +49,8 @@ pub struct AppState {
 pub struct Broker {
     state: Arc<AppState>,
     client: TcpListener,
+    /// The other `server.workers - 1` loops serving `client`.
+    loops: ClientLoops,
     tls: Option<Arc<rustls::ServerConfig>>,
     admin: TcpListener,
     grace: Duration,
@@ -65,6 +68,8 @@ pub enum StartError {
     },
     #[error("server.tls: {0}")]
     Tls(String),
+    #[error("server.workers: {0}")]
+    Loops(#[source] io::Error),
 }
 
 impl Broker {
@@ -95,6 +100,9 @@ impl Broker {
         };
         let client = bind("client", config.server.listen).await?;
         let admin = bind("admin", config.server.admin_listen).await?;
+        let loops = ClientLoops::spawn(&client, config.server.event_loops().get() - 1)
+            .await
+            .map_err(StartError::Loops)?;
         // Identifies this broker process in every mux `hello`.
         let instance = uuid::Uuid::new_v4();
         let pools = upstreams
@@ -124,6 +132,7 @@ impl Broker {
         Ok(Broker {
             state,
             client,
+            loops,
             tls,
             admin,
             grace: config.server.shutdown_grace,
@@ -150,6 +159,7 @@ impl Broker {
         let Broker {
             state,
             client,
+            mut loops,
             tls,
             admin,
             grace,
@@ -158,33 +168,11 @@ impl Broker {
         let admin_addr = admin.local_addr().expect("bound listener");
         let shutdown = state.shutdown.clone();
 
-        let client_app = Router::new()
-            .fallback(handshake::handle)
-            .with_state(Arc::clone(&state));
-        let stop_accepting = shutdown.clone();
-        let stopped = async move { stop_accepting.begun().await };
-        let make_service = client_app.into_make_service_with_connect_info::<SocketAddr>();
-        let client_server = match tls {
-            None => {
-                let listener = client.tap_io(|tcp| {
-                    let _ = tcp.set_nodelay(true);
-                });
-                tokio::spawn(async move {
-                    axum::serve(listener, make_service)
-                        .with_graceful_shutdown(stopped)
-                        .await
-                })
-            }
-            Some(config) => {
-                // tap_io gives the TLS listener axum's ConnectInfo support.
-                let listener = crate::tls::TlsListener::new(client, config).tap_io(|_| {});
-                tokio::spawn(async move {
-                    axum::serve(listener, make_service)
-                        .with_graceful_shutdown(stopped)
-                        .await
-                })
-            }
-        };
+        let client_server = tokio::spawn(serve_clients(client, 0, tls.clone(), Arc::clone(&state)));
+        loops.serve(|index| {
+            let (tls, state) = (tls.clone(), Arc::clone(&state));
+            Box::new(move |listener| serve_clients(listener, index, tls, state))
+        });
         let (admin_stop, admin_stopped) = tokio::sync::oneshot::channel::<()>();
         let admin_server = tokio::spawn(async move {
             axum::serve(admin, admin::router(state))
@@ -193,7 +181,7 @@ impl Broker {
                 })
                 .await
         });
-        info!(%client_addr, %admin_addr, "muxgate listening");
+        info!(%client_addr, %admin_addr, event_loops = loops.len() + 1, "muxgate listening");
 
         tokio::select! {
             _ = signal => {}
@@ -216,9 +204,55 @@ impl Broker {
         }
         // Idle HTTP connections are closed by the graceful shutdown; give
         // a stuck one no longer than what is left of the budget.
-        let _ = tokio::time::timeout(Duration::from_secs(1), client_server).await;
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            let _ = client_server.await;
+            loops.accepting_stopped().await;
+        })
+        .await;
+        loops.stop().await;
         let _ = admin_stop.send(());
         let _ = tokio::time::timeout(Duration::from_secs(1), admin_server).await;
         outcome
     }
+}
+
+/// Serves client handshakes on `listener` until shutdown begins; one call
+/// per event loop, `index` being the loop's.
+fn serve_clients(
+    listener: TcpListener,
+    index: usize,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    state: Arc<AppState>,
+) -> ServeFuture {
+    let accepted = state.metrics.accepted_on(index);
+    let shutdown = state.shutdown.clone();
+    let stopped = async move { shutdown.begun().await };
+    let make_service = Router::new()
+        .fallback(handshake::handle)
+        .with_state(state)
+        .into_make_service_with_connect_info::<SocketAddr>();
+    Box::pin(async move {
+        let served = match tls {
+            None => {
+                let listener = listener.tap_io(move |tcp| {
+                    accepted.inc();
+                    let _ = tcp.set_nodelay(true);
+                });
+                axum::serve(listener, make_service)
+                    .with_graceful_shutdown(stopped)
+                    .await
+            }
+            Some(config) => {
+                // tap_io gives the TLS listener axum's ConnectInfo support.
+                let listener =
+                    crate::tls::TlsListener::new(listener, config).tap_io(move |_| accepted.inc());
+                axum::serve(listener, make_service)
+                    .with_graceful_shutdown(stopped)
+                    .await
+            }
+        };
+        if let Err(error) = served {
+            warn!(%error, "client listener failed");
+        }
+    })
 }

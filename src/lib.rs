@@ -9,6 +9,7 @@
 //!
 //! - [`config`]: the YAML model of `shared/config.md`, loading and validation.
 //! - [`app`]: binds the listeners, owns the top-level tasks, serves and drains.
+//! - [`event_loops`]: thread-per-core; the `server.workers` loops that serve clients.
 //! - [`shutdown`]: the signal, the root cancellation token and the session tracker.
 //! - [`routing`]: `external_path` to upstream and `internal_path`.
 //! - [`handshake`]: the client HTTP handler; every refusal is an HTTP status.
@@ -58,6 +59,7 @@ pub mod chunked;
 pub mod close;
 pub mod config;
 pub mod direct;
+pub mod event_loops;
 pub mod handshake;
 pub mod limits;
 pub mod metrics;

@@ -71,7 +71,9 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
 
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    // The first of the broker's event loops (see muxgate::event_loops); it
+    // also runs the admin listener, the mux pools and the probes.
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("tokio runtime");

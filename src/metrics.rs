@@ -63,6 +63,7 @@ pub struct Metrics {
     target_healthy: IntGaugeVec,
     health_checks_total: IntCounterVec,
     target_picks_total: IntCounterVec,
+    connections_accepted_total: IntCounterVec,
 }
 
 impl Default for Metrics {
@@ -159,6 +160,11 @@ impl Metrics {
             "Sessions (direct) or mux connections (multiplexed) placed on a target.",
             &["upstream", "target"],
         );
+        let connections_accepted_total = counter(
+            "connections_accepted_total",
+            "Client connections accepted (TLS ones once their TLS handshake is done), by the event loop that took them (0 to server.workers - 1).",
+            &["event_loop"],
+        );
         let gauge = |name: &str, help: &str, labels: &[&str]| {
             let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("gauge");
             registry.register(Box::new(g.clone())).expect("register");
@@ -222,6 +228,7 @@ impl Metrics {
             target_healthy,
             health_checks_total,
             target_picks_total,
+            connections_accepted_total,
         }
     }
 
@@ -372,6 +379,13 @@ impl Metrics {
                 .mux_write_queue_depth
                 .with_label_values(&[upstream, &slot]),
         }
+    }
+
+    /// The counter of connections accepted by event loop `index`, resolved
+    /// once per loop.
+    pub fn accepted_on(&self, index: usize) -> IntCounter {
+        self.connections_accepted_total
+            .with_label_values(&[&index.to_string()])
     }
 
     pub fn handshake_rejected(&self, status: u16, reason: &str) {

@@ -109,10 +109,10 @@ async fn health_and_readiness() {
     assert_eq!(http_get(broker.admin_addr, "/readyz").await.0, 503);
     assert_eq!(http_get(broker.admin_addr, "/healthz").await.0, 200);
     // New sessions are refused while draining.
-    let a = broker.client_addr;
-    let refused = tokio::net::TcpStream::connect(a).await.is_err()
-        || raw_http(a, &upgrade_request(a, "/ws/echo", "")).await.0 == 503;
-    assert!(refused, "no new session during the drain");
+    assert!(
+        new_session_refused(broker.client_addr, "/ws/echo").await,
+        "no new session during the drain"
+    );
     assert_eq!(expect_close(&mut ws).await.0, 1001);
     expect_end(&mut ws).await;
     within("drain", broker.task).await.unwrap();

@@ -26,6 +26,8 @@ pub const DEFAULT_LISTEN: &str = "0.0.0.0:8080";
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9090";
 /// Concurrent client sessions before new handshakes get HTTP 503.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 100_000;
+/// Most event loops `server.workers` may ask for.
+pub const MAX_WORKERS: usize = 1024;
 /// How long SIGTERM waits for sessions to close before exiting.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// How often the broker pings each socket.
@@ -101,6 +103,22 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     #[serde(default)]
     pub tls: Option<TlsConfig>,
+    /// Event loops serving clients; unset is one per core (see
+    /// [`ServerConfig::event_loops`]).
+    #[serde(default)]
+    pub workers: Option<usize>,
+}
+
+impl ServerConfig {
+    /// How many event loops serve clients: `workers` when set, else one per
+    /// core the process may use.
+    pub fn event_loops(&self) -> std::num::NonZeroUsize {
+        self.workers
+            .and_then(std::num::NonZeroUsize::new)
+            .unwrap_or_else(|| {
+                std::thread::available_parallelism().unwrap_or(std::num::NonZeroUsize::MIN)
+            })
+    }
 }
 
 impl Default for ServerConfig {
@@ -112,6 +130,7 @@ impl Default for ServerConfig {
             max_connections_per_ip: 0,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
             tls: None,
+            workers: None,
         }
     }
 }

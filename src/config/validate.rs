@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 
 use super::load::FieldPath;
-use super::{Config, LoadBalancing, UpstreamConfig, WebSocketSettings};
+use super::{Config, LoadBalancing, UpstreamConfig, WebSocketSettings, MAX_WORKERS};
 
 /// One semantic problem.
 #[derive(Debug)]
@@ -35,6 +35,17 @@ pub fn validate(config: &Config) -> Vec<Problem> {
     let server = root.key("server");
     if config.server.max_connections == 0 {
         out.push(server.key("max_connections"), "must be greater than 0");
+    }
+    match config.server.workers {
+        Some(0) => out.push(
+            server.key("workers"),
+            "must be at least 1 (leave it out for one per core)",
+        ),
+        Some(n) if n > MAX_WORKERS => out.push(
+            server.key("workers"),
+            format!("must be at most {}", MAX_WORKERS),
+        ),
+        _ => {}
     }
     if config.server.listen == config.server.admin_listen && config.server.listen.port() != 0 {
         out.push(

@@ -201,6 +201,40 @@ pub async fn raw_http(addr: SocketAddr, request: &str) -> HttpReply {
     .await
 }
 
+/// Whether the broker at `addr` turns away a new upgrade to `path`: the
+/// connection is refused, reset or closed before any response (a listener
+/// closing with connections still in its backlog resets them), or the
+/// answer is 503.
+pub async fn new_session_refused(addr: SocketAddr, path: &str) -> bool {
+    within("a refusal", async {
+        let Ok(mut tcp) = TcpStream::connect(addr).await else {
+            return true;
+        };
+        if tcp
+            .write_all(upgrade_request(addr, path, "").as_bytes())
+            .await
+            .is_err()
+        {
+            return true;
+        }
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            match tcp.read(&mut chunk).await {
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return buf.is_empty(),
+                Err(e) => panic!("read: {e}"),
+                Ok(0) => break,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+            if let Some((status, _, _)) = parse_response(&buf) {
+                return status == 503;
+            }
+        }
+        buf.is_empty()
+    })
+    .await
+}
+
 fn parse_response(buf: &[u8]) -> Option<HttpReply> {
     let text = String::from_utf8_lossy(buf);
     let (head, body) = text.split_once("\r\n\r\n")?;
