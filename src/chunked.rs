@@ -1,15 +1,22 @@
-//! Socket reads into stack memory, so an idle connection holds no read
-//! buffer.
+//! Socket reads into one buffer per event loop, so an idle connection holds
+//! no read buffer.
 //!
 //! tungstenite allocates its read buffer, `read_buffer_size` bytes, when a
 //! socket is wrapped and keeps it for the socket's life: 4 KiB per idle
 //! client at the default, as much as the rest of a multiplexed session. So
 //! client sockets that tungstenite decodes are wrapped in [`ChunkedRead`]
 //! and given a small tungstenite buffer ([`DECODER_BUFFER`]): each read
-//! system call still takes up to [`read_chunk`] bytes, into the stack, and
-//! what tungstenite has no room for yet waits in a spill buffer that is
-//! freed once it has been handed over.
+//! system call still takes up to [`read_chunk`] bytes, into the loop's
+//! buffer ([`with_read_buffer`]), and what tungstenite has no room for yet
+//! waits in a spill buffer that is freed once it has been handed over.
+//!
+//! The loop's buffer is a thread-local: each event loop is one thread and a
+//! read is done with the buffer before the task yields, so one buffer
+//! serves all of a loop's sessions. (A stack array did the same job, but a
+//! 64 KiB frame has its every page probed on each call: about half of the
+//! frame relay pump's own time at 64-byte messages.)
 
+use std::cell::RefCell;
 use std::io;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
@@ -30,7 +37,26 @@ pub fn read_chunk(read_buffer_size: usize) -> usize {
     read_buffer_size.clamp(MIN_CHUNK, MAX_CHUNK)
 }
 
-/// Reads `chunk` bytes per call into the stack; see the module docs.
+thread_local! {
+    /// This thread's read buffer, allocated on its first read.
+    static READ_BUFFER: RefCell<Box<[MaybeUninit<u8>]>> =
+        RefCell::new(Box::new_uninit_slice(MAX_CHUNK));
+}
+
+/// Runs `read` with `chunk` bytes (at most [`MAX_CHUNK`]) of this thread's
+/// read buffer. Its contents are garbage on entry; whatever `read` leaves
+/// there is overwritten by the next caller.
+pub fn with_read_buffer<R>(chunk: usize, read: impl FnOnce(&mut [MaybeUninit<u8>]) -> R) -> R {
+    let chunk = chunk.min(MAX_CHUNK);
+    READ_BUFFER.with(|buffer| match buffer.try_borrow_mut() {
+        Ok(mut buffer) => read(&mut buffer[..chunk]),
+        // A read within a read (no caller does this today): a buffer of
+        // its own.
+        Err(_) => read(&mut Box::new_uninit_slice(chunk)),
+    })
+}
+
+/// Reads `chunk` bytes per call into the loop's buffer; see the module docs.
 pub struct ChunkedRead<S> {
     inner: S,
     chunk: usize,
@@ -78,16 +104,19 @@ impl<S: AsyncRead + Unpin> AsyncRead for ChunkedRead<S> {
         if buf.remaining() >= this.chunk {
             return Pin::new(&mut this.inner).poll_read(cx, buf);
         }
-        let mut stack = [MaybeUninit::<u8>::uninit(); MAX_CHUNK];
-        let mut read = ReadBuf::uninit(&mut stack[..this.chunk]);
-        std::task::ready!(Pin::new(&mut this.inner).poll_read(cx, &mut read))?;
-        let got = read.filled();
-        let n = got.len().min(buf.remaining());
-        buf.put_slice(&got[..n]);
-        if n < got.len() {
-            this.spill.extend_from_slice(&got[n..]);
-        }
-        Poll::Ready(Ok(()))
+        let inner = &mut this.inner;
+        let spill = &mut this.spill;
+        with_read_buffer(this.chunk, |chunk| {
+            let mut read = ReadBuf::uninit(chunk);
+            std::task::ready!(Pin::new(inner).poll_read(cx, &mut read))?;
+            let got = read.filled();
+            let n = got.len().min(buf.remaining());
+            buf.put_slice(&got[..n]);
+            if n < got.len() {
+                spill.extend_from_slice(&got[n..]);
+            }
+            Poll::Ready(Ok(()))
+        })
     }
 }
 

@@ -1,7 +1,7 @@
 //! The frame relay of direct mode, for sessions with no message plugin.
 //!
 //! Nothing in such a session needs a message's payload, so each socket's
-//! bytes are read into a buffer on the stack and written on unchanged: a
+//! bytes are read into the event loop's buffer and written on unchanged: a
 //! client's frames keep the client's own masking key (valid toward the
 //! upstream) and an upstream's frames stay unmasked (valid toward the
 //! client). Only frame headers are read, with tungstenite's parser, to
@@ -662,42 +662,42 @@ impl Pump {
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
     {
-        // On the stack, so it costs an idle session nothing.
-        let mut buf = [MaybeUninit::<u8>::uninit(); chunked::MAX_CHUNK];
-        let buf = &mut buf[..self.chunk];
-        for _ in 0..READS_PER_TURN {
-            match self.poll_drain(dst, cx) {
-                Poll::Ready(Ok(())) => {}
-                Poll::Ready(Err(e)) => return Poll::Ready(PumpEnd::Write(e)),
-                // `dst` is full: leave `src` unread.
-                Poll::Pending => return self.flush_then_pending(dst, cx),
-            }
-            let mut read = ReadBuf::uninit(buf);
-            match Pin::new(&mut *src).poll_read(cx, &mut read) {
-                Poll::Pending => return self.flush_then_pending(dst, cx),
-                Poll::Ready(Err(e)) => return Poll::Ready(PumpEnd::Read(e)),
-                Poll::Ready(Ok(())) if read.filled().is_empty() => {
-                    return Poll::Ready(PumpEnd::Eof)
+        // The loop's buffer, so it costs an idle session nothing.
+        chunked::with_read_buffer(self.chunk, |buf| {
+            for _ in 0..READS_PER_TURN {
+                match self.poll_drain(dst, cx) {
+                    Poll::Ready(Ok(())) => {}
+                    Poll::Ready(Err(e)) => return Poll::Ready(PumpEnd::Write(e)),
+                    // `dst` is full: leave `src` unread.
+                    Poll::Pending => return self.flush_then_pending(dst, cx),
                 }
-                Poll::Ready(Ok(())) => {}
+                let mut read = ReadBuf::uninit(buf);
+                match Pin::new(&mut *src).poll_read(cx, &mut read) {
+                    Poll::Pending => return self.flush_then_pending(dst, cx),
+                    Poll::Ready(Err(e)) => return Poll::Ready(PumpEnd::Read(e)),
+                    Poll::Ready(Ok(())) if read.filled().is_empty() => {
+                        return Poll::Ready(PumpEnd::Eof)
+                    }
+                    Poll::Ready(Ok(())) => {}
+                }
+                self.last_seen = Instant::now();
+                let chunk = read.filled();
+                let mut out = Out::default();
+                let scanned = self.scan(chunk, &mut out, metrics, upstream);
+                // What came before a bad frame is still written.
+                let written = self
+                    .write_or_spill(dst, cx, &chunk[out.direct.clone()])
+                    .and_then(|()| self.write_or_spill(dst, cx, &out.owned));
+                if let Err(e) = written {
+                    return Poll::Ready(PumpEnd::Write(e));
+                }
+                if let Err(e) = scanned {
+                    return Poll::Ready(PumpEnd::Bad(e));
+                }
             }
-            self.last_seen = Instant::now();
-            let chunk = read.filled();
-            let mut out = Out::default();
-            let scanned = self.scan(chunk, &mut out, metrics, upstream);
-            // What came before a bad frame is still written.
-            let written = self
-                .write_or_spill(dst, cx, &chunk[out.direct.clone()])
-                .and_then(|()| self.write_or_spill(dst, cx, &out.owned));
-            if let Err(e) = written {
-                return Poll::Ready(PumpEnd::Write(e));
-            }
-            if let Err(e) = scanned {
-                return Poll::Ready(PumpEnd::Bad(e));
-            }
-        }
-        cx.waker().wake_by_ref();
-        self.flush_then_pending(dst, cx)
+            cx.waker().wake_by_ref();
+            self.flush_then_pending(dst, cx)
+        })
     }
 
     fn flush_then_pending<W>(&mut self, dst: &mut W, cx: &mut Context<'_>) -> Poll<PumpEnd>
