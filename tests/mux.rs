@@ -352,9 +352,13 @@ async fn a_thousand_clients_over_two_upstream_sockets() {
 
 /// Kill one of two targets mid-traffic: no client is disconnected, the
 /// survivor sees `resumed` opens, and every message a client sent after the
-/// kill arrives exactly once.
+/// kill arrives exactly once, but for the first few, which the broker may
+/// have written into the dead socket before it noticed (mux-protocol.md §5.3).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn failover_rebinds_sessions_without_loss_or_duplicates() {
+async fn failover_rebinds_sessions_in_order_without_duplicates() {
+    /// Messages per client that may go into the dead socket: the broker
+    /// notices at its next write or read there, so a handful at most.
+    const MOST_LOST_IN_A_DEAD_SOCKET: u32 = 10;
     let mut a = MuxPeer::start(Behavior::Echo).await;
     let mut b = MuxPeer::start(Behavior::Echo).await;
     let cfg = mux_config(
@@ -442,10 +446,20 @@ async fn failover_rebinds_sessions_without_loss_or_duplicates() {
     for t in tasks {
         let (i, first_after, got) = within("client task", t).await.unwrap();
         let tail: Vec<u32> = got.iter().copied().filter(|k| *k >= first_after).collect();
-        let expected: Vec<u32> = (first_after..first_after + 50).collect();
+        // §5.3: what the broker wrote into the dead socket before it saw the
+        // death may be lost, and that can only be the first few messages
+        // after the kill; from the first one delivered on, every message
+        // arrives once, in order (re-sent after the resumed `open`).
+        let resumed_from = tail.first().copied().unwrap_or(first_after + 50);
+        assert!(
+            resumed_from - first_after <= MOST_LOST_IN_A_DEAD_SOCKET,
+            "client {i}: lost {} messages after the kill: {tail:?}",
+            resumed_from - first_after
+        );
+        let expected: Vec<u32> = (resumed_from..first_after + 50).collect();
         assert_eq!(
             tail, expected,
-            "client {i}: every message after the kill exactly once, in order"
+            "client {i}: every message after the kill, once, in order"
         );
         let mut unique = got.clone();
         unique.sort_unstable();
