@@ -26,6 +26,15 @@ field() { sed -nE "s/.*(^| )$1=([0-9.]+).*/\\2/p" <<<"$2"; }
 tree_pids() { echo "$1" $(pgrep -P "$1" || true); }
 # Sum of the RSS of a process and its children, in KiB.
 tree_rss() { local p total=0; for p in $(tree_pids "$1"); do total=$((total + $(rss_kib "$p"))); done; echo "$total"; }
+# CPU time (user and system, every thread) a process and its children have
+# used so far, in milliseconds.
+tree_cpu_ms() {
+  local p ticks=0
+  for p in $(tree_pids "$1"); do
+    ticks=$((ticks + $(awk '{ sub(/.*\) /, ""); print $12 + $13 }' "/proc/$p/stat")))
+  done
+  echo $((ticks * 1000 / $(getconf CLK_TCK)))
+}
 # The most open files any one process of the tree holds.
 tree_max_fds() { local p n most=0; for p in $(tree_pids "$1"); do n=$(ls "/proc/$p/fd" | wc -l); [ "$n" -gt "$most" ] && most=$n; done; echo "$most"; }
 # Established TCP connections to 127.0.0.1:$2 that the tree of process $1 owns.

@@ -11,7 +11,7 @@
 #      holds meanwhile;
 #   2. round-trip latency p50/p99/p99.9 at a fixed moderate rate (5,000
 #      messages/s over 100 connections, 64 B), counted from each message's
-#      scheduled send time;
+#      scheduled send time, and each proxy's CPU time per message meanwhile;
 #   3. echo throughput (round trips/s) with 100 connections at 64 B and 4 KiB.
 # Writes BENCHMARKS.md (tables as ratios against NGINX and against no proxy,
 # each target of the issue met or not), bench/results.tsv (one
@@ -19,17 +19,17 @@
 # Installs nginx, haproxy and a font from apt if missing (bench/deps.sh).
 #
 # Usage: bench/run.sh   Settings come from the environment [defaults]:
-#   BENCH_DURATION [5s]   each latency and throughput run, after BENCH_WARMUP [2s]
-#   BENCH_ROUNDS [3]      rounds over all paths, interleaved; each number is the median
+#   BENCH_DURATION [3s]   each latency and throughput run, after BENCH_WARMUP [1s]
+#   BENCH_ROUNDS [4]      rounds over all paths, interleaved; each number is the median
 #   BENCH_RATE [5000]     messages/s of the latency runs
 #   BENCH_IDLE_DIRECT [5000], BENCH_IDLE_MUX [19000]   idle sessions
 #   BENCH_OUT [repo root] where BENCHMARKS.md, bench/results.tsv and bench/charts/ go
 #   BENCH_BIN             take the binaries from this directory, no release build
 #   BENCH_PORT_BASE       7 consecutive ports from this one [3100 8280 8380 8180 8181 9190 9191]
 set -euo pipefail
-duration=${BENCH_DURATION:-5s}
-rounds=${BENCH_ROUNDS:-3}
-warmup=${BENCH_WARMUP:-2s}
+duration=${BENCH_DURATION:-3s}
+rounds=${BENCH_ROUNDS:-4}
+warmup=${BENCH_WARMUP:-1s}
 rate=${BENCH_RATE:-5000}
 idle_direct=${BENCH_IDLE_DIRECT:-5000}
 idle_mux=${BENCH_IDLE_MUX:-19000}
@@ -157,11 +157,18 @@ rotated() { local k=$(( ($1 - 1) % ${#order[@]} )); echo "${order[@]:k}" "${orde
 sample() { runs[$1/$2]+="$3 "; }
 median() { tr ' ' '\n' <<<"$1" | grep . | sort -n | awk '{ v[NR] = $1 } END { m = (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2; print m }'; }
 
-# 2. Latency at a fixed rate, well under every path's saturation.
+# 2. Latency at a fixed rate, well under every path's saturation, and what
+# each proxy spends on the same messages: CPU time drifts far less with the
+# machine's other load than rates and tails do.
 for round in $(seq "$rounds"); do
   for name in $(rotated "$round"); do
+    [ -z "${pid[$name]:-}" ] || cpu_before=$(tree_cpu_ms "${pid[$name]}")
     line=$("$bin/loadgen" latency --url "${url[$name]}" -c 100 --size 64 --rate "$rate" --duration "$duration" --warmup "$warmup")
     echo "round $round, $name latency: $line"
+    if [ -n "${pid[$name]:-}" ]; then
+      cpu=$(( $(tree_cpu_ms "${pid[$name]}") - cpu_before ))
+      sample cpu_us_per_message "$name" "$(awk -v ms="$cpu" -v n="$(field sent "$line")" 'BEGIN { printf "%.1f", ms * 1000 / n }')"
+    fi
     sample latency_achieved_per_sec "$name" "$(field achieved_per_sec "$line")"
     sample latency_lost "$name" "$(field lost "$line")"
     for q in p50 p99 p999; do sample "latency_${q}_us" "$name" "$(field "${q}_us" "$line")"; done
@@ -236,6 +243,9 @@ rev=$(git -C "$root" describe --always --dirty)
   direct_line echo_4k_per_sec ">" "throughput, 4 KiB" "rt/s"
   direct_line latency_p99_us "<" "p99 latency at $rate msg/s" "µs"
   direct_line idle_bytes_per_session "<" "RSS per idle direct session" "B"
+  best=$(better_proxy cpu_us_per_message "<")
+  echo "- Not a target, but the steadiest measure on this machine: proxy CPU per echoed message at $rate msg/s,"
+  echo "  direct ${res[cpu_us_per_message/muxgate-direct]} µs against $best's ${res[cpu_us_per_message/$best]} µs ($(ratio "${res[cpu_us_per_message/muxgate-direct]}" "${res[cpu_us_per_message/$best]}"))."
   for size in 64 4k; do
     r=$(ratio "${res[echo_${size}_per_sec/muxgate-mux]}" "${res[echo_${size}_per_sec/muxgate-direct]}")
     label=$([ "$size" = 64 ] && echo "64 B" || echo "4 KiB")
@@ -276,6 +286,22 @@ rev=$(git -C "$root" describe --always --dirty)
   done
   echo
   echo "![Latency at a fixed rate](bench/charts/latency.png)"
+  echo
+  echo "## CPU"
+  echo
+  echo "CPU time (user and system, every process and thread of the proxy) per echoed message during the"
+  echo "latency runs above: the same messages at the same rate through every proxy, so this is what each"
+  echo "spends on the same work; the median of $rounds rounds (range in brackets). It includes the 100"
+  echo "handshakes of each run. Unlike rates and tails, it hardly moves with the machine's other load."
+  echo
+  echo "| path | CPU µs per message | vs NGINX |"
+  echo "| --- | --- | --- |"
+  for name in "${proxies[@]}"; do
+    c=${res[cpu_us_per_message/$name]}
+    echo "| $name | $c ($(spread cpu_us_per_message "$name")) | $(ratio "$c" "${res[cpu_us_per_message/nginx]}") |"
+  done
+  echo
+  echo "![Proxy CPU per message](bench/charts/cpu.png)"
   echo
   echo "## Memory"
   echo

@@ -75,6 +75,7 @@ fn run_sh_writes_every_number_and_chart() {
             "idle_bytes_per_session",
             "upstream_sockets",
             "open_files",
+            "cpu_us_per_message",
         ] {
             expected.push((measure, path));
         }
@@ -88,8 +89,8 @@ fn run_sh_writes_every_number_and_chart() {
 
     let report = std::fs::read_to_string(out.join("BENCHMARKS.md")).expect("BENCHMARKS.md");
     let rows = table_rows(&report);
-    // Throughput and latency: one row per path; memory: one per proxy.
-    assert_eq!(rows.len(), 2 * PATHS.len() + PROXIES.len(), "{report}");
+    // Throughput and latency: one row per path; CPU and memory: one per proxy.
+    assert_eq!(rows.len(), 2 * PATHS.len() + 2 * PROXIES.len(), "{report}");
     for row in rows {
         for cell in &row[1..] {
             assert!(
@@ -104,7 +105,7 @@ fn run_sh_writes_every_number_and_chart() {
         .count();
     assert_eq!(verdicts, 8, "a verdict for every target:\n{report}");
 
-    for chart in ["throughput", "latency", "memory"] {
+    for chart in ["throughput", "latency", "cpu", "memory"] {
         let file = out.join(format!("bench/charts/{chart}.png"));
         assert!(report.contains(&format!("(bench/charts/{chart}.png)")));
         check_png(&file);

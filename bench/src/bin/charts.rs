@@ -1,8 +1,8 @@
 //! `charts`: PNG bar charts from the results file that `bench/run.sh` writes.
 //!
 //! `charts RESULTS.tsv OUT_DIR` reads rows of `measure<TAB>path<TAB>value`
-//! (a header row first) and writes `throughput.png`, `latency.png` and
-//! `memory.png` into OUT_DIR: one group of bars per path, in the order the
+//! (a header row first) and writes `throughput.png`, `latency.png`,
+//! `cpu.png` and `memory.png` into OUT_DIR: one group of bars per path, in the order the
 //! paths first appear in the file.
 //!
 //! Text needs a TTF file, read at run time: `BENCH_FONT` if set, else DejaVu
@@ -119,6 +119,14 @@ fn run(results: &Path, out: &Path) -> Result<()> {
                 ("latency_p999_us", "p99.9"),
             ],
             note: Some(("latency_achieved_per_sec", "msg/s")),
+            target: None,
+        },
+        Chart {
+            file: "cpu.png",
+            title: "Proxy CPU per echoed message at a fixed rate",
+            y_label: "microseconds",
+            series: &[("cpu_us_per_message", "user + system")],
+            note: None,
             target: None,
         },
         Chart {

@@ -378,7 +378,7 @@ async fn latency(url: String, connections: usize, size: usize, schedule: Schedul
     let achieved = arrived_in_window as f64 / schedule.duration.as_secs_f64();
     let target = 1.0 / schedule.interval.as_secs_f64();
     println!(
-        "target_per_sec={target:.0} achieved_per_sec={achieved:.0} measured={} lost={} connections={connections} size={size} p50_us={} p99_us={} p999_us={} max_us={}",
+        "target_per_sec={target:.0} achieved_per_sec={achieved:.0} sent={messages} measured={} lost={} connections={connections} size={size} p50_us={} p99_us={} p999_us={} max_us={}",
         hist.len(),
         messages - received,
         hist.value_at_quantile(0.5),
