@@ -69,5 +69,6 @@ pub mod session;
 pub mod shutdown;
 pub mod tls;
 pub mod upstream;
+pub mod when_woken;
 
 pub use app::Broker;
