@@ -3,7 +3,9 @@
 mod common;
 
 use bytes::Bytes;
-use common::upstream::{http_500_listener, refused_addr, silent_listener, TestUpstream};
+use common::upstream::{
+    greeting_in_handshake_listener, http_500_listener, refused_addr, silent_listener, TestUpstream,
+};
 use common::*;
 use futures_util::SinkExt;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::{CloseCode, Data, OpCode};
@@ -284,6 +286,25 @@ async fn refuses_bad_requests_with_http_statuses() {
         m.value("muxgate_handshakes_rejected_total", &[("status", "400")]),
         4.0
     );
+}
+
+/// What an upstream sends in the same packet as its 101 reaches the
+/// client, in both relays: the broker reads it along with the response.
+#[tokio::test]
+async fn bytes_behind_the_101_are_relayed() {
+    let (up, _task) = greeting_in_handshake_listener("hello from the upstream").await;
+    for plugins in [
+        "",
+        "plugins: [{name: message_size, stage: post_response, settings: {max_bytes: 1000}}]",
+    ] {
+        let broker = start_broker(&direct_config(&[up], "", plugins, "")).await;
+        let (mut ws, _) = connect(&broker.url("/ws/echo"), &[]).await;
+        assert_eq!(
+            next_message(&mut ws).await,
+            Some(Message::text("hello from the upstream")),
+            "with plugins {plugins:?}"
+        );
+    }
 }
 
 /// A refused upstream connection is a 502 before any upgrade.

@@ -5,6 +5,7 @@
 
 mod balance;
 mod health;
+mod io;
 pub mod probe;
 
 use std::fmt;
@@ -24,6 +25,7 @@ use tokio_tungstenite::WebSocketStream;
 
 pub use balance::Balancer;
 pub use health::{PassiveState, TargetHealth};
+pub use io::UpstreamIo;
 
 use crate::config::{Mode, UpstreamConfig};
 
@@ -361,11 +363,9 @@ pub enum HandshakeFailure {
     BadAccept,
     #[error("selected the subprotocol {0:?}, which was not offered")]
     Subprotocol(HeaderValue),
+    #[error("taking the upgraded connection: {0}")]
+    Upgraded(std::io::Error),
 }
-
-/// The raw byte stream of an upgraded upstream connection (TCP or TLS),
-/// with whatever the target sent right after its 101 still to be read.
-pub type UpstreamIo = TokioIo<hyper::upgrade::Upgraded>;
 
 /// An upgraded connection to a target and the subprotocol it selected.
 pub struct Connected {
@@ -489,7 +489,7 @@ async fn upgrade(
     }
     let upgraded = hyper::upgrade::on(&mut response).await?;
     Ok(Connected {
-        io: TokioIo::new(upgraded),
+        io: UpstreamIo::from_upgraded(upgraded).map_err(HandshakeFailure::Upgraded)?,
         protocol,
     })
 }

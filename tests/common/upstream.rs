@@ -207,6 +207,52 @@ pub async fn http_500_listener() -> (SocketAddr, tokio::task::JoinHandle<()>) {
     (addr, task)
 }
 
+/// A hand-written upstream that sends `greeting` as a text frame in the
+/// same write as its 101 response, so the broker reads both at once, then
+/// holds the connection open until the broker closes it.
+pub async fn greeting_in_handshake_listener(
+    greeting: &'static str,
+) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    use tokio::io::AsyncReadExt;
+    use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+    assert!(greeting.len() < 126, "one short frame");
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut request = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match tcp.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => request.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let request = String::from_utf8_lossy(&request).to_string();
+                let key = request
+                    .lines()
+                    .find_map(|l| {
+                        let (name, value) = l.split_once(':')?;
+                        name.eq_ignore_ascii_case("sec-websocket-key")
+                            .then(|| value.trim().to_string())
+                    })
+                    .expect("a Sec-WebSocket-Key");
+                let mut reply = format!(
+                    "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n\r\n",
+                    derive_accept_key(key.as_bytes())
+                )
+                .into_bytes();
+                reply.extend_from_slice(&[0x81, greeting.len() as u8]);
+                reply.extend_from_slice(greeting.as_bytes());
+                tcp.write_all(&reply).await.unwrap();
+                while matches!(tcp.read(&mut buf).await, Ok(n) if n > 0) {}
+            });
+        }
+    });
+    (addr, task)
+}
+
 /// An address with nothing listening (connections are refused).
 pub async fn refused_addr() -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
