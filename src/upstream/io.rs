@@ -34,7 +34,7 @@ impl UpstreamIo {
             .downcast::<TokioIo<UpstreamStream>>()
             .map_err(|_| io::Error::other("hyper upgraded another kind of connection"))?;
         Ok(UpstreamIo {
-            early: parts.read_buf,
+            early: unshared(parts.read_buf),
             stream: parts.io.into_inner(),
         })
     }
@@ -53,7 +53,19 @@ impl AsyncRead for UpstreamIo {
         let n = this.early.len().min(buf.remaining());
         buf.put_slice(&this.early[..n]);
         this.early.advance(n);
+        this.early = unshared(std::mem::take(&mut this.early));
         Poll::Ready(Ok(()))
+    }
+}
+
+/// `bytes`, or, once it is empty, nothing: hyper's read buffer is a slice
+/// of an 8 KiB allocation that even an empty slice keeps alive, which would
+/// double an idle session's memory.
+fn unshared(bytes: Bytes) -> Bytes {
+    if bytes.is_empty() {
+        Bytes::new()
+    } else {
+        bytes
     }
 }
 
