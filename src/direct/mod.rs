@@ -392,7 +392,7 @@ pub fn relay(
             session, on_upgrade, upstream,
         )))
     } else {
-        Either::Left(passthrough::run(session, on_upgrade, upstream))
+        Either::Left(passthrough::run(session, on_upgrade, Box::new(upstream)))
     }
 }
 

@@ -33,12 +33,12 @@ use tokio_tungstenite::tungstenite::protocol::frame::{Frame, FrameHeader};
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tracing::{debug, info};
 
-use hyper::upgrade::OnUpgrade;
+use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper_util::rt::TokioIo;
 
 use super::{conclude, log_end, DirectSession, LegSummary, Stop};
 use crate::metrics::{Direction, MessageCounters, Metrics, Side};
-use crate::upstream::Connected;
+use crate::upstream::{Connected, UpstreamIo};
 use crate::when_woken::WhenWoken;
 use crate::{chunked, close};
 
@@ -741,10 +741,15 @@ fn stop_of(end: PumpEnd, from: Side, to: Side, closed: bool) -> Stop {
 
 /// Relays between `client` and `upstream` frame by frame until the session
 /// ends, then closes both sides as [`super::decide`] says.
-pub async fn run(session: Box<DirectSession>, on_upgrade: OnUpgrade, connected: Connected) {
+///
+/// This future is most of an idle session's memory, so what it holds
+/// across awaits is kept small: the upstream connection comes boxed (an
+/// async fn keeps its arguments for its whole life, and copies them once
+/// more into locals), and the rare ending is a boxed future of its own.
+pub async fn run(session: Box<DirectSession>, on_upgrade: OnUpgrade, connected: Box<Connected>) {
     let mut client = match on_upgrade.await {
         Ok(client) => TokioIo::new(client),
-        Err(error) => return Box::pin(super::abandon(session, connected, error)).await,
+        Err(error) => return Box::pin(super::abandon(session, *connected, error)).await,
     };
     let mut upstream = connected.io;
     let ws = &session.upstream.config.websocket_config;
@@ -776,12 +781,10 @@ pub async fn run(session: Box<DirectSession>, on_upgrade: OnUpgrade, connected: 
         request_id = %session.request_id,
         "session opened"
     );
-    // When each side is next pinged.
-    let mut ping_client = Instant::now() + ws.ping_period;
-    let mut ping_upstream = ping_client;
+    // When both sides are next pinged.
+    let mut next_ping = Instant::now() + ws.ping_period;
     let stop = loop {
-        let wake = ping_client
-            .min(ping_upstream)
+        let wake = next_ping
             .min(up.last_seen + ws.pong_wait)
             .min(down.last_seen + ws.pong_wait);
         tokio::select! {
@@ -813,17 +816,30 @@ pub async fn run(session: Box<DirectSession>, on_upgrade: OnUpgrade, connected: 
                 if now >= down.last_seen + ws.pong_wait {
                     break Stop::PingTimeout { side: Side::Upstream };
                 }
-                if now >= ping_client {
+                if now >= next_ping {
                     down.ping();
-                    ping_client = now + ws.ping_period;
-                }
-                if now >= ping_upstream {
                     up.ping();
-                    ping_upstream = now + ws.ping_period;
+                    next_ping = now + ws.ping_period;
                 }
             }
         }
     };
+    Box::pin(end(session, client, upstream, up, down, stop)).await;
+}
+
+/// Closes both sides of a relay that stopped for `stop`, then logs the
+/// session's end.
+async fn end(
+    session: Box<DirectSession>,
+    mut client: TokioIo<Upgraded>,
+    mut upstream: UpstreamIo,
+    mut up: Pump,
+    mut down: Pump,
+    stop: Stop,
+) {
+    let ws = &session.upstream.config.websocket_config;
+    let name = &*session.upstream.name;
+    let metrics = &*session.metrics;
     let ending = conclude(&session, &stop);
     let mut client_end = Closing::new(Side::Client, ending.client, ending.drop_client);
     let mut upstream_end = Closing::new(Side::Upstream, ending.upstream, ending.drop_upstream);
