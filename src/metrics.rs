@@ -3,6 +3,9 @@
 //! target names from the config, modes, directions, reasons, close codes),
 //! never from session ids or raw error text.
 
+use std::sync::Arc;
+
+use dashmap::DashMap;
 use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
     TextEncoder,
@@ -64,6 +67,10 @@ pub struct Metrics {
     health_checks_total: IntCounterVec,
     target_picks_total: IntCounterVec,
     connections_accepted_total: IntCounterVec,
+    /// Each upstream's message counters, one set per direction, resolved
+    /// once and shared by its sessions (a session keeps a pointer to them
+    /// instead of four counters per direction).
+    message_counters: [DashMap<Box<str>, Arc<MessageCounters>>; 2],
 }
 
 impl Default for Metrics {
@@ -229,6 +236,7 @@ impl Metrics {
             health_checks_total,
             target_picks_total,
             connections_accepted_total,
+            message_counters: Default::default(),
         }
     }
 
@@ -258,7 +266,16 @@ impl Metrics {
 
     /// Counter handles for one session's messages, resolved once so the
     /// per-message path is two atomic adds.
-    pub fn message_counters(&self, upstream: &str, direction: Direction) -> MessageCounters {
+    pub fn message_counters(&self, upstream: &str, direction: Direction) -> Arc<MessageCounters> {
+        let cache = &self.message_counters[direction as usize];
+        if let Some(counters) = cache.get(upstream) {
+            return Arc::clone(&counters);
+        }
+        let counters = Arc::new(self.resolve_message_counters(upstream, direction));
+        Arc::clone(cache.entry(upstream.into()).or_insert(counters).value())
+    }
+
+    fn resolve_message_counters(&self, upstream: &str, direction: Direction) -> MessageCounters {
         let d = direction.as_str();
         MessageCounters {
             text: self
@@ -404,8 +421,7 @@ pub struct ConnMetrics {
     pub queue_depth: prometheus::IntGauge,
 }
 
-/// Pre-resolved message counters of one direction of one session.
-#[derive(Clone)]
+/// Pre-resolved message counters of one direction of one upstream.
 pub struct MessageCounters {
     text: IntCounter,
     text_bytes: IntCounter,

@@ -25,8 +25,6 @@ pin_project! {
         #[pin]
         inner: F,
         gate: Arc<Gate>,
-        // `gate` as a waker, made once.
-        waker: Waker,
     }
 }
 
@@ -54,8 +52,7 @@ impl<F: Future> WhenWoken<F> {
             woken: AtomicBool::new(true),
             task: AtomicWaker::new(),
         });
-        let waker = Waker::from(Arc::clone(&gate));
-        WhenWoken { inner, gate, waker }
+        WhenWoken { inner, gate }
     }
 }
 
@@ -70,7 +67,11 @@ impl<F: Future> Future for WhenWoken<F> {
         if !this.gate.woken.swap(false, Ordering::AcqRel) {
             return Poll::Pending;
         }
-        this.inner.poll(&mut Context::from_waker(this.waker))
+        // Made anew (a reference count) rather than kept: it is needed
+        // rarely, and the future lives in every idle session. Each one
+        // wakes the same gate, so the inner future sees the same waker.
+        let waker = Waker::from(Arc::clone(this.gate));
+        this.inner.poll(&mut Context::from_waker(&waker))
     }
 }
 

@@ -153,7 +153,7 @@ struct Leg<S> {
     last_seen: Instant,
     next_ping: Instant,
     /// Counters for messages read from this leg.
-    counters: MessageCounters,
+    counters: Arc<MessageCounters>,
     messages_read: u64,
 }
 
@@ -161,7 +161,12 @@ impl<S> Leg<S>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    fn new(side: Side, ws: WebSocketStream<S>, counters: MessageCounters, ping: Duration) -> Self {
+    fn new(
+        side: Side,
+        ws: WebSocketStream<S>,
+        counters: Arc<MessageCounters>,
+        ping: Duration,
+    ) -> Self {
         let now = Instant::now();
         Leg {
             side,

@@ -23,6 +23,7 @@ use std::io::{self, Cursor};
 use std::mem::MaybeUninit;
 use std::ops::Range;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -38,7 +39,7 @@ use hyper_util::rt::TokioIo;
 
 use super::{conclude, log_end, DirectSession, LegSummary, Stop};
 use crate::metrics::{Direction, MessageCounters, Metrics, Side};
-use crate::upstream::{Connected, UpstreamIo};
+use crate::upstream::{Connected, Upstream, UpstreamIo};
 use crate::when_woken::WhenWoken;
 use crate::{chunked, close};
 
@@ -82,13 +83,15 @@ struct InFrame {
     /// A close or pong frame is held whole (header and payload) rather
     /// than passed on as it comes; this is it so far.
     held: Option<Vec<u8>>,
-    /// How many of the held bytes are the header.
-    header_len: usize,
+    /// How many of the held bytes are the header (at most [`MAX_HEADER`]).
+    header_len: u8,
     mask: Option<[u8; 4]>,
     /// The payload is text, checked as it passes.
     text: bool,
-    /// Payload bytes passed so far (where the mask's cycle stands).
-    offset: usize,
+    /// Payload bytes passed so far, modulo 4: where the mask's cycle
+    /// stands. (The fields of a session's scanners are kept small: two
+    /// of them are in every idle session.)
+    offset: u8,
     /// A close frame (held, unless it is too big to be valid).
     close: bool,
 }
@@ -102,7 +105,7 @@ struct Scanner {
     max_message: u64,
     /// Header bytes of the next frame, held until the header is whole.
     head: [u8; MAX_HEADER],
-    head_len: usize,
+    head_len: u8,
     frame: Option<InFrame>,
     /// The data message in progress and its size so far.
     message: Option<(Kind, u64)>,
@@ -125,7 +128,7 @@ struct Scanner {
 #[derive(Debug, Default)]
 struct Utf8Check {
     partial: [u8; 4],
-    partial_len: usize,
+    partial_len: u8,
 }
 
 impl Utf8Check {
@@ -136,10 +139,10 @@ impl Utf8Check {
             let Some((&b, rest)) = bytes.split_first() else {
                 return Ok(());
             };
-            self.partial[self.partial_len] = b;
+            self.partial[usize::from(self.partial_len)] = b;
             self.partial_len += 1;
             bytes = rest;
-            match std::str::from_utf8(&self.partial[..self.partial_len]) {
+            match std::str::from_utf8(&self.partial[..self.partial_len.into()]) {
                 Ok(_) => self.partial_len = 0,
                 Err(e) if e.error_len().is_some() || self.partial_len == 4 => return Err(bad()),
                 Err(_) => {}
@@ -151,7 +154,7 @@ impl Utf8Check {
             Err(e) => {
                 let rest = &bytes[e.valid_up_to()..];
                 self.partial[..rest.len()].copy_from_slice(rest);
-                self.partial_len = rest.len();
+                self.partial_len = rest.len() as u8;
                 Ok(())
             }
         }
@@ -251,12 +254,12 @@ impl Scanner {
             let piece = &chunk[at..at + take];
             let mut bad_text = None;
             if frame.text {
-                if let Err(e) = check_text(&mut self.utf8, piece, frame.mask, frame.offset) {
+                if let Err(e) = check_text(&mut self.utf8, piece, frame.mask, frame.offset.into()) {
                     frame.text = false;
                     bad_text = Some(e);
                 }
             }
-            frame.offset += take;
+            frame.offset = ((usize::from(frame.offset) + take) % 4) as u8;
             frame.left -= take as u64;
             let ends = frame.left == 0;
             match (&mut frame.held, bad_text) {
@@ -276,8 +279,8 @@ impl Scanner {
     /// Reads header bytes from `chunk[at..]`; returns where the payload
     /// starts (or the chunk's end, with the header still incomplete).
     fn header(&mut self, chunk: &[u8], at: usize, out: &mut Out) -> usize {
-        let take = (MAX_HEADER - self.head_len).min(chunk.len() - at);
-        let held = self.head_len;
+        let held = usize::from(self.head_len);
+        let take = (MAX_HEADER - held).min(chunk.len() - at);
         self.head[held..held + take].copy_from_slice(&chunk[at..at + take]);
         // tungstenite refuses a reserved opcode without saying the frame's
         // length, which is needed to find the frame behind it: the opcode
@@ -292,7 +295,7 @@ impl Scanner {
         let (header, len) = match FrameHeader::parse(&mut cursor) {
             Ok(Some(parsed)) => parsed,
             Ok(None) => {
-                self.head_len += take;
+                self.head_len += take as u8;
                 return chunk.len();
             }
             Err(e) => {
@@ -320,7 +323,7 @@ impl Scanner {
             left: len,
             ends_message: false,
             held: None,
-            header_len,
+            header_len: header_len as u8,
             mask: header.mask,
             text: false,
             offset: 0,
@@ -417,7 +420,7 @@ impl Scanner {
             }
             return;
         };
-        let mut payload = bytes[frame.header_len..].to_vec();
+        let mut payload = bytes[frame.header_len.into()..].to_vec();
         if let Some(mask) = frame.mask {
             unmask(&mut payload, mask, 0);
         }
@@ -517,14 +520,14 @@ struct Pump {
     last_seen: Instant,
     /// Something arrived since the last timer wake.
     heard: bool,
-    counters: MessageCounters,
+    counters: Arc<MessageCounters>,
     messages_read: u64,
     /// Closes written toward the destination (by the source or the broker).
     sent_close: Option<u16>,
 }
 
 impl Pump {
-    fn new(from: Side, max_message: u64, chunk: usize, counters: MessageCounters) -> Self {
+    fn new(from: Side, max_message: u64, chunk: usize, counters: Arc<MessageCounters>) -> Self {
         Pump {
             scan: Scanner::new(from, max_message),
             spill: Vec::new(),
@@ -661,7 +664,7 @@ impl Pump {
         dst: &mut W,
         cx: &mut Context<'_>,
         metrics: &Metrics,
-        upstream: &str,
+        upstream: &Upstream,
     ) -> Poll<PumpEnd>
     where
         R: AsyncRead + Unpin,
@@ -688,7 +691,7 @@ impl Pump {
                 self.heard = true;
                 let chunk = read.filled();
                 let mut out = Out::default();
-                let scanned = self.scan(chunk, &mut out, metrics, upstream);
+                let scanned = self.scan(chunk, &mut out, metrics, &upstream.name);
                 // What came before a bad frame is still written.
                 let written = self
                     .write_or_spill(dst, cx, &chunk[out.direct.clone()])
@@ -751,7 +754,8 @@ pub async fn run(session: Box<DirectSession>, on_upgrade: OnUpgrade, connected: 
         Ok(client) => TokioIo::new(client),
         Err(error) => return Box::pin(super::abandon(session, *connected, error)).await,
     };
-    let mut upstream = connected.io;
+    // Out of its box, which is freed here rather than when this future ends.
+    let mut upstream = unbox(connected).io;
     let ws = &session.upstream.config.websocket_config;
     let name = &*session.upstream.name;
     let metrics = &*session.metrics;
@@ -791,11 +795,11 @@ pub async fn run(session: Box<DirectSession>, on_upgrade: OnUpgrade, connected: 
             biased;
             _ = &mut cancelled => break Stop::Shutdown,
             stop = poll_fn(|cx| {
-                if let Poll::Ready(end) = up.poll_pump(&mut client, &mut upstream, cx, metrics, name) {
+                if let Poll::Ready(end) = up.poll_pump(&mut client, &mut upstream, cx, metrics, &session.upstream) {
                     let closed = up.scan.closed.is_some();
                     return Poll::Ready(stop_of(end, Side::Client, Side::Upstream, closed));
                 }
-                if let Poll::Ready(end) = down.poll_pump(&mut upstream, &mut client, cx, metrics, name) {
+                if let Poll::Ready(end) = down.poll_pump(&mut upstream, &mut client, cx, metrics, &session.upstream) {
                     let closed = down.scan.closed.is_some();
                     return Poll::Ready(stop_of(end, Side::Upstream, Side::Client, closed));
                 }
@@ -825,6 +829,13 @@ pub async fn run(session: Box<DirectSession>, on_upgrade: OnUpgrade, connected: 
         }
     };
     Box::pin(end(session, client, upstream, up, down, stop)).await;
+}
+
+/// The value in `boxed`, freeing the box now (moving out with `*boxed`
+/// frees it only at the end of the scope, in a future at its very end).
+#[allow(clippy::boxed_local)] // taking the box is the point
+fn unbox<T>(boxed: Box<T>) -> T {
+    *boxed
 }
 
 /// Closes both sides of a relay that stopped for `stop`, then logs the
