@@ -36,6 +36,7 @@ use crate::limits::ConnectionPermit;
 use crate::metrics::{Direction, Metrics, Side};
 use crate::session::SessionGuard;
 use crate::upstream::Upstream;
+use crate::when_woken::WhenWoken;
 use muxgate_plugins::{SessionHooks, Verdict};
 
 /// A close code and reason.
@@ -189,7 +190,9 @@ pub async fn run(mut session: Box<MuxSession>, on_upgrade: hyper::upgrade::OnUpg
     let ws: &WebSocketSettings = &session.upstream.config.websocket_config;
     let name = Arc::clone(&session.upstream.name);
     let id = session.guard.handle.id;
-    let cancel = session.guard.handle.cancel.clone();
+    // Polled only once it fires, not on every message (see `WhenWoken`).
+    let cancelled = WhenWoken::new(session.guard.handle.cancel.clone().cancelled_owned());
+    tokio::pin!(cancelled);
     let metrics = &session.metrics;
     let up_counters = metrics.message_counters(&name, Direction::ClientToUpstream);
     let down_counters = metrics.message_counters(&name, Direction::UpstreamToClient);
@@ -203,8 +206,14 @@ pub async fn run(mut session: Box<MuxSession>, on_upgrade: hyper::upgrade::OnUpg
     // Accepted from the client, not yet in any connection's queue; oldest first.
     let mut carry: VecDeque<Payload> = VecDeque::new();
     let (mut sent_up, mut sent_down) = (0u64, 0u64);
+    // The clock is read and the timer moved only when the timer fires:
+    // `heard` notes that the client was heard from (or not read, so not
+    // to be blamed) since then, and `last_seen` becomes that firing's time.
     let mut last_seen = Instant::now();
-    let mut next_ping = Instant::now() + ws.ping_period;
+    let mut heard = false;
+    let mut next_ping = last_seen + ws.ping_period;
+    let timer = tokio::time::sleep_until(next_ping.min(last_seen + ws.pong_wait));
+    tokio::pin!(timer);
 
     let ending = loop {
         // Read the client only while its messages have somewhere to go.
@@ -213,9 +222,8 @@ pub async fn run(mut session: Box<MuxSession>, on_upgrade: hyper::upgrade::OnUpg
             _ => carry.len() <= ws.resume_buffer,
         };
         if !may_read {
-            last_seen = Instant::now();
+            heard = true;
         }
-        let wake = next_ping.min(last_seen + ws.pong_wait);
         // The select's futures must not borrow `bound`, which its handlers
         // change; they get owned handles, made only on the rare paths.
         let bind = match &bound {
@@ -228,7 +236,7 @@ pub async fn run(mut session: Box<MuxSession>, on_upgrade: hyper::upgrade::OnUpg
         };
         tokio::select! {
             biased;
-            _ = cancel.cancelled() => break Ending::Shutdown,
+            _ = &mut cancelled => break Ending::Shutdown,
             next = inbox.recv() => {
                 let item = match next {
                     Next::Signal(ctl) => {
@@ -248,16 +256,18 @@ pub async fn run(mut session: Box<MuxSession>, on_upgrade: hyper::upgrade::OnUpg
                 let outcome = loop {
                     tokio::select! {
                         biased;
-                        _ = cancel.cancelled() => break Err(Ending::Shutdown),
+                        _ = &mut cancelled => break Err(Ending::Shutdown),
                         ctl = inbox.signal(), if lost.is_none() => match ctl {
                             Control::ConnLost { .. } => lost = Some(ctl),
                             other => break Err(on_control(other, &mut carry, &mut bound, ws).expect("ends the session")),
                         },
-                        _ = tokio::time::sleep(ws.pong_wait) => break Err(Ending::ClientGone {
+                        r = &mut write => break Ok(r),
+                        // After the write: a write done at once (nearly
+                        // all of them) never starts this timer.
+                        _ = async { tokio::time::sleep(ws.pong_wait).await } => break Err(Ending::ClientGone {
                             cause: "stopped reading".into(),
                             ping_timeout: true,
                         }),
-                        r = &mut write => break Ok(r),
                     }
                 };
                 let ending = match outcome {
@@ -307,7 +317,7 @@ pub async fn run(mut session: Box<MuxSession>, on_upgrade: hyper::upgrade::OnUpg
                 Err(_) => bound = Bound::AwaitingLost,
             },
             msg = client.next(), if may_read => {
-                last_seen = Instant::now();
+                heard = true;
                 match client_event(msg, ws.return_error_details) {
                     Err(ending) => break ending,
                     Ok(None) => {}
@@ -360,13 +370,20 @@ pub async fn run(mut session: Box<MuxSession>, on_upgrade: hyper::upgrade::OnUpg
                     }
                 }
             }
-            _ = tokio::time::sleep_until(wake) => {
+            _ = &mut timer => {
                 let now = Instant::now();
+                if std::mem::take(&mut heard) {
+                    last_seen = now;
+                }
                 if now >= last_seen + ws.pong_wait {
                     break Ending::ClientGone { cause: "missed its pong".into(), ping_timeout: true };
                 }
-                if now >= next_ping {
+                let ping_due = now >= next_ping;
+                if ping_due {
                     next_ping = now + ws.ping_period;
+                }
+                timer.as_mut().reset(next_ping.min(last_seen + ws.pong_wait));
+                if ping_due {
                     let ping = tokio::time::timeout(ws.pong_wait, client.send(Message::Ping(Default::default())));
                     match Box::pin(ping).await {
                         Ok(Ok(())) => {}
