@@ -23,7 +23,7 @@ use std::io::{self, Cursor};
 use std::mem::MaybeUninit;
 use std::ops::Range;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -50,8 +50,15 @@ const READS_PER_TURN: usize = 16;
 const MAX_HEADER: usize = 14;
 /// The largest control frame payload.
 const MAX_CONTROL_PAYLOAD: u64 = 125;
-/// The payload of the broker's pings, by which their pongs are known.
-const PING_PAYLOAD: &[u8] = b"muxgate";
+/// The payload of the broker's pings, by which their pongs are known and
+/// kept from the other side. Random per process, so that no peer's own
+/// ping can carry it by chance and lose its pong (a fixed `muxgate` did).
+fn ping_payload() -> &'static [u8] {
+    static PAYLOAD: OnceLock<String> = OnceLock::new();
+    PAYLOAD
+        .get_or_init(|| format!("muxgate:{:016x}", rand::random::<u64>()))
+        .as_bytes()
+}
 
 /// The data message a frame belongs to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -426,7 +433,7 @@ impl Scanner {
         }
         if !frame.close {
             // A pong: the answer to one of the broker's pings goes no further.
-            if payload != PING_PAYLOAD && !self.poisoned {
+            if payload != ping_payload() && !self.poisoned {
                 out.own(&bytes);
             }
             return;
@@ -550,7 +557,7 @@ impl Pump {
 
     /// Queues a ping of the broker's own; see [`Pump::inject`].
     fn ping(&mut self) -> bool {
-        self.inject(Frame::ping(PING_PAYLOAD))
+        self.inject(Frame::ping(ping_payload()))
     }
 
     /// Queues a frame of the broker's own; only at a frame boundary.
@@ -1159,7 +1166,7 @@ mod tests {
 
     #[test]
     fn the_brokers_own_pongs_stop_here_and_others_pass() {
-        let ours = wire(Frame::pong(PING_PAYLOAD.to_vec()), MASK);
+        let ours = wire(Frame::pong(ping_payload().to_vec()), MASK);
         let theirs = wire(Frame::pong(b"app".to_vec()), MASK);
         let mut s = Scanner::new(Side::Client, 1024);
         let (written, _, r) = scan_in_steps(&mut s, &[ours, theirs.clone()].concat(), 3);
