@@ -664,12 +664,15 @@ impl Pump {
         Poll::Ready(Ok(()))
     }
 
-    /// Moves bytes from `src` to `dst` until neither can make progress.
+    /// Moves bytes from `src` to `dst` until neither can make progress,
+    /// reading into `buf` (the loop's buffer, so that it costs an idle
+    /// session nothing; see [`chunked::with_read_buffer`]).
     fn poll_pump<R, W>(
         &mut self,
         src: &mut R,
         dst: &mut W,
         cx: &mut Context<'_>,
+        buf: &mut [MaybeUninit<u8>],
         metrics: &Metrics,
         upstream: &Upstream,
     ) -> Poll<PumpEnd>
@@ -677,42 +680,41 @@ impl Pump {
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
     {
-        // The loop's buffer, so it costs an idle session nothing.
-        chunked::with_read_buffer(self.chunk, |buf| {
-            for _ in 0..READS_PER_TURN {
-                match self.poll_drain(dst, cx) {
-                    Poll::Ready(Ok(())) => {}
-                    Poll::Ready(Err(e)) => return Poll::Ready(PumpEnd::Write(e)),
-                    // `dst` is full: leave `src` unread.
-                    Poll::Pending => return self.flush_then_pending(dst, cx),
-                }
-                let mut read = ReadBuf::uninit(buf);
-                match Pin::new(&mut *src).poll_read(cx, &mut read) {
-                    Poll::Pending => return self.flush_then_pending(dst, cx),
-                    Poll::Ready(Err(e)) => return Poll::Ready(PumpEnd::Read(e)),
-                    Poll::Ready(Ok(())) if read.filled().is_empty() => {
-                        return Poll::Ready(PumpEnd::Eof)
-                    }
-                    Poll::Ready(Ok(())) => {}
-                }
-                self.heard = true;
-                let chunk = read.filled();
-                let mut out = Out::default();
-                let scanned = self.scan(chunk, &mut out, metrics, &upstream.name);
-                // What came before a bad frame is still written.
-                let written = self
-                    .write_or_spill(dst, cx, &chunk[out.direct.clone()])
-                    .and_then(|()| self.write_or_spill(dst, cx, &out.owned));
-                if let Err(e) = written {
-                    return Poll::Ready(PumpEnd::Write(e));
-                }
-                if let Err(e) = scanned {
-                    return Poll::Ready(PumpEnd::Bad(e));
-                }
+        let chunk = self.chunk.min(buf.len());
+        let buf = &mut buf[..chunk];
+        for _ in 0..READS_PER_TURN {
+            match self.poll_drain(dst, cx) {
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(e)) => return Poll::Ready(PumpEnd::Write(e)),
+                // `dst` is full: leave `src` unread.
+                Poll::Pending => return self.flush_then_pending(dst, cx),
             }
-            cx.waker().wake_by_ref();
-            self.flush_then_pending(dst, cx)
-        })
+            let mut read = ReadBuf::uninit(&mut *buf);
+            match Pin::new(&mut *src).poll_read(cx, &mut read) {
+                Poll::Pending => return self.flush_then_pending(dst, cx),
+                Poll::Ready(Err(e)) => return Poll::Ready(PumpEnd::Read(e)),
+                Poll::Ready(Ok(())) if read.filled().is_empty() => {
+                    return Poll::Ready(PumpEnd::Eof)
+                }
+                Poll::Ready(Ok(())) => {}
+            }
+            self.heard = true;
+            let chunk = read.filled();
+            let mut out = Out::default();
+            let scanned = self.scan(chunk, &mut out, metrics, &upstream.name);
+            // What came before a bad frame is still written.
+            let written = self
+                .write_or_spill(dst, cx, &chunk[out.direct.clone()])
+                .and_then(|()| self.write_or_spill(dst, cx, &out.owned));
+            if let Err(e) = written {
+                return Poll::Ready(PumpEnd::Write(e));
+            }
+            if let Err(e) = scanned {
+                return Poll::Ready(PumpEnd::Bad(e));
+            }
+        }
+        cx.waker().wake_by_ref();
+        self.flush_then_pending(dst, cx)
     }
 
     fn flush_then_pending<W>(&mut self, dst: &mut W, cx: &mut Context<'_>) -> Poll<PumpEnd>
@@ -763,56 +765,67 @@ pub async fn run(session: Box<DirectSession>, on_upgrade: OnUpgrade, connected: 
     };
     // Out of its box, which is freed here rather than when this future ends.
     let mut upstream = unbox(connected).io;
-    let ws = &session.upstream.config.websocket_config;
-    let name = &*session.upstream.name;
-    let metrics = &*session.metrics;
     let cancelled = WhenWoken::new(session.guard.handle.cancel.clone().cancelled_owned());
     tokio::pin!(cancelled);
-    let max = ws.max_message_size.bytes() as u64;
-    let chunk = chunked::read_chunk(ws.read_buffer_size.bytes());
-    let mut up = Pump::new(
-        Side::Client,
-        max,
-        chunk,
-        metrics.message_counters(name, Direction::ClientToUpstream),
-    );
-    let mut down = Pump::new(
-        Side::Upstream,
-        max,
-        chunk,
-        metrics.message_counters(name, Direction::UpstreamToClient),
-    );
-    info!(
-        session = %session.guard.handle.id,
-        upstream = %name,
-        target_url = %session.lease.target().label,
-        mode = "direct",
-        relay = "frames",
-        remote = %session.remote,
-        request_id = %session.request_id,
-        "session opened"
-    );
+    // Settings, names and metrics are looked up through `session` where
+    // they are used rather than held in locals of their own, which would
+    // be kept for the session's life.
+    let (mut up, mut down) = {
+        let ws = &session.upstream.config.websocket_config;
+        let name = &*session.upstream.name;
+        let metrics = &*session.metrics;
+        let max = ws.max_message_size.bytes() as u64;
+        let chunk = chunked::read_chunk(ws.read_buffer_size.bytes());
+        let counters = |direction| metrics.message_counters(name, direction);
+        info!(
+            session = %session.guard.handle.id,
+            upstream = %name,
+            target_url = %session.lease.target().label,
+            mode = "direct",
+            relay = "frames",
+            remote = %session.remote,
+            request_id = %session.request_id,
+            "session opened"
+        );
+        (
+            Pump::new(
+                Side::Client,
+                max,
+                chunk,
+                counters(Direction::ClientToUpstream),
+            ),
+            Pump::new(
+                Side::Upstream,
+                max,
+                chunk,
+                counters(Direction::UpstreamToClient),
+            ),
+        )
+    };
     // When both sides are next pinged.
-    let mut next_ping = Instant::now() + ws.ping_period;
+    let mut next_ping = Instant::now() + session.upstream.config.websocket_config.ping_period;
     let stop = loop {
+        let ws = &session.upstream.config.websocket_config;
         let wake = next_ping
             .min(up.last_seen + ws.pong_wait)
             .min(down.last_seen + ws.pong_wait);
         tokio::select! {
             biased;
             _ = &mut cancelled => break Stop::Shutdown,
-            stop = poll_fn(|cx| {
-                if let Poll::Ready(end) = up.poll_pump(&mut client, &mut upstream, cx, metrics, &session.upstream) {
+            // Both directions read into the loop's one buffer.
+            stop = poll_fn(|cx| chunked::with_read_buffer(up.chunk.max(down.chunk), |buf| {
+                if let Poll::Ready(end) = up.poll_pump(&mut client, &mut upstream, cx, buf, &session.metrics, &session.upstream) {
                     let closed = up.scan.closed.is_some();
                     return Poll::Ready(stop_of(end, Side::Client, Side::Upstream, closed));
                 }
-                if let Poll::Ready(end) = down.poll_pump(&mut upstream, &mut client, cx, metrics, &session.upstream) {
+                if let Poll::Ready(end) = down.poll_pump(&mut upstream, &mut client, cx, buf, &session.metrics, &session.upstream) {
                     let closed = down.scan.closed.is_some();
                     return Poll::Ready(stop_of(end, Side::Upstream, Side::Client, closed));
                 }
                 Poll::Pending
-            }) => break stop,
+            })) => break stop,
             _ = tokio::time::sleep_until(wake) => {
+                let ws = &session.upstream.config.websocket_config;
                 let now = Instant::now();
                 // A side left unread because the other is backed up cannot
                 // be blamed for silence.
