@@ -4,7 +4,8 @@ mod common;
 
 use bytes::Bytes;
 use common::upstream::{
-    greeting_in_handshake_listener, http_500_listener, refused_addr, silent_listener, TestUpstream,
+    greeting_in_handshake_listener, http_500_listener, late_talker_listener, refused_addr,
+    silent_listener, TestUpstream,
 };
 use common::*;
 use futures_util::SinkExt;
@@ -305,6 +306,34 @@ async fn bytes_behind_the_101_are_relayed() {
             "with plugins {plugins:?}"
         );
     }
+}
+
+/// What the upstream sends after the broker closed the session cannot be
+/// delivered: the frame relay reads it up to the upstream's close and
+/// counts each message as dropped.
+#[tokio::test]
+async fn messages_after_the_brokers_close_are_counted_as_dropped() {
+    let (up, upstream_done) = late_talker_listener(3).await;
+    // A client that never answers the close keeps the drain, and with it
+    // the admin listener, going.
+    let cfg = direct_config(&[up], "close_timeout: 30s", "", "shutdown_grace: 30s");
+    let broker = start_broker(&cfg).await;
+    let (_ws, _) = connect(&broker.url("/ws/echo"), &[]).await;
+    broker.shutdown.begin();
+    within("the broker to hang up on the upstream", upstream_done)
+        .await
+        .unwrap();
+    let m = broker.metrics().await;
+    assert_eq!(
+        m.value(
+            "muxgate_messages_dropped_total",
+            &[
+                ("direction", "upstream_to_client"),
+                ("reason", "session_closed")
+            ]
+        ),
+        3.0
+    );
 }
 
 /// A refused upstream connection is a 502 before any upgrade.

@@ -1006,18 +1006,23 @@ fn poll_discard<X>(
 where
     X: AsyncRead + Unpin,
 {
-    let mut buf = [MaybeUninit::<u8>::uninit(); chunked::MAX_CHUNK];
-    let mut read = ReadBuf::uninit(&mut buf[..from.chunk]);
-    match std::task::ready!(Pin::new(&mut *x).poll_read(cx, &mut read)) {
-        Ok(()) if !read.filled().is_empty() => {}
-        _ => return Poll::Ready(false),
-    }
     let mut dropped = 0u64;
-    let scanned = from
-        .scan
-        .scan(read.filled(), &mut Out::default(), &mut |seen| {
-            dropped += u64::from(matches!(seen, Seen::Message { .. }));
-        });
+    let scanned = chunked::with_read_buffer(from.chunk, |buf| {
+        let mut read = ReadBuf::uninit(buf);
+        match Pin::new(&mut *x).poll_read(cx, &mut read) {
+            Poll::Ready(Ok(())) if !read.filled().is_empty() => {}
+            Poll::Ready(_) => return Poll::Ready(None),
+            Poll::Pending => return Poll::Pending,
+        }
+        Poll::Ready(Some(from.scan.scan(
+            read.filled(),
+            &mut Out::default(),
+            &mut |seen| dropped += u64::from(matches!(seen, Seen::Message { .. })),
+        )))
+    });
+    let Some(scanned) = std::task::ready!(scanned) else {
+        return Poll::Ready(false);
+    };
     let direction = match from.scan.from {
         Side::Client => Direction::ClientToUpstream,
         Side::Upstream => Direction::UpstreamToClient,

@@ -253,6 +253,57 @@ pub async fn greeting_in_handshake_listener(
     (addr, task)
 }
 
+/// A hand-written upstream for one session that, once the broker sends
+/// anything after the handshake (its close, at shutdown), sends `late`
+/// text frames, then its own close, and closes the connection as a server
+/// does; it reports when the broker has shut its side down too.
+pub async fn late_talker_listener(late: usize) -> (SocketAddr, tokio::sync::oneshot::Receiver<()>) {
+    use tokio::io::AsyncReadExt;
+    use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (done, finished) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let (mut tcp, _) = listener.accept().await.unwrap();
+        let mut request = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = tcp.read(&mut buf).await.unwrap();
+            assert!(n > 0, "the broker hung up during the handshake");
+            request.extend_from_slice(&buf[..n]);
+        }
+        let request = String::from_utf8_lossy(&request).to_string();
+        let key = request
+            .lines()
+            .find_map(|l| {
+                let (name, value) = l.split_once(':')?;
+                name.eq_ignore_ascii_case("sec-websocket-key")
+                    .then(|| value.trim().to_string())
+            })
+            .expect("a Sec-WebSocket-Key");
+        let reply = format!(
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n\r\n",
+            derive_accept_key(key.as_bytes())
+        );
+        tcp.write_all(reply.as_bytes()).await.unwrap();
+        // The broker's close.
+        assert!(tcp.read(&mut buf).await.unwrap() > 0);
+        let mut frames = Vec::new();
+        for i in 0..late {
+            let text = format!("late {i}");
+            frames.extend_from_slice(&[0x81, text.len() as u8]);
+            frames.extend_from_slice(text.as_bytes());
+        }
+        // Close 1000, no reason.
+        frames.extend_from_slice(&[0x88, 0x02, 0x03, 0xE8]);
+        tcp.write_all(&frames).await.unwrap();
+        tcp.shutdown().await.unwrap();
+        while matches!(tcp.read(&mut buf).await, Ok(n) if n > 0) {}
+        let _ = done.send(());
+    });
+    (addr, finished)
+}
+
 /// An address with nothing listening (connections are refused).
 pub async fn refused_addr() -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
