@@ -214,38 +214,17 @@ pub async fn greeting_in_handshake_listener(
     greeting: &'static str,
 ) -> (SocketAddr, tokio::task::JoinHandle<()>) {
     use tokio::io::AsyncReadExt;
-    use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-    assert!(greeting.len() < 126, "one short frame");
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let task = tokio::spawn(async move {
         while let Ok((mut tcp, _)) = listener.accept().await {
             tokio::spawn(async move {
-                let mut request = Vec::new();
-                let mut buf = [0u8; 4096];
-                while !request.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match tcp.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => request.extend_from_slice(&buf[..n]),
-                    }
-                }
-                let request = String::from_utf8_lossy(&request).to_string();
-                let key = request
-                    .lines()
-                    .find_map(|l| {
-                        let (name, value) = l.split_once(':')?;
-                        name.eq_ignore_ascii_case("sec-websocket-key")
-                            .then(|| value.trim().to_string())
-                    })
-                    .expect("a Sec-WebSocket-Key");
-                let mut reply = format!(
-                    "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n\r\n",
-                    derive_accept_key(key.as_bytes())
-                )
-                .into_bytes();
-                reply.extend_from_slice(&[0x81, greeting.len() as u8]);
-                reply.extend_from_slice(greeting.as_bytes());
+                let Some(mut reply) = switching_protocols(&mut tcp).await else {
+                    return;
+                };
+                reply.extend_from_slice(&text_frame(greeting));
                 tcp.write_all(&reply).await.unwrap();
+                let mut buf = [0u8; 4096];
                 while matches!(tcp.read(&mut buf).await, Ok(n) if n > 0) {}
             });
         }
@@ -259,40 +238,21 @@ pub async fn greeting_in_handshake_listener(
 /// does; it reports when the broker has shut its side down too.
 pub async fn late_talker_listener(late: usize) -> (SocketAddr, tokio::sync::oneshot::Receiver<()>) {
     use tokio::io::AsyncReadExt;
-    use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (done, finished) = tokio::sync::oneshot::channel();
     tokio::spawn(async move {
         let (mut tcp, _) = listener.accept().await.unwrap();
-        let mut request = Vec::new();
-        let mut buf = [0u8; 4096];
-        while !request.windows(4).any(|w| w == b"\r\n\r\n") {
-            let n = tcp.read(&mut buf).await.unwrap();
-            assert!(n > 0, "the broker hung up during the handshake");
-            request.extend_from_slice(&buf[..n]);
-        }
-        let request = String::from_utf8_lossy(&request).to_string();
-        let key = request
-            .lines()
-            .find_map(|l| {
-                let (name, value) = l.split_once(':')?;
-                name.eq_ignore_ascii_case("sec-websocket-key")
-                    .then(|| value.trim().to_string())
-            })
-            .expect("a Sec-WebSocket-Key");
-        let reply = format!(
-            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n\r\n",
-            derive_accept_key(key.as_bytes())
-        );
-        tcp.write_all(reply.as_bytes()).await.unwrap();
+        let reply = switching_protocols(&mut tcp)
+            .await
+            .expect("the broker hung up during the handshake");
+        tcp.write_all(&reply).await.unwrap();
         // The broker's close.
+        let mut buf = [0u8; 4096];
         assert!(tcp.read(&mut buf).await.unwrap() > 0);
         let mut frames = Vec::new();
         for i in 0..late {
-            let text = format!("late {i}");
-            frames.extend_from_slice(&[0x81, text.len() as u8]);
-            frames.extend_from_slice(text.as_bytes());
+            frames.extend_from_slice(&text_frame(&format!("late {i}")));
         }
         // Close 1000, no reason.
         frames.extend_from_slice(&[0x88, 0x02, 0x03, 0xE8]);
@@ -302,6 +262,44 @@ pub async fn late_talker_listener(late: usize) -> (SocketAddr, tokio::sync::ones
         let _ = done.send(());
     });
     (addr, finished)
+}
+
+/// Reads a WebSocket upgrade request from `tcp` and returns the 101
+/// response that accepts it, for hand-written upstreams that then write
+/// frames of their own; `None` if the peer hung up first.
+async fn switching_protocols(tcp: &mut tokio::net::TcpStream) -> Option<Vec<u8>> {
+    use tokio::io::AsyncReadExt;
+    use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+    let mut request = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+        match tcp.read(&mut buf).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => request.extend_from_slice(&buf[..n]),
+        }
+    }
+    let request = String::from_utf8_lossy(&request).to_string();
+    let key = request
+        .lines()
+        .find_map(|l| {
+            let (name, value) = l.split_once(':')?;
+            name.eq_ignore_ascii_case("sec-websocket-key")
+                .then(|| value.trim().to_string())
+        })
+        .expect("a Sec-WebSocket-Key");
+    let reply = format!(
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n\r\n",
+        derive_accept_key(key.as_bytes())
+    );
+    Some(reply.into_bytes())
+}
+
+/// An unmasked text frame (as a server sends) of under 126 bytes.
+fn text_frame(text: &str) -> Vec<u8> {
+    assert!(text.len() < 126, "one short frame");
+    let mut frame = vec![0x81, text.len() as u8];
+    frame.extend_from_slice(text.as_bytes());
+    frame
 }
 
 /// An address with nothing listening (connections are refused).
