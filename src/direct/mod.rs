@@ -41,6 +41,7 @@ use crate::limits::ConnectionPermit;
 use crate::metrics::{Direction, MessageCounters, Metrics, Side};
 use crate::session::SessionGuard;
 use crate::upstream::{self, ConnectError, Connected, TargetLease, Upstream};
+use crate::when_woken::WhenWoken;
 use muxgate_plugins::{SessionHooks, Verdict};
 
 mod passthrough;
@@ -440,7 +441,9 @@ async fn relay_messages<C>(
     let ws = &session.upstream.config.websocket_config;
     let name = Arc::clone(&session.upstream.name);
     let metrics = Arc::clone(&session.metrics);
-    let cancel = session.guard.handle.cancel.clone();
+    // Polled only once it fires, not on every wake (see `WhenWoken`).
+    let cancelled = WhenWoken::new(session.guard.handle.cancel.clone().cancelled_owned());
+    tokio::pin!(cancelled);
     let mut c = Leg::new(
         Side::Client,
         client,
@@ -471,7 +474,7 @@ async fn relay_messages<C>(
             .min(u.last_seen + ws.pong_wait);
         tokio::select! {
             biased;
-            _ = cancel.cancelled() => break Stop::Shutdown,
+            _ = &mut cancelled => break Stop::Shutdown,
             stop = poll_fn(|cx| {
                 if let Poll::Ready(s) = poll_direction(&mut c, &mut u, &mut hooks, cx, &metrics, &name) {
                     return Poll::Ready(s);
