@@ -264,8 +264,9 @@ impl Metrics {
             .dec();
     }
 
-    /// Counter handles for one session's messages, resolved once so the
-    /// per-message path is two atomic adds.
+    /// Counter handles for the messages of `upstream`'s sessions in one
+    /// direction, resolved on first use and shared, so the per-message
+    /// path is two atomic adds.
     pub fn message_counters(&self, upstream: &str, direction: Direction) -> Arc<MessageCounters> {
         let cache = &self.message_counters[direction as usize];
         if let Some(counters) = cache.get(upstream) {
