@@ -28,7 +28,9 @@ pin_project! {
         inner: F,
         gate: Arc<Gate>,
         // The task waker last registered with `gate`: registering costs two
-        // compare-and-swaps, comparing with this costs none.
+        // compare-and-swaps, comparing with this costs none. (A wake of the
+        // gate uses up the registration; the poll that sees it registers
+        // again.)
         registered: Option<Waker>,
     }
 }
@@ -63,6 +65,15 @@ impl<F: Future> WhenWoken<F> {
             registered: None,
         }
     }
+
+    /// The inner future, to change (a timer's deadline, say); it is polled
+    /// on the next poll whether or not it was woken, so that it can
+    /// register what the change needs.
+    pub fn inner_mut(self: Pin<&mut Self>) -> Pin<&mut F> {
+        let this = self.project();
+        this.gate.woken.store(true, Ordering::Release);
+        this.inner
+    }
 }
 
 impl<F: Future> Future for WhenWoken<F> {
@@ -83,6 +94,9 @@ impl<F: Future> Future for WhenWoken<F> {
         if !this.gate.woken.swap(false, Ordering::AcqRel) {
             return Poll::Pending;
         }
+        // The wake that set the flag took the registration with it: make it
+        // again before the inner future can wake the gate once more.
+        this.gate.task.register(cx.waker());
         // Made anew (a reference count) rather than kept: it is needed
         // rarely, and the future lives in every idle session. Each one
         // wakes the same gate, so the inner future sees the same waker.
@@ -108,6 +122,11 @@ mod tests {
     impl Probe {
         fn fire(&self) {
             self.ready.store(true, Ordering::SeqCst);
+            self.wake();
+        }
+
+        /// Wakes without becoming ready (a timer moved, say).
+        fn wake(&self) {
             if let Some(w) = self.waker.lock().unwrap().take() {
                 w.wake();
             }
@@ -162,6 +181,31 @@ mod tests {
         assert_eq!(task.0.load(Ordering::SeqCst), 1, "its wake wakes the task");
         assert!(fut.as_mut().poll(&mut cx).is_ready());
         assert_eq!(probe.polls.load(Ordering::SeqCst), 2);
+    }
+
+    /// The inner future may wake the task any number of times: each wake
+    /// consumes the task's registration, so it must be made again.
+    #[test]
+    fn every_wake_of_the_inner_future_reaches_the_task() {
+        let probe = Arc::new(Probe::default());
+        let task = Arc::new(Task::default());
+        let waker = Waker::from(Arc::clone(&task));
+        let mut cx = Context::from_waker(&waker);
+        let mut fut = Box::pin(WhenWoken::new(ProbeFuture(Arc::clone(&probe))));
+
+        assert!(fut.as_mut().poll(&mut cx).is_pending());
+        for wakes in 1..=3 {
+            probe.wake();
+            assert_eq!(
+                task.0.load(Ordering::SeqCst),
+                wakes,
+                "wake {wakes} reaches the task"
+            );
+            assert!(fut.as_mut().poll(&mut cx).is_pending());
+        }
+        probe.fire();
+        assert_eq!(task.0.load(Ordering::SeqCst), 4);
+        assert!(fut.as_mut().poll(&mut cx).is_ready());
     }
 
     #[tokio::test]
