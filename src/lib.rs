@@ -54,6 +54,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod alarms;
 pub mod app;
 pub mod chunked;
 pub mod close;

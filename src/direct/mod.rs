@@ -35,13 +35,13 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 use tracing::{debug, info, warn};
 
+use crate::alarms::{Alarm, Alarms};
 use crate::chunked::ChunkedRead;
 use crate::close;
 use crate::limits::ConnectionPermit;
 use crate::metrics::{Direction, MessageCounters, Metrics, Side};
 use crate::session::SessionGuard;
 use crate::upstream::{self, ConnectError, Connected, TargetLease, Upstream};
-use crate::when_woken::WhenWoken;
 use muxgate_plugins::{SessionHooks, Verdict};
 
 mod passthrough;
@@ -441,9 +441,6 @@ async fn relay_messages<C>(
     let ws = &session.upstream.config.websocket_config;
     let name = Arc::clone(&session.upstream.name);
     let metrics = Arc::clone(&session.metrics);
-    // Polled only once it fires, not on every wake (see `WhenWoken`).
-    let cancelled = WhenWoken::new(session.guard.handle.cancel.clone().cancelled_owned());
-    tokio::pin!(cancelled);
     let mut c = Leg::new(
         Side::Client,
         client,
@@ -466,31 +463,23 @@ async fn relay_messages<C>(
         "session opened"
     );
 
-    let stop = loop {
-        let wake = c
-            .next_ping
+    // The timer is the next ping, or the moment a silent side will have gone
+    // unheard for pong_wait; it is moved only when it fires.
+    let deadline = |c: &Leg<_>, u: &Leg<_>| {
+        c.next_ping
             .min(u.next_ping)
             .min(c.last_seen + ws.pong_wait)
-            .min(u.last_seen + ws.pong_wait);
+            .min(u.last_seen + ws.pong_wait)
+    };
+    let alarms = Alarms::new(session.guard.handle.cancel.clone(), deadline(&c, &u));
+    tokio::pin!(alarms);
+    let stop = loop {
         tokio::select! {
             biased;
-            _ = &mut cancelled => break Stop::Shutdown,
-            stop = poll_fn(|cx| {
-                if let Poll::Ready(s) = poll_direction(&mut c, &mut u, &mut hooks, cx, &metrics, &name) {
-                    return Poll::Ready(s);
+            alarm = &mut alarms => {
+                if alarm == Alarm::Shutdown {
+                    break Stop::Shutdown;
                 }
-                let paused = c.reply.is_some();
-                if let Poll::Ready(s) = poll_direction(&mut u, &mut c, &mut hooks, cx, &metrics, &name) {
-                    return Poll::Ready(s);
-                }
-                // A plugin's reply held the client unread; once it is out,
-                // read on (nothing else would wake this task for it).
-                if paused && c.reply.is_none() {
-                    return poll_direction(&mut c, &mut u, &mut hooks, cx, &metrics, &name);
-                }
-                Poll::Pending
-            }) => break stop,
-            _ = tokio::time::sleep_until(wake) => {
                 let now = Instant::now();
                 // A leg that is not being read because the other side is
                 // backed up cannot be blamed for silence.
@@ -510,7 +499,23 @@ async fn relay_messages<C>(
                         *next_ping = now + ws.ping_period;
                     }
                 }
+                alarms.as_mut().reset(deadline(&c, &u));
             }
+            stop = poll_fn(|cx| {
+                if let Poll::Ready(s) = poll_direction(&mut c, &mut u, &mut hooks, cx, &metrics, &name) {
+                    return Poll::Ready(s);
+                }
+                let paused = c.reply.is_some();
+                if let Poll::Ready(s) = poll_direction(&mut u, &mut c, &mut hooks, cx, &metrics, &name) {
+                    return Poll::Ready(s);
+                }
+                // A plugin's reply held the client unread; once it is out,
+                // read on (nothing else would wake this task for it).
+                if paused && c.reply.is_none() {
+                    return poll_direction(&mut c, &mut u, &mut hooks, cx, &metrics, &name);
+                }
+                Poll::Pending
+            }) => break stop,
         }
     };
 

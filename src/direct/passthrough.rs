@@ -38,9 +38,9 @@ use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper_util::rt::TokioIo;
 
 use super::{conclude, log_end, DirectSession, LegSummary, Stop};
+use crate::alarms::{Alarm, Alarms};
 use crate::metrics::{Direction, MessageCounters, Metrics, Side};
 use crate::upstream::{Connected, Upstream, UpstreamIo};
-use crate::when_woken::WhenWoken;
 use crate::{chunked, close};
 
 /// Reads per direction before yielding, so one busy direction cannot
@@ -765,8 +765,6 @@ pub async fn run(session: Box<DirectSession>, on_upgrade: OnUpgrade, connected: 
     };
     // Out of its box, which is freed here rather than when this future ends.
     let mut upstream = unbox(connected).io;
-    let cancelled = WhenWoken::new(session.guard.handle.cancel.clone().cancelled_owned());
-    tokio::pin!(cancelled);
     // Settings, names and metrics are looked up through `session` where
     // they are used rather than held in locals of their own, which would
     // be kept for the session's life.
@@ -804,27 +802,20 @@ pub async fn run(session: Box<DirectSession>, on_upgrade: OnUpgrade, connected: 
     };
     // When both sides are next pinged.
     let mut next_ping = Instant::now() + session.upstream.config.websocket_config.ping_period;
+    // The timer is the next ping, or the moment a silent side will have gone
+    // unheard for pong_wait; it is moved only when it fires.
+    let alarms = Alarms::new(
+        session.guard.handle.cancel.clone(),
+        timer_deadline(&session, &up, &down, next_ping),
+    );
+    tokio::pin!(alarms);
     let stop = loop {
-        let ws = &session.upstream.config.websocket_config;
-        let wake = next_ping
-            .min(up.last_seen + ws.pong_wait)
-            .min(down.last_seen + ws.pong_wait);
         tokio::select! {
             biased;
-            _ = &mut cancelled => break Stop::Shutdown,
-            // Both directions read into the loop's one buffer.
-            stop = poll_fn(|cx| chunked::with_read_buffer(up.chunk.max(down.chunk), |buf| {
-                if let Poll::Ready(end) = up.poll_pump(&mut client, &mut upstream, cx, buf, &session.metrics, &session.upstream) {
-                    let closed = up.scan.closed.is_some();
-                    return Poll::Ready(stop_of(end, Side::Client, Side::Upstream, closed));
+            alarm = &mut alarms => {
+                if alarm == Alarm::Shutdown {
+                    break Stop::Shutdown;
                 }
-                if let Poll::Ready(end) = down.poll_pump(&mut upstream, &mut client, cx, buf, &session.metrics, &session.upstream) {
-                    let closed = down.scan.closed.is_some();
-                    return Poll::Ready(stop_of(end, Side::Upstream, Side::Client, closed));
-                }
-                Poll::Pending
-            })) => break stop,
-            _ = tokio::time::sleep_until(wake) => {
                 let ws = &session.upstream.config.websocket_config;
                 let now = Instant::now();
                 // A side left unread because the other is backed up cannot
@@ -845,10 +836,32 @@ pub async fn run(session: Box<DirectSession>, on_upgrade: OnUpgrade, connected: 
                     up.ping();
                     next_ping = now + ws.ping_period;
                 }
+                alarms.as_mut().reset(timer_deadline(&session, &up, &down, next_ping));
             }
+            // Both directions read into the loop's one buffer.
+            stop = poll_fn(|cx| chunked::with_read_buffer(up.chunk.max(down.chunk), |buf| {
+                if let Poll::Ready(end) = up.poll_pump(&mut client, &mut upstream, cx, buf, &session.metrics, &session.upstream) {
+                    let closed = up.scan.closed.is_some();
+                    return Poll::Ready(stop_of(end, Side::Client, Side::Upstream, closed));
+                }
+                if let Poll::Ready(end) = down.poll_pump(&mut upstream, &mut client, cx, buf, &session.metrics, &session.upstream) {
+                    let closed = down.scan.closed.is_some();
+                    return Poll::Ready(stop_of(end, Side::Upstream, Side::Client, closed));
+                }
+                Poll::Pending
+            })) => break stop,
         }
     };
     Box::pin(end(session, client, upstream, up, down, stop)).await;
+}
+
+/// When a relay's timer is next due: the next ping, or the moment a side
+/// last heard at `last_seen` has been silent for `pong_wait`.
+fn timer_deadline(session: &DirectSession, up: &Pump, down: &Pump, next_ping: Instant) -> Instant {
+    let pong_wait = session.upstream.config.websocket_config.pong_wait;
+    next_ping
+        .min(up.last_seen + pong_wait)
+        .min(down.last_seen + pong_wait)
 }
 
 /// The value in `boxed`, freeing the box now (moving out with `*boxed`

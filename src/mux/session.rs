@@ -30,13 +30,13 @@ use tracing::{debug, info};
 use super::conn::{ConnCmd, Control, ToClient};
 use super::inbox::{inbox, Inbox, Next};
 use super::pool::{Binding, MuxPool};
+use crate::alarms::{Alarm, Alarms};
 use crate::close;
 use crate::config::WebSocketSettings;
 use crate::limits::ConnectionPermit;
 use crate::metrics::{Direction, Metrics, Side};
 use crate::session::SessionGuard;
 use crate::upstream::Upstream;
-use crate::when_woken::WhenWoken;
 use muxgate_plugins::{SessionHooks, Verdict};
 
 /// A close code and reason.
@@ -190,9 +190,6 @@ pub async fn run(mut session: Box<MuxSession>, on_upgrade: hyper::upgrade::OnUpg
     let ws: &WebSocketSettings = &session.upstream.config.websocket_config;
     let name = Arc::clone(&session.upstream.name);
     let id = session.guard.handle.id;
-    // Polled only once it fires, not on every message (see `WhenWoken`).
-    let cancelled = WhenWoken::new(session.guard.handle.cancel.clone().cancelled_owned());
-    tokio::pin!(cancelled);
     let metrics = &session.metrics;
     let up_counters = metrics.message_counters(&name, Direction::ClientToUpstream);
     let down_counters = metrics.message_counters(&name, Direction::UpstreamToClient);
@@ -212,8 +209,13 @@ pub async fn run(mut session: Box<MuxSession>, on_upgrade: hyper::upgrade::OnUpg
     let mut last_seen = Instant::now();
     let mut heard = false;
     let mut next_ping = last_seen + ws.ping_period;
-    let timer = tokio::time::sleep_until(next_ping.min(last_seen + ws.pong_wait));
-    tokio::pin!(timer);
+    // Shutdown and the timer are polled only when one of them fires, not on
+    // every message (see `Alarms`).
+    let alarms = Alarms::new(
+        session.guard.handle.cancel.clone(),
+        next_ping.min(last_seen + ws.pong_wait),
+    );
+    tokio::pin!(alarms);
 
     let ending = loop {
         // Read the client only while its messages have somewhere to go.
@@ -236,7 +238,31 @@ pub async fn run(mut session: Box<MuxSession>, on_upgrade: hyper::upgrade::OnUpg
         };
         tokio::select! {
             biased;
-            _ = &mut cancelled => break Ending::Shutdown,
+            alarm = &mut alarms => {
+                if alarm == Alarm::Shutdown {
+                    break Ending::Shutdown;
+                }
+                let now = Instant::now();
+                if std::mem::take(&mut heard) {
+                    last_seen = now;
+                }
+                if now >= last_seen + ws.pong_wait {
+                    break Ending::ClientGone { cause: "missed its pong".into(), ping_timeout: true };
+                }
+                let ping_due = now >= next_ping;
+                if ping_due {
+                    next_ping = now + ws.ping_period;
+                }
+                alarms.as_mut().reset(next_ping.min(last_seen + ws.pong_wait));
+                if ping_due {
+                    let ping = tokio::time::timeout(ws.pong_wait, client.send(Message::Ping(Default::default())));
+                    match Box::pin(ping).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => break Ending::ClientGone { cause: format!("pinging client: {e}"), ping_timeout: false },
+                        Err(_) => break Ending::ClientGone { cause: "stopped reading".into(), ping_timeout: true },
+                    }
+                }
+            }
             next = inbox.recv() => {
                 let item = match next {
                     Next::Signal(ctl) => {
@@ -253,10 +279,15 @@ pub async fn run(mut session: Box<MuxSession>, on_upgrade: hyper::upgrade::OnUpg
                 let write = write_burst(&mut client, item, &inbox, &mut hooks, &down_counters, &mut sent_down);
                 tokio::pin!(write);
                 let mut lost = None;
+                // The timer firing during the write is handled after it.
+                let mut timer_fired = false;
                 let outcome = loop {
                     tokio::select! {
                         biased;
-                        _ = &mut cancelled => break Err(Ending::Shutdown),
+                        alarm = &mut alarms => match alarm {
+                            Alarm::Shutdown => break Err(Ending::Shutdown),
+                            Alarm::Timer => timer_fired = true,
+                        },
                         ctl = inbox.signal(), if lost.is_none() => match ctl {
                             Control::ConnLost { .. } => lost = Some(ctl),
                             other => break Err(on_control(other, &mut carry, &mut bound, ws).expect("ends the session")),
@@ -279,6 +310,10 @@ pub async fn run(mut session: Box<MuxSession>, on_upgrade: hyper::upgrade::OnUpg
                 };
                 if let Some(ending) = ending.or_else(|| lost.and_then(|ctl| on_control(ctl, &mut carry, &mut bound, ws))) {
                     break ending;
+                }
+                if timer_fired {
+                    // Fires again at once, for the outer loop to handle.
+                    alarms.as_mut().reset(Instant::now());
                 }
             }
             // Bind (or re-bind) to a live connection.
@@ -367,28 +402,6 @@ pub async fn run(mut session: Box<MuxSession>, on_upgrade: hyper::upgrade::OnUpg
                                 break Ending::ResumeFailed("resume buffer overflow");
                             }
                         }
-                    }
-                }
-            }
-            _ = &mut timer => {
-                let now = Instant::now();
-                if std::mem::take(&mut heard) {
-                    last_seen = now;
-                }
-                if now >= last_seen + ws.pong_wait {
-                    break Ending::ClientGone { cause: "missed its pong".into(), ping_timeout: true };
-                }
-                let ping_due = now >= next_ping;
-                if ping_due {
-                    next_ping = now + ws.ping_period;
-                }
-                timer.as_mut().reset(next_ping.min(last_seen + ws.pong_wait));
-                if ping_due {
-                    let ping = tokio::time::timeout(ws.pong_wait, client.send(Message::Ping(Default::default())));
-                    match Box::pin(ping).await {
-                        Ok(Ok(())) => {}
-                        Ok(Err(e)) => break Ending::ClientGone { cause: format!("pinging client: {e}"), ping_timeout: false },
-                        Err(_) => break Ending::ClientGone { cause: "stopped reading".into(), ping_timeout: true },
                     }
                 }
             }
