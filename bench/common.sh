@@ -77,6 +77,17 @@ hold_idle() {
     read -r -t 300 line <&"$fd" && [[ $line == open* ]] || { echo "loadgen idle to $url failed" >&2; exit 1; }
   done
 }
+# Waits (bounded) until the muxgate with admin port $1 has closed every
+# session, so that closing thousands of them does not run beside the next
+# measurement; prints how long that took.
+wait_no_sessions() {
+  local start=$SECONDS
+  for _ in $(seq 1200); do
+    metrics "$1" | awk '/^muxgate_sessions_active/ {s += $NF} END {exit !(s == 0)}' && { echo $((SECONDS - start)); return 0; }
+    sleep 0.05
+  done
+  echo "muxgate (admin :$1) still had sessions 60 s after their clients left" >&2; exit 1
+}
 release_idle() {
   local fd
   kill "${idle_pids[@]}"; wait "${idle_pids[@]}" 2>/dev/null || true

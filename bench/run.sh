@@ -143,7 +143,9 @@ for name in "${proxies[@]}"; do
   record upstream_sockets "$name" "$(tree_sockets_to "${pid[$name]}" "$up_port")"
   record open_files "$name" "$(tree_max_fds "${pid[$name]}")"
   release_idle
-  echo "$name: $n idle sessions, ${res[idle_bytes_per_session/$name]} B each, ${res[upstream_sockets/$name]} upstream sockets, at most ${res[open_files/$name]} open files in one process"
+  drained=""
+  [ -z "${admin[$name]:-}" ] || drained=", all closed $(wait_no_sessions "${admin[$name]}") s after their clients left"
+  echo "$name: $n idle sessions, ${res[idle_bytes_per_session/$name]} B each, ${res[upstream_sockets/$name]} upstream sockets, at most ${res[open_files/$name]} open files in one process$drained"
 done
 
 # Runs 2 and 3 go round the paths $rounds times, interleaved, and keep
