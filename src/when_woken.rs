@@ -157,13 +157,36 @@ mod tests {
         }
     }
 
-    #[test]
-    fn polls_the_inner_future_only_after_its_own_wake() {
+    /// A probe behind a gate, and the task (and its waker) polling it.
+    struct Gated {
+        probe: Arc<Probe>,
+        task: Arc<Task>,
+        waker: Waker,
+        fut: Pin<Box<WhenWoken<ProbeFuture>>>,
+    }
+
+    fn gated_probe() -> Gated {
         let probe = Arc::new(Probe::default());
         let task = Arc::new(Task::default());
         let waker = Waker::from(Arc::clone(&task));
+        let fut = Box::pin(WhenWoken::new(ProbeFuture(Arc::clone(&probe))));
+        Gated {
+            probe,
+            task,
+            waker,
+            fut,
+        }
+    }
+
+    #[test]
+    fn polls_the_inner_future_only_after_its_own_wake() {
+        let Gated {
+            probe,
+            task,
+            waker,
+            mut fut,
+        } = gated_probe();
         let mut cx = Context::from_waker(&waker);
-        let mut fut = Box::pin(WhenWoken::new(ProbeFuture(Arc::clone(&probe))));
 
         assert!(fut.as_mut().poll(&mut cx).is_pending());
         assert_eq!(
@@ -187,11 +210,13 @@ mod tests {
     /// consumes the task's registration, so it must be made again.
     #[test]
     fn every_wake_of_the_inner_future_reaches_the_task() {
-        let probe = Arc::new(Probe::default());
-        let task = Arc::new(Task::default());
-        let waker = Waker::from(Arc::clone(&task));
+        let Gated {
+            probe,
+            task,
+            waker,
+            mut fut,
+        } = gated_probe();
         let mut cx = Context::from_waker(&waker);
-        let mut fut = Box::pin(WhenWoken::new(ProbeFuture(Arc::clone(&probe))));
 
         assert!(fut.as_mut().poll(&mut cx).is_pending());
         for wakes in 1..=3 {
