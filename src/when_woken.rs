@@ -9,7 +9,7 @@
 //! waker of its own, and skips polling it until that waker has fired, at
 //! the cost of one atomic swap per poll (and a registration of the task's
 //! waker when it changes, which on the broker's single-threaded event
-//! loops is never).
+//! loops is never, and after each wake of the inner future).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -81,8 +81,8 @@ impl<F: Future> Future for WhenWoken<F> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let this = self.project();
-        // Registered before the flag is read: a wake in between both sets
-        // the flag and wakes the task again, so none is lost.
+        // Registered (if the task's waker changed) before the flag is read:
+        // a wake in between both sets the flag and wakes the task again.
         if !this
             .registered
             .as_ref()
@@ -95,7 +95,8 @@ impl<F: Future> Future for WhenWoken<F> {
             return Poll::Pending;
         }
         // The wake that set the flag took the registration with it: make it
-        // again before the inner future can wake the gate once more.
+        // again before polling the inner future. A wake between the swap and
+        // this finds no task to wake, but the poll below sees its cause.
         this.gate.task.register(cx.waker());
         // Made anew (a reference count) rather than kept: it is needed
         // rarely, and the future lives in every idle session. Each one
