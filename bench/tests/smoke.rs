@@ -41,6 +41,7 @@ fn run_sh_writes_every_number_and_chart() {
         .env("BENCH_WARMUP", "100ms")
         // Two rounds, so the medians are of more than one number.
         .env("BENCH_ROUNDS", "2")
+        .env("BENCH_ECHO_ROUNDS", "2")
         .env("BENCH_RATE", "1000")
         .env("BENCH_IDLE_DIRECT", "200")
         .env("BENCH_IDLE_MUX", "200")
@@ -104,6 +105,17 @@ fn run_sh_writes_every_number_and_chart() {
         .filter(|l| l.contains(": met (") || l.contains(": **not met** ("))
         .count();
     assert_eq!(verdicts, 8, "a verdict for every target:\n{report}");
+    // Throughput at both sizes and p99 say how many of the 2 rounds direct
+    // mode was as good as the better proxy in.
+    let paired = report
+        .lines()
+        .filter(|l| {
+            l.split_once("as good or better in ")
+                .and_then(|(_, rest)| rest.split_once(" of 2 rounds)"))
+                .is_some_and(|(won, _)| matches!(won, "0" | "1" | "2"))
+        })
+        .count();
+    assert_eq!(paired, 3, "rounds won on throughput and p99:\n{report}");
 
     for chart in ["throughput", "latency", "cpu", "memory"] {
         let file = out.join(format!("bench/charts/{chart}.png"));
