@@ -71,8 +71,13 @@ async fn upstreams(State(app): State<Arc<AppState>>) -> impl IntoResponse {
                 let connections: Vec<serde_json::Value> = p
                     .connections()
                     .into_iter()
-                    .map(|(id, target, sessions)| {
-                        serde_json::json!({"id": id, "target": &*target, "sessions": sessions})
+                    .map(|c| {
+                        serde_json::json!({
+                            "id": c.id,
+                            "target": &*c.target,
+                            "event_loop": c.event_loop,
+                            "sessions": c.sessions,
+                        })
                     })
                     .collect();
                 serde_json::json!({

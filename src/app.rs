@@ -109,7 +109,13 @@ impl Broker {
             .iter()
             .filter(|u| u.mode() == Mode::Multiplexed)
             .map(|u| {
-                let pool = MuxPool::start(Arc::clone(u), Arc::clone(&metrics), instance, &shutdown);
+                let pool = MuxPool::start(
+                    Arc::clone(u),
+                    Arc::clone(&metrics),
+                    instance,
+                    &shutdown,
+                    loops.handles(),
+                );
                 (Arc::clone(&u.name), pool)
             })
             .collect();

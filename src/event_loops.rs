@@ -14,15 +14,24 @@
 //! Everything shared (the session registry, pools, limits, metrics, the
 //! shutdown tracker) is already thread-safe and runtime-agnostic; only the
 //! sockets and timers of a session belong to the loop that accepted it.
+//!
+//! A message that crosses from one loop to another (a multiplexed session
+//! handing it to a pool connection on another loop) costs a wake of that
+//! loop's thread: a system call, often a context switch. So the loops'
+//! runtimes are handed out ([`ClientLoops::handles`]) for long-lived tasks
+//! to be spread over them, and [`current`] tells a task which loop it is
+//! on, so that it can prefer partners on the same one.
 //! A loop keeps driving its sessions after accepting stops, until the
 //! broker has drained and [`ClientLoops::stop`] releases it.
 
+use std::cell::Cell;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::thread::JoinHandle;
 
 use tokio::net::TcpListener;
+use tokio::runtime::Handle;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::task_tracker::TaskTrackerToken;
@@ -36,11 +45,24 @@ pub const FIRST_THREAD_LOOP: usize = 1;
 /// The future of one loop's server.
 pub type ServeFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
 
+thread_local! {
+    /// The index of the loop this thread runs (0 for the caller's thread,
+    /// and for any thread that is no loop's).
+    static CURRENT: Cell<usize> = const { Cell::new(0) };
+}
+
+/// The index of the event loop the calling task runs on.
+pub fn current() -> usize {
+    CURRENT.with(Cell::get)
+}
+
 /// The extra loops, started (threads running, listeners registered) but
 /// not yet serving.
 pub struct ClientLoops {
     starts: Vec<oneshot::Sender<Serve>>,
     threads: Vec<JoinHandle<()>>,
+    /// Every loop's runtime, by index: the caller's first.
+    handles: Vec<Handle>,
     /// Counts the loops still accepting; [`ClientLoops::accepting_stopped`]
     /// waits for none.
     accepting: TaskTracker,
@@ -54,27 +76,37 @@ impl ClientLoops {
         let mut loops = ClientLoops {
             starts: Vec::with_capacity(count),
             threads: Vec::with_capacity(count),
+            handles: vec![Handle::current()],
             accepting: TaskTracker::new(),
             release: CancellationToken::new(),
         };
         for index in FIRST_THREAD_LOOP..FIRST_THREAD_LOOP + count {
             let duplicate = duplicate(listener)?;
             let (start, started) = oneshot::channel::<Serve>();
-            let (ready, is_ready) = oneshot::channel::<io::Result<()>>();
+            let (ready, is_ready) = oneshot::channel::<io::Result<Handle>>();
             let release = loops.release.clone();
             let accepting = loops.accepting.token();
             let thread = std::thread::Builder::new()
                 .name(format!("muxgate-loop-{index}"))
-                .spawn(move || run_loop(duplicate, started, ready, accepting, release))
+                .spawn(move || run_loop(index, duplicate, started, ready, accepting, release))
                 .map_err(|e| context(e, "starting an event loop thread"))?;
             loops.threads.push(thread);
             match is_ready.await {
-                Ok(Ok(())) => loops.starts.push(start),
+                Ok(Ok(handle)) => {
+                    loops.starts.push(start);
+                    loops.handles.push(handle);
+                }
                 Ok(Err(e)) => return Err(e),
                 Err(_) => return Err(io::Error::other("an event loop thread ended at start")),
             }
         }
         Ok(loops)
+    }
+
+    /// Every loop's runtime, by loop index (the caller's is 0). A task
+    /// spawned on one runs until the loop is stopped, after the drain.
+    pub fn handles(&self) -> &[Handle] {
+        &self.handles
     }
 
     /// How many extra loops there are.
@@ -134,9 +166,10 @@ impl Drop for ClientLoops {
 
 /// The body of one loop thread.
 fn run_loop(
+    index: usize,
     listener: std::net::TcpListener,
     started: oneshot::Receiver<Serve>,
-    ready: oneshot::Sender<io::Result<()>>,
+    ready: oneshot::Sender<io::Result<Handle>>,
     accepting: TaskTrackerToken,
     release: CancellationToken,
 ) {
@@ -160,7 +193,8 @@ fn run_loop(
             }
         }
     };
-    if ready.send(Ok(())).is_err() {
+    CURRENT.with(|current| current.set(index));
+    if ready.send(Ok(runtime.handle().clone())).is_err() {
         return;
     }
     runtime.block_on(async move {

@@ -71,6 +71,15 @@ impl Shutdown {
         self.tracker.spawn(task);
     }
 
+    /// Like [`Shutdown::spawn`], on the runtime of `handle` (another
+    /// event loop's).
+    pub fn spawn_on<F>(&self, task: F, handle: &tokio::runtime::Handle)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        self.tracker.spawn_on(task, handle);
+    }
+
     /// Tasks still running.
     pub fn running(&self) -> usize {
         self.tracker.len()

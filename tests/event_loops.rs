@@ -9,7 +9,7 @@ mod mux_peer;
 use common::upstream::TestUpstream;
 use common::*;
 use futures_util::SinkExt;
-use mux_peer::{Behavior, MuxPeer};
+use mux_peer::{Behavior, MuxPeer, PeerEvent};
 use muxgate::shutdown::DrainOutcome;
 use tokio_tungstenite::tungstenite::Message;
 
@@ -112,6 +112,77 @@ async fn multiplexed_sessions_on_every_loop_share_the_pool() {
     assert_spread(&accepts_per_loop(&broker).await);
     assert_eq!(peer.total_connections(), 2);
     assert_eq!(peer.open_sessions(), CLIENTS);
+
+    expect_all_closed_by_shutdown(&broker, &mut clients).await;
+    assert_eq!(broker.stop().await, DrainOutcome::Drained);
+}
+
+/// With a pool connection on every loop, the slots are spread one per
+/// loop, and each session binds to the connection on the loop that
+/// accepted it, so no message crosses from one loop's thread to another.
+#[tokio::test]
+async fn multiplexed_sessions_bind_to_the_connection_on_their_own_loop() {
+    let mut peer = MuxPeer::start(Behavior::Manual).await;
+    let broker = start_broker(&mux_config(
+        &[peer.addr],
+        &format!("pool_size: {LOOPS}\nenvelope: binary"),
+        "",
+        &server_settings(),
+    ))
+    .await;
+    // A connection answers a ping only once it serves sessions, which is
+    // after it is offered to them.
+    let mut conns = Vec::new();
+    while conns.len() < LOOPS {
+        if let PeerEvent::Hello { conn, .. } = peer
+            .wait_for("hello", |e| matches!(e, PeerEvent::Hello { .. }))
+            .await
+        {
+            conns.push(conn);
+        }
+    }
+    for &conn in &conns {
+        peer.send_raw(conn, Message::Ping(Default::default())).await;
+    }
+    let mut answered = Vec::new();
+    while answered.len() < LOOPS {
+        if let PeerEvent::Pong { conn } = peer
+            .wait_for("pong", |e| matches!(e, PeerEvent::Pong { .. }))
+            .await
+        {
+            answered.push(conn);
+        }
+    }
+
+    let url = broker.url("/ws/echo");
+    let mut clients = Vec::with_capacity(CLIENTS);
+    for _ in 0..CLIENTS {
+        clients.push(connect(&url, &[]).await.0);
+        peer.wait_for("open", |e| matches!(e, PeerEvent::Open { .. }))
+            .await;
+    }
+    let per_loop = accepts_per_loop(&broker).await;
+    assert_spread(&per_loop);
+    let (status, _, body) = http_get(broker.admin_addr, "/admin/upstreams").await;
+    assert_eq!(status, 200);
+    let upstreams: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    let connections = upstreams[0]["pool"]["connections"]
+        .as_array()
+        .expect("pool connections");
+    let mut loops: Vec<u64> = connections
+        .iter()
+        .map(|c| c["event_loop"].as_u64().expect("event_loop"))
+        .collect();
+    loops.sort_unstable();
+    assert_eq!(loops, (0..LOOPS as u64).collect::<Vec<_>>(), "{upstreams}");
+    for c in connections {
+        let event_loop = c["event_loop"].as_u64().unwrap() as usize;
+        assert_eq!(
+            c["sessions"].as_u64(),
+            Some(per_loop[event_loop] as u64),
+            "the sessions accepted on loop {event_loop} bind to its connection: {upstreams}"
+        );
+    }
 
     expect_all_closed_by_shutdown(&broker, &mut clients).await;
     assert_eq!(broker.stop().await, DrainOutcome::Drained);

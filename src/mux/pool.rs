@@ -3,8 +3,12 @@
 //! picked by weight, reconnecting with exponential backoff and full jitter,
 //! and reporting failures to the target's passive health.
 //!
-//! Sessions bind to the least-loaded live connection; a [`Binding`] counts
-//! the session on its connection until dropped.
+//! The slots are spread over the event loops, and a session binds to the
+//! least-loaded live connection on its own loop, else to the least-loaded
+//! of all: every message between a session and a connection on another
+//! loop wakes that loop's thread (see [`crate::event_loops`]), which made
+//! a multiplexed message cost a third more CPU than on one loop. A
+//! [`Binding`] counts the session on its connection until dropped.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
@@ -12,6 +16,7 @@ use std::time::Duration;
 
 use http::header::{HeaderMap, HeaderValue, SEC_WEBSOCKET_PROTOCOL};
 use muxgate_backend::protocol::{self, Encoding, Frame, Hello};
+use tokio::runtime::Handle;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -20,6 +25,7 @@ use uuid::Uuid;
 
 use super::conn::{ConnCmd, ConnEnd, MuxConn};
 use crate::config;
+use crate::event_loops;
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
 use crate::upstream::{self, Upstream};
@@ -38,7 +44,18 @@ pub struct MuxConnHandle {
     pub id: Uuid,
     pub target: Arc<str>,
     pub tx: mpsc::Sender<ConnCmd>,
+    /// The event loop the connection runs on.
+    pub event_loop: usize,
     load: Arc<AtomicUsize>,
+}
+
+/// A live connection, as the admin API shows it.
+#[derive(Debug, Clone)]
+pub struct ConnInfo {
+    pub id: Uuid,
+    pub target: Arc<str>,
+    pub event_loop: usize,
+    pub sessions: usize,
 }
 
 /// A session's claim on a connection; dropping it lowers the load.
@@ -63,12 +80,14 @@ pub struct MuxPool {
 }
 
 impl MuxPool {
-    /// Starts `pool_size` slot tasks on `shutdown`'s tracker.
+    /// Starts `pool_size` slot tasks on `shutdown`'s tracker, slot `i` on
+    /// the event loop `loops[i % loops.len()]`.
     pub fn start(
         upstream: Arc<Upstream>,
         metrics: Arc<Metrics>,
         instance: Uuid,
         shutdown: &Shutdown,
+        loops: &[Handle],
     ) -> Arc<MuxPool> {
         let encoding = match upstream.config.websocket_config.envelope {
             config::Envelope::Json => Encoding::Json,
@@ -83,7 +102,11 @@ impl MuxPool {
             live_count: watch::channel(0).0,
         });
         for slot in 0..pool.upstream.config.websocket_config.pool_size {
-            shutdown.spawn(Arc::clone(&pool).run_slot(slot, shutdown.token()));
+            let task = Arc::clone(&pool).run_slot(slot, shutdown.token());
+            match loops.get(slot % loops.len().max(1)) {
+                Some(event_loop) => shutdown.spawn_on(task, event_loop),
+                None => shutdown.spawn(task),
+            }
         }
         pool
     }
@@ -93,23 +116,30 @@ impl MuxPool {
         self.live.read().expect("pool lock").len()
     }
 
-    /// (connection id, target, sessions bound) of every live connection.
-    pub fn connections(&self) -> Vec<(Uuid, Arc<str>, usize)> {
+    /// Every live connection: its id, target, event loop and sessions bound.
+    pub fn connections(&self) -> Vec<ConnInfo> {
         self.live
             .read()
             .expect("pool lock")
             .iter()
-            .map(|c| (c.id, Arc::clone(&c.target), c.load.load(Ordering::Relaxed)))
+            .map(|c| ConnInfo {
+                id: c.id,
+                target: Arc::clone(&c.target),
+                event_loop: c.event_loop,
+                sessions: c.load.load(Ordering::Relaxed),
+            })
             .collect()
     }
 
-    /// Binds to the least-loaded live connection, if any.
+    /// Binds to the least-loaded live connection on the caller's event
+    /// loop, else to the least-loaded live one, if any.
     pub fn bind(&self) -> Option<Binding> {
+        let here = event_loops::current();
         let live = self.live.read().expect("pool lock");
         let conn = live
             .iter()
             .filter(|c| !c.tx.is_closed())
-            .min_by_key(|c| c.load.load(Ordering::Relaxed))?
+            .min_by_key(|c| (c.event_loop != here, c.load.load(Ordering::Relaxed)))?
             .clone();
         conn.load.fetch_add(1, Ordering::Relaxed);
         Some(Binding { conn })
@@ -249,6 +279,7 @@ impl MuxPool {
             id,
             target: Arc::clone(&label),
             tx,
+            event_loop: event_loops::current(),
             load: Arc::new(AtomicUsize::new(0)),
         };
         target.health.record_success();

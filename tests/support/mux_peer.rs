@@ -135,6 +135,8 @@ pub enum PeerEvent {
     },
     /// A frame the peer could not decode (it keeps the connection up).
     Malformed { conn: ConnId, why: String },
+    /// The broker answered a WebSocket ping the test sent ([`MuxPeer::send_raw`]).
+    Pong { conn: ConnId },
     /// A mux connection ended (either side, or `kill`).
     Disconnected { conn: ConnId },
 }
@@ -573,7 +575,11 @@ async fn run_connection(stream: TcpStream, shared: &Arc<Shared>, conn_slot: &mut
                             excerpt(&bytes)
                         )),
                     },
-                    // Ping/pong are answered by tungstenite; a close frame is
+                    Some(Ok(Message::Pong(_))) => {
+                        shared.emit(PeerEvent::Pong { conn }).await;
+                        continue;
+                    }
+                    // Pings are answered by tungstenite; a close frame is
                     // answered by tungstenite and then the stream ends.
                     Some(Ok(_)) => continue,
                     Some(Err(_)) | None => break,
