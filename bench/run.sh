@@ -40,6 +40,8 @@ pool_size=2
 "$(dirname "$0")/deps.sh"
 source "$(dirname "$0")/common.sh"
 out=${BENCH_OUT:-$root}
+# Before the run writes its results into the tree.
+rev=$(git -C "$root" describe --always --dirty)
 if [ -n "${BENCH_PORT_BASE:-}" ]; then
   read -r up_port nginx_port haproxy_port direct_port mux_port direct_admin mux_admin \
     < <(seq "$BENCH_PORT_BASE" $((BENCH_PORT_BASE + 6)) | xargs)
@@ -237,7 +239,6 @@ direct_line() {
   echo "  - $what: $(verdict "${res[$measure/muxgate-direct]}" "$op=" "${res[$measure/$best]}") (${res[$measure/muxgate-direct]} $unit against $best's ${res[$measure/$best]}$won)"
 }
 elapsed=$SECONDS
-rev=$(git -C "$root" describe --always --dirty)
 {
   echo "# Benchmarks"
   echo
