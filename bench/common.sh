@@ -93,3 +93,70 @@ release_idle() {
   kill "${idle_pids[@]}"; wait "${idle_pids[@]}" 2>/dev/null || true
   for fd in "${idle_fds[@]}"; do exec {fd}<&-; done
 }
+
+# muxgate_yaml MODE PORT ADMIN_PORT UPSTREAM_PORT SERVER POOL_SIZE: a muxgate
+# config with one upstream on /ws (the demo upstream's /echo), in MODE
+# (direct or mux: binary envelope, POOL_SIZE connections); SERVER adds
+# settings to `server` (", workers: 1").
+muxgate_yaml() {
+  local ws='enable_direct_communication: true'
+  [ "$1" = direct ] || ws="enable_direct_communication: false, envelope: binary, pool_size: $6"
+  cat <<YAML
+server: {listen: "127.0.0.1:$2", admin_listen: "127.0.0.1:$3"$5}
+upstreams:
+  - name: $1
+    routes: [{external_path: /ws, internal_path: /echo}]
+    targets: [{url: "ws://127.0.0.1:$4"}]
+    websocket_config: {$ws, ping_period: 120s, pong_wait: 180s}
+YAML
+}
+
+# nginx_conf PORT UPSTREAM_PORT PROCESSES: NGINX as a WebSocket proxy from
+# PORT to the demo upstream, in the foreground; PROCESSES holds the
+# main-context lines on workers (one per line).
+nginx_conf() {
+  cat <<CONF
+$3
+pid $work/nginx.pid;
+error_log $work/nginx-error.log warn;
+daemon off;
+events { worker_connections 20000; }
+http {
+  access_log off;
+  map \$http_upgrade \$connection_upgrade { default upgrade; '' close; }
+  server {
+    listen 127.0.0.1:$1;
+    location / {
+      proxy_pass http://127.0.0.1:$2;
+      proxy_http_version 1.1;
+      proxy_set_header Upgrade \$http_upgrade;
+      proxy_set_header Connection \$connection_upgrade;
+      proxy_read_timeout 1h;
+    }
+  }
+}
+CONF
+}
+
+# haproxy_conf PORT UPSTREAM_PORT GLOBAL: HAProxy (HTTP mode) from PORT to
+# the demo upstream; GLOBAL holds extra lines of its `global` section.
+haproxy_conf() {
+  cat <<CONF
+global
+  # The machine allows 20,000 open files per process; HAProxy needs two per connection.
+  maxconn 9500
+$3
+defaults
+  mode http
+  maxconn 9500
+  timeout connect 5s
+  timeout client 1h
+  timeout server 1h
+  timeout tunnel 1h
+frontend fe
+  bind 127.0.0.1:$1
+  default_backend be
+backend be
+  server s1 127.0.0.1:$2
+CONF
+}

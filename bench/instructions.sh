@@ -30,53 +30,11 @@ round_trips=$(( (long - short) * rate ))
 "$bin/demo-upstream" "127.0.0.1:$up_port" & pids+=($!)
 wait_port "$up_port"
 # One process each, so that callgrind sees all of a proxy's work.
-cat > "$work/nginx.conf" <<CONF
-worker_processes 1;
-master_process off;
-daemon off;
-pid $work/nginx.pid;
-error_log $work/nginx-error.log warn;
-events {}
-http {
-  access_log off;
-  map \$http_upgrade \$connection_upgrade { default upgrade; '' close; }
-  server {
-    listen 127.0.0.1:$nginx_port;
-    location / {
-      proxy_pass http://127.0.0.1:$up_port;
-      proxy_http_version 1.1;
-      proxy_set_header Upgrade \$http_upgrade;
-      proxy_set_header Connection \$connection_upgrade;
-    }
-  }
-}
-CONF
-cat > "$work/haproxy.cfg" <<CONF
-global
-  nbthread 1
-defaults
-  mode http
-  timeout connect 5s
-  timeout client 1h
-  timeout server 1h
-frontend fe
-  bind 127.0.0.1:$haproxy_port
-  default_backend be
-backend be
-  server s1 127.0.0.1:$up_port
-CONF
-for mode in direct mux; do
-  if [ "$mode" = direct ]; then port=$direct_port; admin=$direct_admin; ws='enable_direct_communication: true'
-  else port=$mux_port; admin=$mux_admin; ws='enable_direct_communication: false, envelope: binary, pool_size: 1'; fi
-  cat > "$work/muxgate-$mode.yaml" <<YAML
-server: {listen: "127.0.0.1:$port", admin_listen: "127.0.0.1:$admin", workers: 1}
-upstreams:
-  - name: $mode
-    routes: [{external_path: /ws, internal_path: /echo}]
-    targets: [{url: "ws://127.0.0.1:$up_port"}]
-    websocket_config: {$ws, ping_period: 120s, pong_wait: 180s}
-YAML
-done
+nginx_conf "$nginx_port" "$up_port" "worker_processes 1;
+master_process off;" > "$work/nginx.conf"
+haproxy_conf "$haproxy_port" "$up_port" "  nbthread 1" > "$work/haproxy.cfg"
+muxgate_yaml direct "$direct_port" "$direct_admin" "$up_port" ", workers: 1" 1 > "$work/muxgate-direct.yaml"
+muxgate_yaml mux "$mux_port" "$mux_admin" "$up_port" ", workers: 1" 1 > "$work/muxgate-mux.yaml"
 declare -A cmd=(
   [nginx]="$nginx -c $work/nginx.conf"
   [haproxy]="$haproxy -f $work/haproxy.cfg"

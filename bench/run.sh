@@ -51,60 +51,14 @@ fi
 nginx=$(command -v nginx || echo /usr/sbin/nginx); haproxy=$(command -v haproxy || echo /usr/sbin/haproxy)
 
 "$bin/demo-upstream" "127.0.0.1:$up_port" & pids+=($!)
-cat > "$work/nginx.conf" <<CONF
-worker_processes auto;
 # Each worker may hold all 10,000 sockets of the 5,000 sessions; the machine
 # allows 20,000 open files per process.
-worker_rlimit_nofile 20000;
-pid $work/nginx.pid;
-error_log $work/nginx-error.log warn;
-daemon off;
-events { worker_connections 20000; }
-http {
-  access_log off;
-  map \$http_upgrade \$connection_upgrade { default upgrade; '' close; }
-  server {
-    listen 127.0.0.1:$nginx_port;
-    location / {
-      proxy_pass http://127.0.0.1:$up_port;
-      proxy_http_version 1.1;
-      proxy_set_header Upgrade \$http_upgrade;
-      proxy_set_header Connection \$connection_upgrade;
-      proxy_read_timeout 1h;
-    }
-  }
-}
-CONF
-cat > "$work/haproxy.cfg" <<CONF
-global
-  # The machine allows 20,000 open files per process; HAProxy needs two per connection.
-  maxconn 9500
-defaults
-  mode http
-  maxconn 9500
-  timeout connect 5s
-  timeout client 1h
-  timeout server 1h
-  timeout tunnel 1h
-frontend fe
-  bind 127.0.0.1:$haproxy_port
-  default_backend be
-backend be
-  server s1 127.0.0.1:$up_port
-CONF
+nginx_conf "$nginx_port" "$up_port" "worker_processes auto;
+worker_rlimit_nofile 20000;" > "$work/nginx.conf"
+haproxy_conf "$haproxy_port" "$up_port" "" > "$work/haproxy.cfg"
 # One muxgate process per mode, so each one's memory is measured alone.
-for mode in direct mux; do
-  if [ "$mode" = direct ]; then port=$direct_port; admin=$direct_admin; ws='enable_direct_communication: true'
-  else port=$mux_port; admin=$mux_admin; ws="enable_direct_communication: false, envelope: binary, pool_size: $pool_size"; fi
-  cat > "$work/muxgate-$mode.yaml" <<YAML
-server: {listen: "127.0.0.1:$port", admin_listen: "127.0.0.1:$admin", max_connections: 100000}
-upstreams:
-  - name: $mode
-    routes: [{external_path: /ws, internal_path: /echo}]
-    targets: [{url: "ws://127.0.0.1:$up_port"}]
-    websocket_config: {$ws, ping_period: 120s, pong_wait: 180s}
-YAML
-done
+muxgate_yaml direct "$direct_port" "$direct_admin" "$up_port" ", max_connections: 100000" "$pool_size" > "$work/muxgate-direct.yaml"
+muxgate_yaml mux "$mux_port" "$mux_admin" "$up_port" ", max_connections: 100000" "$pool_size" > "$work/muxgate-mux.yaml"
 "$nginx" -c "$work/nginx.conf" & nginx_pid=$!; pids+=($nginx_pid)
 "$haproxy" -f "$work/haproxy.cfg" & haproxy_pid=$!; pids+=($haproxy_pid)
 "$bin/muxgate" --config "$work/muxgate-direct.yaml" --log-level warn & direct_pid=$!; pids+=($direct_pid)
