@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # User-space instructions per echoed round trip, counted by valgrind's
 # callgrind: NGINX, HAProxy, muxgate direct and muxgate multiplexed, and
-# where muxgate direct's go, function by function.
+# where muxgate's go, function by function.
 #
 # Rates and CPU times on this machine move by several percent from one run
 # to the next; an instruction count is the same twice for the same binary
@@ -97,9 +97,11 @@ echo "| --- | --- | --- |"
 for name in "${order[@]}"; do
   echo "| $name | ${instructions[$name]} | $(awk -v a="${instructions[$name]}" -v b="${instructions[nginx]}" 'BEGIN { printf "%.2f", a / b }') |"
 done
-echo
-echo "muxgate direct, by function (at least 20 per round trip):"
-echo
-echo '```'
-cat "$work/muxgate-direct.functions"
-echo '```'
+for name in muxgate-direct muxgate-mux; do
+  echo
+  echo "$name, by function (at least 20 per round trip):"
+  echo
+  echo '```'
+  cat "$work/$name.functions"
+  echo '```'
+done
