@@ -55,7 +55,7 @@ impl ConnectionLimits {
         Ok(ConnectionPermit {
             limits: Arc::clone(self),
             ip,
-            _global: permit,
+            global: Some(permit),
         })
     }
 
@@ -75,17 +75,29 @@ impl ConnectionLimits {
     }
 }
 
-/// One session's slot; dropping it frees the slot.
+/// One session's slot; dropping it frees the slot, unless
+/// [`ConnectionPermit::release`] already did.
 #[derive(Debug)]
 pub struct ConnectionPermit {
     limits: Arc<ConnectionLimits>,
     ip: IpAddr,
-    _global: OwnedSemaphorePermit,
+    /// `None` once released.
+    global: Option<OwnedSemaphorePermit>,
+}
+
+impl ConnectionPermit {
+    /// Frees the slot now: the client's connection is over, though the
+    /// session may still be closing its upstream. Idempotent.
+    pub fn release(&mut self) {
+        if self.global.take().is_some() {
+            self.limits.release_ip(self.ip);
+        }
+    }
 }
 
 impl Drop for ConnectionPermit {
     fn drop(&mut self) {
-        self.limits.release_ip(self.ip);
+        self.release();
     }
 }
 
@@ -108,5 +120,22 @@ mod tests {
         drop(pa);
         assert_eq!(limits.held_by(a), 0);
         assert!(limits.try_acquire(c).is_ok());
+    }
+
+    #[test]
+    fn a_released_permit_frees_its_slot_once() {
+        let limits = ConnectionLimits::new(1, 1);
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let mut pa = limits.try_acquire(a).unwrap();
+        pa.release();
+        pa.release();
+        assert_eq!(limits.held_by(a), 0);
+        let again = limits.try_acquire(a).expect("the released slot is free");
+        // Dropping the released permit frees nothing more.
+        drop(pa);
+        assert_eq!(limits.held_by(a), 1);
+        assert_eq!(limits.try_acquire(a).unwrap_err(), LimitRefusal::PerIp);
+        drop(again);
+        assert_eq!(limits.held_by(a), 0);
     }
 }

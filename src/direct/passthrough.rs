@@ -39,6 +39,7 @@ use hyper_util::rt::TokioIo;
 
 use super::{conclude, log_end, DirectSession, LegSummary, Stop};
 use crate::alarms::{Alarm, Alarms};
+use crate::limits::ConnectionPermit;
 use crate::metrics::{Direction, MessageCounters, Metrics, Side};
 use crate::upstream::{Connected, Upstream, UpstreamIo};
 use crate::{chunked, close};
@@ -874,22 +875,33 @@ fn unbox<T>(boxed: Box<T>) -> T {
 /// Closes both sides of a relay that stopped for `stop`, then logs the
 /// session's end.
 async fn end(
-    session: Box<DirectSession>,
+    mut session: Box<DirectSession>,
     mut client: TokioIo<Upgraded>,
     mut upstream: UpstreamIo,
     mut up: Pump,
     mut down: Pump,
     stop: Stop,
 ) {
-    let ws = &session.upstream.config.websocket_config;
-    let name = &*session.upstream.name;
-    let metrics = &*session.metrics;
     let ending = conclude(&session, &stop);
+    let DirectSession {
+        permit,
+        upstream: config,
+        metrics,
+        ..
+    } = &mut *session;
+    let (ws, name) = (&config.config.websocket_config, &*config.name);
     let mut client_end = Closing::new(Side::Client, ending.client, ending.drop_client);
     let mut upstream_end = Closing::new(Side::Upstream, ending.upstream, ending.drop_upstream);
     let close_both = poll_fn(|cx| {
-        let c = client_end.poll(&mut client, &mut down, &mut up, cx, metrics, name);
-        let u = upstream_end.poll(&mut upstream, &mut up, &mut down, cx, metrics, name);
+        let c = client_end.poll(
+            &mut client,
+            &mut down,
+            &mut up,
+            cx,
+            (metrics, name),
+            Some(permit),
+        );
+        let u = upstream_end.poll(&mut upstream, &mut up, &mut down, cx, (metrics, name), None);
         match (c, u) {
             (Poll::Ready(()), Poll::Ready(())) => Poll::Ready(()),
             _ => Poll::Pending,
@@ -950,15 +962,17 @@ impl Closing {
     /// close has passed either way and no frame is half written), then
     /// reads the side (through `from`, writing nothing on: the session is
     /// over, so its messages are counted as dropped) until it answers,
-    /// then shuts the connection down.
+    /// then shuts the connection down. `permit` (the client side's) is
+    /// released first, so a client that sees its connection end finds its
+    /// slot free, even while the upstream side is still closing.
     fn poll<X>(
         &mut self,
         x: &mut X,
         toward: &mut Pump,
         from: &mut Pump,
         cx: &mut Context<'_>,
-        metrics: &Metrics,
-        upstream: &str,
+        (metrics, upstream): (&Metrics, &str),
+        mut permit: Option<&mut ConnectionPermit>,
     ) -> Poll<()>
     where
         X: AsyncRead + AsyncWrite + Unpin,
@@ -997,6 +1011,9 @@ impl Closing {
                     }
                 }
                 Phase::ShuttingDown => {
+                    if let Some(permit) = permit.as_deref_mut() {
+                        permit.release();
+                    }
                     let _ = std::task::ready!(Pin::new(&mut *x).poll_shutdown(cx));
                     self.phase = Phase::Done;
                 }
