@@ -667,3 +667,51 @@ async fn pings_cross_the_frame_relay_end_to_end() {
     }
     echo_roundtrip(&mut ws, Message::text("still here")).await;
 }
+
+/// An upstream that answers the close handshake but keeps its connection
+/// open (a server should close first, and this one never does) holds the
+/// client neither for `close_timeout` nor for `pong_wait`: once both close
+/// frames have passed, the broker ends the client's connection at once and
+/// its slot is free for the next session.
+#[tokio::test]
+async fn a_finished_close_handshake_ends_the_client_connection_at_once() {
+    use futures_util::StreamExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (held, mut holding) = tokio::sync::mpsc::channel(2);
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let held = held.clone();
+            tokio::spawn(async move {
+                let mut ws = tokio_tungstenite::accept_async(tcp).await.unwrap();
+                while let Some(Ok(msg)) = ws.next().await {
+                    if msg.is_close() {
+                        break;
+                    }
+                    ws.send(msg).await.unwrap();
+                }
+                // tungstenite has queued the answer to the close: send it,
+                // then keep the connection open.
+                let _ = ws.flush().await;
+                let _ = held.send(ws).await;
+            });
+        }
+    });
+    let cfg = direct_config(
+        &[addr],
+        "close_timeout: 60s\nping_period: 30s\npong_wait: 60s",
+        "",
+        "max_connections_per_ip: 1",
+    );
+    let broker = start_broker(&cfg).await;
+    let (mut first, _) = connect(&broker.url("/ws/echo"), &[]).await;
+    echo_roundtrip(&mut first, Message::text("before")).await;
+    first.close(None).await.unwrap();
+    within("the end of the client's connection", expect_end(&mut first)).await;
+    let _kept_open = holding
+        .recv()
+        .await
+        .expect("the upstream holds its connection");
+    let (mut again, _) = connect(&broker.url("/ws/echo"), &[]).await;
+    echo_roundtrip(&mut again, Message::text("slot reused")).await;
+}

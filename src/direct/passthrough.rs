@@ -845,15 +845,29 @@ pub async fn run(session: Box<DirectSession>, on_upgrade: OnUpgrade, connected: 
                     let closed = up.scan.closed.is_some();
                     return Poll::Ready(stop_of(end, Side::Client, Side::Upstream, closed));
                 }
+                if handshake_done(&up, &down) {
+                    return Poll::Ready(Stop::Ended { side: Side::Client, clean: true });
+                }
                 if let Poll::Ready(end) = down.poll_pump(&mut upstream, &mut client, cx, buf, &session.metrics, &session.upstream) {
                     let closed = down.scan.closed.is_some();
                     return Poll::Ready(stop_of(end, Side::Upstream, Side::Client, closed));
+                }
+                if handshake_done(&up, &down) {
+                    return Poll::Ready(Stop::Ended { side: Side::Upstream, clean: true });
                 }
                 Poll::Pending
             })) => break stop,
         }
     };
     Box::pin(end(session, client, upstream, up, down, stop)).await;
+}
+
+/// Both sides' close frames have passed: the closing handshake is done, and
+/// the relay ends without waiting for either side to drop its connection
+/// (a server closes it first, RFC 6455 §7.1.1: the broker does so toward
+/// the client, and gives the upstream `close_timeout` to do so).
+fn handshake_done(up: &Pump, down: &Pump) -> bool {
+    up.scan.closed.is_some() && down.scan.closed.is_some()
 }
 
 /// When a relay's timer is next due: the next ping, or the moment a side
