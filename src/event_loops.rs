@@ -14,6 +14,8 @@
 //! Everything shared (the session registry, pools, limits, metrics, the
 //! shutdown tracker) is already thread-safe and runtime-agnostic; only the
 //! sockets and timers of a session belong to the loop that accepted it.
+//! A loop keeps driving its sessions after accepting stops, until the
+//! broker has drained and [`ClientLoops::stop`] releases it.
 //!
 //! A message that crosses from one loop to another (a multiplexed session
 //! handing it to a pool connection on another loop) costs a wake of that
@@ -21,8 +23,6 @@
 //! runtimes are handed out ([`ClientLoops::handles`]) for long-lived tasks
 //! to be spread over them, and [`current`] tells a task which loop it is
 //! on, so that it can prefer partners on the same one.
-//! A loop keeps driving its sessions after accepting stops, until the
-//! broker has drained and [`ClientLoops::stop`] releases it.
 
 use std::cell::Cell;
 use std::future::Future;
