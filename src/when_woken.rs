@@ -166,6 +166,20 @@ mod tests {
         fut: Pin<Box<WhenWoken<ProbeFuture>>>,
     }
 
+    impl Gated {
+        /// Polls the gate as the task would.
+        fn poll(&mut self) -> Poll<()> {
+            self.fut
+                .as_mut()
+                .poll(&mut Context::from_waker(&self.waker))
+        }
+
+        /// How many times the task was woken.
+        fn wakes(&self) -> usize {
+            self.task.0.load(Ordering::SeqCst)
+        }
+    }
+
     fn gated_probe() -> Gated {
         let probe = Arc::new(Probe::default());
         let task = Arc::new(Task::default());
@@ -181,57 +195,41 @@ mod tests {
 
     #[test]
     fn polls_the_inner_future_only_after_its_own_wake() {
-        let Gated {
-            probe,
-            task,
-            waker,
-            mut fut,
-        } = gated_probe();
-        let mut cx = Context::from_waker(&waker);
+        let mut gated = gated_probe();
 
-        assert!(fut.as_mut().poll(&mut cx).is_pending());
+        assert!(gated.poll().is_pending());
         assert_eq!(
-            probe.polls.load(Ordering::SeqCst),
+            gated.probe.polls.load(Ordering::SeqCst),
             1,
             "the first poll goes through"
         );
         // Wakes of the task by anything else do not reach the inner future.
         for _ in 0..10 {
-            assert!(fut.as_mut().poll(&mut cx).is_pending());
+            assert!(gated.poll().is_pending());
         }
-        assert_eq!(probe.polls.load(Ordering::SeqCst), 1);
+        assert_eq!(gated.probe.polls.load(Ordering::SeqCst), 1);
 
-        probe.fire();
-        assert_eq!(task.0.load(Ordering::SeqCst), 1, "its wake wakes the task");
-        assert!(fut.as_mut().poll(&mut cx).is_ready());
-        assert_eq!(probe.polls.load(Ordering::SeqCst), 2);
+        gated.probe.fire();
+        assert_eq!(gated.wakes(), 1, "its wake wakes the task");
+        assert!(gated.poll().is_ready());
+        assert_eq!(gated.probe.polls.load(Ordering::SeqCst), 2);
     }
 
     /// The inner future may wake the task any number of times: each wake
     /// consumes the task's registration, so it must be made again.
     #[test]
     fn every_wake_of_the_inner_future_reaches_the_task() {
-        let Gated {
-            probe,
-            task,
-            waker,
-            mut fut,
-        } = gated_probe();
-        let mut cx = Context::from_waker(&waker);
+        let mut gated = gated_probe();
 
-        assert!(fut.as_mut().poll(&mut cx).is_pending());
+        assert!(gated.poll().is_pending());
         for wakes in 1..=3 {
-            probe.wake();
-            assert_eq!(
-                task.0.load(Ordering::SeqCst),
-                wakes,
-                "wake {wakes} reaches the task"
-            );
-            assert!(fut.as_mut().poll(&mut cx).is_pending());
+            gated.probe.wake();
+            assert_eq!(gated.wakes(), wakes, "wake {wakes} reaches the task");
+            assert!(gated.poll().is_pending());
         }
-        probe.fire();
-        assert_eq!(task.0.load(Ordering::SeqCst), 4);
-        assert!(fut.as_mut().poll(&mut cx).is_ready());
+        gated.probe.fire();
+        assert_eq!(gated.wakes(), 4);
+        assert!(gated.poll().is_ready());
     }
 
     #[tokio::test]
