@@ -4,8 +4,8 @@ mod common;
 
 use bytes::Bytes;
 use common::upstream::{
-    greeting_in_handshake_listener, http_500_listener, late_talker_listener, refused_addr,
-    silent_listener, TestUpstream,
+    answers_close_and_holds_listener, greeting_in_handshake_listener, http_500_listener,
+    late_talker_listener, refused_addr, silent_listener, TestUpstream,
 };
 use common::*;
 use futures_util::SinkExt;
@@ -675,28 +675,7 @@ async fn pings_cross_the_frame_relay_end_to_end() {
 /// its slot is free for the next session.
 #[tokio::test]
 async fn a_finished_close_handshake_ends_the_client_connection_at_once() {
-    use futures_util::StreamExt;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (held, mut holding) = tokio::sync::mpsc::channel(2);
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = listener.accept().await {
-            let held = held.clone();
-            tokio::spawn(async move {
-                let mut ws = tokio_tungstenite::accept_async(tcp).await.unwrap();
-                while let Some(Ok(msg)) = ws.next().await {
-                    if msg.is_close() {
-                        break;
-                    }
-                    ws.send(msg).await.unwrap();
-                }
-                // tungstenite has queued the answer to the close: send it,
-                // then keep the connection open.
-                let _ = ws.flush().await;
-                let _ = held.send(ws).await;
-            });
-        }
-    });
+    let (addr, mut holding) = answers_close_and_holds_listener().await;
     let cfg = direct_config(
         &[addr],
         "close_timeout: 60s\nping_period: 30s\npong_wait: 60s",

@@ -264,6 +264,37 @@ pub async fn late_talker_listener(late: usize) -> (SocketAddr, tokio::sync::ones
     (addr, finished)
 }
 
+/// An upstream that echoes, answers the close handshake, and then keeps its
+/// connection open, which a server should close first; each such
+/// connection arrives on the receiver, which holds it open while kept.
+pub async fn answers_close_and_holds_listener() -> (
+    SocketAddr,
+    mpsc::Receiver<tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>>,
+) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (held, holding) = mpsc::channel(2);
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let held = held.clone();
+            tokio::spawn(async move {
+                let mut ws = tokio_tungstenite::accept_async(tcp).await.unwrap();
+                while let Some(Ok(msg)) = ws.next().await {
+                    if msg.is_close() {
+                        break;
+                    }
+                    ws.send(msg).await.unwrap();
+                }
+                // tungstenite has queued the answer to the close: send it,
+                // then keep the connection open.
+                let _ = ws.flush().await;
+                let _ = held.send(ws).await;
+            });
+        }
+    });
+    (addr, holding)
+}
+
 /// Reads a WebSocket upgrade request from `tcp` and returns the 101
 /// response that accepts it, for hand-written upstreams that then write
 /// frames of their own; `None` if the peer hung up first.
