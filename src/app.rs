@@ -23,6 +23,7 @@ use crate::config::Config;
 use crate::config::Mode;
 use crate::event_loops::{ClientLoops, ServeFuture};
 use crate::handshake;
+use crate::http1;
 use crate::limits::ConnectionLimits;
 use crate::metrics::Metrics;
 use crate::mux::pool::MuxPool;
@@ -233,32 +234,21 @@ fn serve_clients(
     let accepted = state.metrics.accepted_on(index);
     let shutdown = state.shutdown.clone();
     let stopped = async move { shutdown.begun().await };
-    let make_service = Router::new()
-        .fallback(handshake::handle)
-        .with_state(state)
-        .into_make_service_with_connect_info::<SocketAddr>();
+    let router = Router::new().fallback(handshake::handle).with_state(state);
     Box::pin(async move {
-        let served = match tls {
+        match tls {
             None => {
                 let listener = listener.tap_io(move |tcp| {
                     accepted.inc();
                     let _ = tcp.set_nodelay(true);
                 });
-                axum::serve(listener, make_service)
-                    .with_graceful_shutdown(stopped)
-                    .await
+                http1::serve(listener, router, stopped).await
             }
             Some(config) => {
-                // tap_io gives the TLS listener axum's ConnectInfo support.
                 let listener =
                     crate::tls::TlsListener::new(listener, config).tap_io(move |_| accepted.inc());
-                axum::serve(listener, make_service)
-                    .with_graceful_shutdown(stopped)
-                    .await
+                http1::serve(listener, router, stopped).await
             }
-        };
-        if let Err(error) = served {
-            warn!(%error, "client listener failed");
         }
     })
 }

@@ -19,7 +19,6 @@ use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode};
-use hyper_util::rt::TokioIo;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::WebSocketStream;
@@ -300,15 +299,17 @@ fn session_hooks(
 pub(crate) async fn client_socket(
     on_upgrade: hyper::upgrade::OnUpgrade,
     config: WebSocketConfig,
-) -> Result<WebSocketStream<ClientIo>, hyper::Error> {
-    let upgraded = on_upgrade.await?;
-    let io = ChunkedRead::new(TokioIo::new(upgraded), config.read_buffer_size);
+) -> std::io::Result<WebSocketStream<DecodedClientIo>> {
+    let io = ChunkedRead::new(
+        crate::upgraded::client(on_upgrade).await?,
+        config.read_buffer_size,
+    );
     let config = config.read_buffer_size(crate::chunked::DECODER_BUFFER);
     Ok(WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await)
 }
 
 /// A client's upgraded connection, read in chunks.
-pub type ClientIo = ChunkedRead<TokioIo<hyper::upgrade::Upgraded>>;
+pub type DecodedClientIo = ChunkedRead<crate::upgraded::ClientIo>;
 
 async fn accept(
     app: &Arc<AppState>,

@@ -62,6 +62,7 @@ pub mod config;
 pub mod direct;
 pub mod event_loops;
 pub mod handshake;
+pub mod http1;
 pub mod limits;
 pub mod metrics;
 pub mod mux;
@@ -69,6 +70,7 @@ pub mod routing;
 pub mod session;
 pub mod shutdown;
 pub mod tls;
+pub mod upgraded;
 pub mod upstream;
 pub mod when_woken;
 

@@ -79,11 +79,17 @@ pub fn client_config(ca_file: Option<&str>) -> Result<Arc<ClientConfig>, String>
     Ok(Arc::new(config))
 }
 
-/// A connection to a target: plain TCP or TLS.
-pub enum UpstreamStream {
+/// A connection of either edge: plain TCP, or TLS over it (boxed, so that
+/// a plain connection does not carry a TLS session's room).
+pub enum MaybeTls<T> {
     Plain(TcpStream),
-    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+    Tls(Box<T>),
 }
+
+/// A connection to a target.
+pub type UpstreamStream = MaybeTls<tokio_rustls::client::TlsStream<TcpStream>>;
+/// A client's connection, from either listener.
+pub type ClientStream = MaybeTls<tokio_rustls::server::TlsStream<TcpStream>>;
 
 impl UpstreamStream {
     /// Wraps `tcp` in TLS for `host` when `tls` is given.
@@ -93,56 +99,68 @@ impl UpstreamStream {
         tls: Option<&Arc<ClientConfig>>,
     ) -> io::Result<UpstreamStream> {
         let Some(config) = tls else {
-            return Ok(UpstreamStream::Plain(tcp));
+            return Ok(MaybeTls::Plain(tcp));
         };
         let name = ServerName::try_from(host.to_owned())
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("{host}: {e}")))?;
         let stream = TlsConnector::from(Arc::clone(config))
             .connect(name, tcp)
             .await?;
-        Ok(UpstreamStream::Tls(Box::new(stream)))
+        Ok(MaybeTls::Tls(Box::new(stream)))
     }
 }
 
-impl AsyncRead for UpstreamStream {
+impl From<TcpStream> for ClientStream {
+    fn from(tcp: TcpStream) -> Self {
+        MaybeTls::Plain(tcp)
+    }
+}
+
+impl From<tokio_rustls::server::TlsStream<TcpStream>> for ClientStream {
+    fn from(tls: tokio_rustls::server::TlsStream<TcpStream>) -> Self {
+        MaybeTls::Tls(Box::new(tls))
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for MaybeTls<T> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            UpstreamStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            UpstreamStream::Tls(s) => Pin::new(s).poll_read(cx, buf),
+            MaybeTls::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            MaybeTls::Tls(s) => Pin::new(s).poll_read(cx, buf),
         }
     }
 }
 
-impl AsyncWrite for UpstreamStream {
+impl<T: AsyncWrite + Unpin> AsyncWrite for MaybeTls<T> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
-            UpstreamStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            UpstreamStream::Tls(s) => Pin::new(s).poll_write(cx, buf),
+            MaybeTls::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            MaybeTls::Tls(s) => Pin::new(s).poll_write(cx, buf),
         }
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            UpstreamStream::Plain(s) => Pin::new(s).poll_flush(cx),
-            UpstreamStream::Tls(s) => Pin::new(s).poll_flush(cx),
+            MaybeTls::Plain(s) => Pin::new(s).poll_flush(cx),
+            MaybeTls::Tls(s) => Pin::new(s).poll_flush(cx),
         }
     }
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            UpstreamStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            UpstreamStream::Tls(s) => Pin::new(s).poll_shutdown(cx),
+            MaybeTls::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            MaybeTls::Tls(s) => Pin::new(s).poll_shutdown(cx),
         }
     }
 }
 
-/// The `wss://` client listener, for `axum::serve`.
+/// The `wss://` client listener: TCP accepts whose TLS handshakes are done.
 pub struct TlsListener {
     tcp: TcpListener,
     acceptor: TlsAcceptor,

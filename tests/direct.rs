@@ -308,6 +308,25 @@ async fn bytes_behind_the_101_are_relayed() {
     }
 }
 
+/// What a client sends in the same packet as its upgrade request reaches
+/// the upstream, in both relays: hyper reads it along with the request,
+/// and the broker takes it over with the socket.
+#[tokio::test]
+async fn bytes_behind_the_request_are_relayed() {
+    let up = TestUpstream::start().await;
+    for plugins in [
+        "",
+        "plugins: [{name: message_size, stage: pre_request, settings: {max_bytes: 1000}}]",
+    ] {
+        let broker = start_broker(&direct_config(&[up.addr], "", plugins, "")).await;
+        assert_eq!(
+            echo_of_text_behind_the_request(broker.client_addr, "/ws/echo", "early bird").await,
+            "early bird",
+            "with plugins {plugins:?}"
+        );
+    }
+}
+
 /// What the upstream sends after the broker closed the session cannot be
 /// delivered: the frame relay reads it up to the upstream's close and
 /// counts each message as dropped.

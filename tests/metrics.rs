@@ -31,7 +31,12 @@ async fn counts_a_sessions_traffic() {
     ws.close(None).await.unwrap();
     expect_end(&mut ws).await;
 
-    let m = broker.metrics().await;
+    let echo = ("upstream", "echo");
+    let m = broker
+        .metrics_when("the session's end", |m| {
+            m.value("muxgate_sessions_active", &[echo, ("mode", "direct")]) == 0.0
+        })
+        .await;
     for family in [
         "muxgate_sessions_active",
         "muxgate_sessions_total",
@@ -43,7 +48,6 @@ async fn counts_a_sessions_traffic() {
     ] {
         assert!(m.has_family(family), "{family} is exposed");
     }
-    let echo = ("upstream", "echo");
     assert_eq!(
         m.value("muxgate_sessions_total", &[echo, ("mode", "direct")]),
         1.0

@@ -149,6 +149,19 @@ async fn sessions_round_trip_in_both_encodings() {
     }
 }
 
+/// What a client sends in the same packet as its upgrade request reaches
+/// the upstream: hyper reads it along with the request, and the session
+/// takes it over with the socket.
+#[tokio::test]
+async fn bytes_behind_the_request_are_relayed() {
+    let peer = MuxPeer::start(Behavior::Echo).await;
+    let broker = start_broker(&mux_config(&[peer.addr], "pool_size: 1", "", "")).await;
+    assert_eq!(
+        echo_of_text_behind_the_request(broker.client_addr, "/ws/echo", "early bird").await,
+        "early bird"
+    );
+}
+
 /// An upstream close code a client may not receive becomes 1011.
 #[tokio::test]
 async fn invalid_upstream_close_codes_become_1011() {

@@ -26,7 +26,6 @@ use futures_util::future::Either;
 use futures_util::{Sink, Stream, StreamExt};
 use http::HeaderMap;
 use hyper::upgrade::OnUpgrade;
-use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError, ProtocolError};
@@ -407,8 +406,8 @@ async fn relay_messages_after_upgrade(
     on_upgrade: OnUpgrade,
     upstream: Connected,
 ) {
-    let client = match on_upgrade.await {
-        Ok(client) => TokioIo::new(client),
+    let client = match crate::upgraded::client(on_upgrade).await {
+        Ok(client) => client,
         Err(error) => return abandon(session, upstream, error).await,
     };
     let config = session.upstream.socket_config;
@@ -421,7 +420,7 @@ async fn relay_messages_after_upgrade(
 
 /// The client's upgrade failed after the upstream was connected: closes
 /// the upstream with 1001.
-pub async fn abandon(session: Box<DirectSession>, upstream: Connected, error: hyper::Error) {
+pub async fn abandon(session: Box<DirectSession>, upstream: Connected, error: std::io::Error) {
     debug!(session = %session.guard.handle.id, %error, "client upgrade failed");
     let mut socket = upstream.websocket(session.upstream.socket_config).await;
     let close = close::frame(close::GOING_AWAY, "client went away");

@@ -34,13 +34,13 @@ use tokio_tungstenite::tungstenite::protocol::frame::{Frame, FrameHeader};
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tracing::{debug, info};
 
-use hyper::upgrade::{OnUpgrade, Upgraded};
-use hyper_util::rt::TokioIo;
+use hyper::upgrade::OnUpgrade;
 
 use super::{conclude, log_end, DirectSession, LegSummary, Stop};
 use crate::alarms::{Alarm, Alarms};
 use crate::limits::ConnectionPermit;
 use crate::metrics::{Direction, MessageCounters, Metrics, Side};
+use crate::upgraded::{self, ClientIo};
 use crate::upstream::{Connected, Upstream, UpstreamIo};
 use crate::{chunked, close};
 
@@ -760,8 +760,8 @@ fn stop_of(end: PumpEnd, from: Side, to: Side, closed: bool) -> Stop {
 /// async fn keeps its arguments for its whole life, and copies them once
 /// more into locals), and the rare ending is a boxed future of its own.
 pub async fn run(session: Box<DirectSession>, on_upgrade: OnUpgrade, connected: Box<Connected>) {
-    let mut client = match on_upgrade.await {
-        Ok(client) => TokioIo::new(client),
+    let mut client = match upgraded::client(on_upgrade).await {
+        Ok(client) => client,
         Err(error) => return Box::pin(super::abandon(session, *connected, error)).await,
     };
     // Out of its box, which is freed here rather than when this future ends.
@@ -890,7 +890,7 @@ fn unbox<T>(boxed: Box<T>) -> T {
 /// session's end.
 async fn end(
     mut session: Box<DirectSession>,
-    mut client: TokioIo<Upgraded>,
+    mut client: ClientIo,
     mut upstream: UpstreamIo,
     mut up: Pump,
     mut down: Pump,

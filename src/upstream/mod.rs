@@ -5,7 +5,6 @@
 
 mod balance;
 mod health;
-mod io;
 pub mod probe;
 
 use std::fmt;
@@ -23,9 +22,9 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::WebSocketStream;
 
+pub use crate::upgraded::UpstreamIo;
 pub use balance::Balancer;
 pub use health::{PassiveState, TargetHealth};
-pub use io::UpstreamIo;
 
 use crate::config::{Mode, UpstreamConfig};
 
@@ -489,7 +488,7 @@ async fn upgrade(
     }
     let upgraded = hyper::upgrade::on(&mut response).await?;
     Ok(Connected {
-        io: UpstreamIo::from_upgraded(upgraded).map_err(HandshakeFailure::Upgraded)?,
+        io: UpstreamIo::take(upgraded).map_err(HandshakeFailure::Upgraded)?,
         protocol,
     })
 }

@@ -52,6 +52,23 @@ impl Running {
         Metrics::parse(&body)
     }
 
+    /// Fetches `/metrics` until `settled` holds, for counts that settle
+    /// just after the event a test can await: a session is counted as
+    /// ended once both of its sides have closed, a moment after its client
+    /// saw the end.
+    pub async fn metrics_when(&self, what: &str, settled: impl Fn(&Metrics) -> bool) -> Metrics {
+        within(what, async {
+            loop {
+                let m = self.metrics().await;
+                if settled(&m) {
+                    return m;
+                }
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+    }
+
     pub async fn stop(self) -> DrainOutcome {
         self.shutdown.begin();
         within("broker drain", self.task)
@@ -277,6 +294,43 @@ pub fn upgrade_request(addr: SocketAddr, path: &str, extra: &str) -> String {
         "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
 Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n{extra}\r\n"
     )
+}
+
+/// Sends the upgrade request for `path` and, in the same write, a masked
+/// text frame of `text` (under 126 bytes), as a client that does not wait
+/// for the 101 may; returns the text of the first frame that comes back
+/// behind the 101.
+pub async fn echo_of_text_behind_the_request(addr: SocketAddr, path: &str, text: &str) -> String {
+    assert!(text.len() < 126);
+    within("the echo of a frame sent behind the request", async {
+        let mut tcp = TcpStream::connect(addr).await.expect("connect");
+        let mask = [0x37, 0xfa, 0x21, 0x3d];
+        let mut out = upgrade_request(addr, path, "").into_bytes();
+        out.extend([0x81, 0x80 | text.len() as u8]);
+        out.extend(mask);
+        out.extend(text.bytes().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        tcp.write_all(&out).await.expect("write");
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            let n = tcp.read(&mut chunk).await.expect("read");
+            assert!(n > 0, "ended after {:?}", String::from_utf8_lossy(&buf));
+            buf.extend_from_slice(&chunk[..n]);
+            let Some(head) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                continue;
+            };
+            assert!(buf.starts_with(b"HTTP/1.1 101"), "{:?}", String::from_utf8_lossy(&buf));
+            let frame = &buf[head + 4..];
+            if frame.len() < 2 || frame.len() < 2 + usize::from(frame[1] & 0x7f) {
+                continue;
+            }
+            assert_eq!(frame[0], 0x81, "a final text frame");
+            let len = usize::from(frame[1]);
+            assert!(len < 126, "short and unmasked");
+            return String::from_utf8(frame[2..2 + len].to_vec()).expect("UTF-8");
+        }
+    })
+    .await
 }
 
 /// Parsed `/metrics`.

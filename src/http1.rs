@@ -1,0 +1,93 @@
+//! The client listeners' HTTP server: hyper's HTTP/1 server on the
+//! broker's own sockets.
+//!
+//! `axum::serve` runs hyper-util's automatic server, which reads the first
+//! bytes of each connection to tell HTTP/1 from HTTP/2 and then puts them
+//! back behind a rewind layer of its own. An upgraded client connection
+//! then sits in a box, behind two rewind layers, one of them of a private
+//! type: it cannot be taken back out, and every read and write of a
+//! relayed session pays for the layers. Clients reach the broker over
+//! HTTP/1 only (WebSockets over HTTP/2 are not served), so this module
+//! serves each connection with hyper's HTTP/1 server directly, on a
+//! [`ClientStream`] that [`crate::upgraded`] takes back out after the 101.
+//!
+//! It does what `axum::serve` did for the broker: accepts through axum's
+//! [`Listener`] (with its back-off on errors such as running out of file
+//! descriptors), gives each request its peer's address as [`ConnectInfo`],
+//! serves upgrades, and on `stop` stops accepting, lets each connection
+//! finish the request it is serving and close, and returns once all have.
+//! The connections' tasks belong to it.
+
+use std::future::Future;
+use std::net::SocketAddr;
+
+use axum::extract::{ConnectInfo, Request};
+use axum::serve::Listener;
+use axum::Router;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper_util::rt::TokioIo;
+use hyper_util::service::TowerToHyperService;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tower::ServiceExt;
+use tracing::debug;
+
+use crate::tls::ClientStream;
+
+/// Serves `router` to every connection `listener` accepts until `stop`
+/// resolves; returns once the connections it was serving have closed
+/// (upgraded ones are no longer its own: they belong to their sessions).
+pub async fn serve<L>(mut listener: L, router: Router, stop: impl Future<Output = ()>)
+where
+    L: Listener<Addr = SocketAddr>,
+    L::Io: Into<ClientStream>,
+{
+    let connections = TaskTracker::new();
+    let stopping = CancellationToken::new();
+    tokio::pin!(stop);
+    loop {
+        let (io, remote) = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = &mut stop => break,
+        };
+        connections.spawn(connection(
+            io.into(),
+            remote,
+            router.clone(),
+            stopping.clone(),
+        ));
+    }
+    drop(listener);
+    stopping.cancel();
+    connections.close();
+    connections.wait().await;
+}
+
+/// Serves one client connection until it closes, is upgraded, or (after
+/// `stopping`) has answered the request in progress.
+async fn connection(
+    io: ClientStream,
+    remote: SocketAddr,
+    router: Router,
+    stopping: CancellationToken,
+) {
+    let service = router.map_request(move |mut request: Request<Incoming>| {
+        request.extensions_mut().insert(ConnectInfo(remote));
+        request
+    });
+    let served = http1::Builder::new()
+        .serve_connection(TokioIo::new(io), TowerToHyperService::new(service))
+        .with_upgrades();
+    tokio::pin!(served);
+    let result = tokio::select! {
+        result = served.as_mut() => result,
+        () = stopping.cancelled() => {
+            served.as_mut().graceful_shutdown();
+            served.await
+        }
+    };
+    if let Err(error) = result {
+        debug!(%remote, %error, "client connection failed");
+    }
+}
