@@ -7,7 +7,7 @@
 //! (tokio-util's `is_cancelled` and tokio's `Notified`): 6.6% of the frame
 //! relay's user time in a profile. [`WhenWoken`] hands the inner future a
 //! waker of its own, and skips polling it until that waker has fired, at
-//! the cost of one atomic swap per poll (and a registration of the task's
+//! the cost of one atomic load per poll (and a registration of the task's
 //! waker when it changes, which on the broker's single-threaded event
 //! loops is never, and after each wake of the inner future).
 
@@ -91,7 +91,11 @@ impl<F: Future> Future for WhenWoken<F> {
             this.gate.task.register(cx.waker());
             *this.registered = Some(cx.waker().clone());
         }
-        if !this.gate.woken.swap(false, Ordering::AcqRel) {
+        // Mostly the flag is down: a plain load sees that without the
+        // locked read-modify-write a swap is.
+        if !this.gate.woken.load(Ordering::Acquire)
+            || !this.gate.woken.swap(false, Ordering::AcqRel)
+        {
             return Poll::Pending;
         }
         // The wake that set the flag took the registration with it: make it
