@@ -20,6 +20,14 @@ pub enum Direction {
 }
 
 impl Direction {
+    /// The way messages read from `side` travel.
+    pub fn read_from(side: Side) -> Direction {
+        match side {
+            Side::Client => Direction::ClientToUpstream,
+            Side::Upstream => Direction::UpstreamToClient,
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Direction::ClientToUpstream => "client_to_upstream",

@@ -155,6 +155,9 @@ struct Leg<S> {
     /// Counters for messages read from this leg.
     counters: Arc<MessageCounters>,
     messages_read: u64,
+    /// Messages read from this leg that the session's end kept from the
+    /// other (counted in `muxgate_messages_dropped_total` at the end).
+    messages_dropped: u64,
 }
 
 impl<S> Leg<S>
@@ -180,6 +183,7 @@ where
             next_ping: now + ping,
             counters,
             messages_read: 0,
+            messages_dropped: 0,
         }
     }
 
@@ -218,9 +222,24 @@ where
         Poll::Ready(Ok(()))
     }
 
+    /// Takes a data message out of the outbox, which the ending session
+    /// will not deliver (a close stays, to be written): 1 if there was one.
+    fn discard_outbox(&mut self) -> u64 {
+        match self.outbox.take() {
+            Some(close @ Message::Close(_)) => {
+                self.outbox = Some(close);
+                0
+            }
+            Some(Message::Text(_) | Message::Binary(_)) => 1,
+            _ => 0,
+        }
+    }
+
     fn summary(&self) -> LegSummary {
         LegSummary {
+            side: self.side,
             messages_read: self.messages_read,
+            messages_dropped: self.messages_dropped,
             sent_close: self.sent_close,
         }
     }
@@ -322,10 +341,7 @@ where
                         match verdict {
                             Verdict::Pass(m) => to.outbox = Some(m),
                             Verdict::Drop(reason) => {
-                                let direction = match from.side {
-                                    Side::Client => Direction::ClientToUpstream,
-                                    Side::Upstream => Direction::UpstreamToClient,
-                                };
+                                let direction = Direction::read_from(from.side);
                                 metrics.messages_dropped(upstream, direction, reason, 1);
                                 debug!(upstream, reason, "message dropped by a plugin");
                             }
@@ -683,7 +699,10 @@ fn conclude(session: &DirectSession, stop: &Stop) -> Ending {
 
 /// What the "session ended" log line reports of each side.
 struct LegSummary {
+    side: Side,
     messages_read: u64,
+    /// Of those, the messages the session's end kept from the other side.
+    messages_dropped: u64,
     sent_close: Option<u16>,
 }
 
@@ -700,6 +719,8 @@ fn log_end(session: &DirectSession, cause: &str, client: LegSummary, upstream: L
         duration_ms = handle.started.elapsed().as_millis() as u64,
         client_messages = client.messages_read,
         upstream_messages = upstream.messages_read,
+        client_messages_dropped = client.messages_dropped,
+        upstream_messages_dropped = upstream.messages_dropped,
         client_close_code = client.sent_close,
         upstream_close_code = upstream.sent_close,
         cause = %cause,
@@ -716,24 +737,13 @@ where
     let name = &session.upstream.name;
     let metrics = &session.metrics;
     let ending = conclude(&session, &stop);
+    // A message waiting in one leg's outbox was read from the other.
+    u.messages_dropped += c.discard_outbox();
+    c.messages_dropped += u.discard_outbox();
     let close_both = async {
         tokio::join!(
-            close_leg(
-                &mut c,
-                ending.client,
-                ending.drop_client,
-                metrics,
-                name,
-                Direction::ClientToUpstream
-            ),
-            close_leg(
-                &mut u,
-                ending.upstream,
-                ending.drop_upstream,
-                metrics,
-                name,
-                Direction::UpstreamToClient
-            ),
+            close_leg(&mut c, ending.client, ending.drop_client, metrics, name),
+            close_leg(&mut u, ending.upstream, ending.drop_upstream, metrics, name),
         )
     };
     if tokio::time::timeout(ws.close_timeout, close_both)
@@ -741,6 +751,10 @@ where
         .is_err()
     {
         debug!(session = %session.guard.handle.id, "close handshake timed out");
+    }
+    for leg in [c.summary(), u.summary()] {
+        let direction = Direction::read_from(leg.side);
+        metrics.messages_dropped(name, direction, "session_closed", leg.messages_dropped);
     }
     let (client, upstream) = (c.summary(), u.summary());
     log_end(&session, &ending.cause, client, upstream);
@@ -750,28 +764,17 @@ where
 }
 
 /// Ends one leg: writes a pending close (or `frame`), then reads until
-/// the peer finishes the close handshake.
+/// the peer finishes the close handshake. What it reads meanwhile can no
+/// longer be delivered: it is counted in the leg's `messages_dropped`.
 async fn close_leg<S>(
     leg: &mut Leg<S>,
     frame: Option<CloseFrame>,
     drop: bool,
     metrics: &Metrics,
     upstream: &str,
-    read_direction: Direction,
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut dropped = 0u64;
-    match leg.outbox.take() {
-        Some(close @ Message::Close(_)) => leg.outbox = Some(close),
-        Some(Message::Text(_) | Message::Binary(_)) => dropped += 1,
-        _ => {}
-    }
-    let other = match read_direction {
-        Direction::ClientToUpstream => Direction::UpstreamToClient,
-        Direction::UpstreamToClient => Direction::ClientToUpstream,
-    };
-    metrics.messages_dropped(upstream, other, "session_closed", dropped);
     if drop {
         return;
     }
@@ -788,13 +791,10 @@ async fn close_leg<S>(
     if wrote.is_err() {
         return;
     }
-    // Read until the peer answers the close and the stream ends; what the
-    // other side can no longer receive is counted as dropped.
-    let mut dropped = 0u64;
+    // Read until the peer answers the close and the stream ends.
     while let Some(Ok(msg)) = leg.ws.next().await {
         if matches!(msg, Message::Text(_) | Message::Binary(_)) {
-            dropped += 1;
+            leg.messages_dropped += 1;
         }
     }
-    metrics.messages_dropped(upstream, read_direction, "session_closed", dropped);
 }

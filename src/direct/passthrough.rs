@@ -18,6 +18,7 @@
 //! while it holds anything the source is not read, so a slow reader pushes
 //! back on the fast writer through TCP, as `copy_bidirectional` does.
 
+use std::cell::RefCell;
 use std::future::poll_fn;
 use std::io::{self, Cursor};
 use std::mem::MaybeUninit;
@@ -61,6 +62,13 @@ fn ping_payload() -> &'static [u8] {
         .as_bytes()
 }
 
+thread_local! {
+    /// Where the messages of the chunk being relayed end ([`Seen::Message`]'s
+    /// `end`), for the rare chunk that the destination does not take whole.
+    /// One per event loop, as the read buffer is: a session holds none.
+    static MESSAGE_ENDS: RefCell<Vec<usize>> = const { RefCell::new(Vec::new()) };
+}
+
 /// The data message a frame belongs to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Kind {
@@ -74,11 +82,12 @@ enum Seen {
     Message {
         kind: Kind,
         len: u64,
+        /// Where the message's last byte ends in what is written on for
+        /// the chunk (see [`Out::len`]).
+        end: usize,
     },
     /// A close frame, with its code (1005: none given).
-    Close {
-        code: u16,
-    },
+    Close { code: u16 },
 }
 
 /// The frame being passed through.
@@ -204,6 +213,11 @@ impl Out {
 
     fn own(&mut self, bytes: &[u8]) {
         self.owned.extend_from_slice(bytes);
+    }
+
+    /// How many bytes are to be written: the range, then the owned bytes.
+    fn len(&self) -> usize {
+        self.direct.len() + self.owned.len()
     }
 }
 
@@ -417,7 +431,8 @@ impl Scanner {
                         self.poison(e);
                     }
                 }
-                seen(Seen::Message { kind, len });
+                let end = out.len();
+                seen(Seen::Message { kind, len, end });
             }
         }
         let Some(mut bytes) = frame.held else {
@@ -520,6 +535,11 @@ struct Pump {
     scan: Scanner,
     /// Bytes read but not yet written. Empty and unallocated when idle.
     spill: Vec<u8>,
+    /// Where each message whose last byte is still in `spill` ends, from
+    /// the spill's start: the messages that are lost if the destination
+    /// fails before taking them. Empty and unallocated unless the spill
+    /// holds the end of a message.
+    spill_ends: Vec<usize>,
     /// Bytes read per call ([`chunked::read_chunk`]).
     chunk: usize,
     unflushed: bool,
@@ -530,6 +550,9 @@ struct Pump {
     heard: bool,
     counters: Arc<MessageCounters>,
     messages_read: u64,
+    /// Messages read from the source that the session's end kept from the
+    /// destination (each also counted in `muxgate_messages_dropped_total`).
+    messages_dropped: u64,
     /// Closes written toward the destination (by the source or the broker).
     sent_close: Option<u16>,
 }
@@ -539,12 +562,14 @@ impl Pump {
         Pump {
             scan: Scanner::new(from, max_message),
             spill: Vec::new(),
+            spill_ends: Vec::new(),
             chunk,
             unflushed: false,
             last_seen: Instant::now(),
             heard: false,
             counters,
             messages_read: 0,
+            messages_dropped: 0,
             sent_close: None,
         }
     }
@@ -572,11 +597,12 @@ impl Pump {
     }
 
     /// Scans `chunk` (see [`Scanner::scan`]), counting what completes as
-    /// it goes.
+    /// it goes, and noting in `ends` where each message ends in `out`.
     fn scan(
         &mut self,
         chunk: &[u8],
         out: &mut Out,
+        ends: &mut Vec<usize>,
         metrics: &Metrics,
         upstream: &str,
     ) -> Result<(), WsError> {
@@ -589,8 +615,9 @@ impl Pump {
             ..
         } = self;
         scan.scan(chunk, out, &mut |seen| match seen {
-            Seen::Message { kind, len } => {
+            Seen::Message { kind, len, end } => {
                 *messages_read += 1;
+                ends.push(end);
                 match kind {
                     Kind::Text => counters.text(len as usize),
                     Kind::Binary => counters.binary(len as usize),
@@ -608,7 +635,19 @@ impl Pump {
     }
 
     /// Writes the spill to `dst` as far as it will take it.
+    #[inline]
     fn poll_drain<W>(&mut self, dst: &mut W, cx: &mut Context<'_>) -> Poll<io::Result<()>>
+    where
+        W: AsyncWrite + Unpin,
+    {
+        // Nearly always: checked before every read.
+        if self.spill.is_empty() {
+            return Poll::Ready(Ok(()));
+        }
+        self.poll_drain_spill(dst, cx)
+    }
+
+    fn poll_drain_spill<W>(&mut self, dst: &mut W, cx: &mut Context<'_>) -> Poll<io::Result<()>>
     where
         W: AsyncWrite + Unpin,
     {
@@ -618,17 +657,23 @@ impl Pump {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
             self.spill.drain(..n);
+            self.spill_ends.retain_mut(|end| {
+                *end = end.saturating_sub(n);
+                *end > 0
+            });
             self.unflushed = true;
         }
         // Give the memory back: an idle session holds no buffer.
         if self.spill.capacity() > 0 {
             self.spill = Vec::new();
+            self.spill_ends = Vec::new();
         }
         Poll::Ready(Ok(()))
     }
 
-    /// Writes `bytes` to `dst`, spilling what it will not take now. The
-    /// spill must be empty.
+    /// Writes `bytes` to `dst`, spilling what it will not take now (or,
+    /// after an error, cannot: it is then counted as lost at the session's
+    /// end). The spill must be empty.
     fn write_or_spill<W>(
         &mut self,
         dst: &mut W,
@@ -638,19 +683,74 @@ impl Pump {
     where
         W: AsyncWrite + Unpin,
     {
+        let mut result = Ok(());
         while !bytes.is_empty() && self.spill.is_empty() {
             match Pin::new(&mut *dst).poll_write(cx, bytes) {
-                Poll::Ready(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
+                Poll::Ready(Ok(0)) => result = Err(io::ErrorKind::WriteZero.into()),
                 Poll::Ready(Ok(n)) => {
                     bytes = &bytes[n..];
                     self.unflushed = true;
+                    continue;
                 }
-                Poll::Ready(Err(e)) => return Err(e),
-                Poll::Pending => break,
+                Poll::Ready(Err(e)) => result = Err(e),
+                Poll::Pending => {}
             }
+            break;
         }
         self.spill.extend_from_slice(bytes);
-        Ok(())
+        result
+    }
+
+    /// Writes what scanning a chunk put in `out` (the chunk's messages
+    /// ending at `ends`), spilling what `dst` does not take, and notes
+    /// which messages end in the spill.
+    fn write_out<W>(
+        &mut self,
+        dst: &mut W,
+        cx: &mut Context<'_>,
+        chunk: &[u8],
+        out: &Out,
+        ends: &[usize],
+    ) -> io::Result<()>
+    where
+        W: AsyncWrite + Unpin,
+    {
+        let mut written = self.write_or_spill(dst, cx, &chunk[out.direct.clone()]);
+        if !out.owned.is_empty() {
+            written = match written {
+                Ok(()) => self.write_or_spill(dst, cx, &out.owned),
+                Err(e) => {
+                    self.spill.extend_from_slice(&out.owned);
+                    Err(e)
+                }
+            };
+        }
+        if !self.spill.is_empty() {
+            let taken = out.len() - self.spill.len();
+            self.spill_ends.extend(
+                ends.iter()
+                    .filter(|&&end| end > taken)
+                    .map(|end| end - taken),
+            );
+        }
+        written
+    }
+
+    /// Counts the messages still in the spill as dropped: the session has
+    /// ended, and the destination will not take them.
+    fn drop_spill(&mut self, metrics: &Metrics, upstream: &str) {
+        let lost = self.spill_ends.len() as u64;
+        self.spill = Vec::new();
+        self.spill_ends = Vec::new();
+        if lost > 0 {
+            self.messages_dropped += lost;
+            metrics.messages_dropped(
+                upstream,
+                Direction::read_from(self.scan.from),
+                "session_closed",
+                lost,
+            );
+        }
     }
 
     fn poll_flush<W>(&mut self, dst: &mut W, cx: &mut Context<'_>) -> Poll<io::Result<()>>
@@ -702,11 +802,12 @@ impl Pump {
             self.heard = true;
             let chunk = read.filled();
             let mut out = Out::default();
-            let scanned = self.scan(chunk, &mut out, metrics, &upstream.name);
-            // What came before a bad frame is still written.
-            let written = self
-                .write_or_spill(dst, cx, &chunk[out.direct.clone()])
-                .and_then(|()| self.write_or_spill(dst, cx, &out.owned));
+            let (scanned, written) = MESSAGE_ENDS.with_borrow_mut(|ends| {
+                ends.clear();
+                let scanned = self.scan(chunk, &mut out, ends, metrics, &upstream.name);
+                // What came before a bad frame is still written.
+                (scanned, self.write_out(dst, cx, chunk, &out, ends))
+            });
             if let Err(e) = written {
                 return Poll::Ready(PumpEnd::Write(e));
             }
@@ -921,18 +1022,25 @@ async fn end(
             _ => Poll::Pending,
         }
     });
-    if tokio::time::timeout(ws.close_timeout, close_both)
+    let timed_out = tokio::time::timeout(ws.close_timeout, close_both)
         .await
-        .is_err()
-    {
+        .is_err();
+    // What the destination did not take before the end is lost.
+    up.drop_spill(metrics, name);
+    down.drop_spill(metrics, name);
+    if timed_out {
         debug!(session = %session.guard.handle.id, "close handshake timed out");
     }
     let client_summary = LegSummary {
+        side: Side::Client,
         messages_read: up.messages_read,
+        messages_dropped: up.messages_dropped,
         sent_close: down.sent_close,
     };
     let upstream_summary = LegSummary {
+        side: Side::Upstream,
         messages_read: down.messages_read,
+        messages_dropped: down.messages_dropped,
         sent_close: up.sent_close,
     };
     log_end(&session, &ending.cause, client_summary, upstream_summary);
@@ -1067,10 +1175,8 @@ where
     let Some(scanned) = std::task::ready!(scanned) else {
         return Poll::Ready(false);
     };
-    let direction = match from.scan.from {
-        Side::Client => Direction::ClientToUpstream,
-        Side::Upstream => Direction::UpstreamToClient,
-    };
+    from.messages_dropped += dropped;
+    let direction = Direction::read_from(from.scan.from);
     metrics.messages_dropped(upstream, direction, "session_closed", dropped);
     Poll::Ready(scanned.is_ok())
 }
@@ -1105,7 +1211,18 @@ mod tests {
         let (mut written, mut seen) = (Vec::new(), Vec::new());
         for piece in bytes.chunks(step) {
             let mut out = Out::default();
-            let r = scanner.scan(piece, &mut out, &mut |s| seen.push(s));
+            // Message ends as positions in everything written on.
+            let base = written.len();
+            let r = scanner.scan(piece, &mut out, &mut |s| {
+                seen.push(match s {
+                    Seen::Message { kind, len, end } => Seen::Message {
+                        kind,
+                        len,
+                        end: base + end,
+                    },
+                    close => close,
+                })
+            });
             written.extend_from_slice(&piece[out.direct.clone()]);
             written.extend_from_slice(&out.owned);
             if r.is_err() {
@@ -1129,10 +1246,12 @@ mod tests {
             ),
             MASK,
         ));
+        let text_end = stream.len();
         stream.extend(wire(
             Frame::message(vec![7u8; 70_000], OpCode::Data(Data::Binary), true),
             MASK,
         ));
+        let binary_end = stream.len();
         stream.extend(wire(
             Frame::close(Some(CloseFrame {
                 code: CloseCode::Normal,
@@ -1150,11 +1269,13 @@ mod tests {
                 vec![
                     Seen::Message {
                         kind: Kind::Text,
-                        len: 12
+                        len: 12,
+                        end: text_end,
                     },
                     Seen::Message {
                         kind: Kind::Binary,
-                        len: 70_000
+                        len: 70_000,
+                        end: binary_end,
                     },
                     Seen::Close { code: 1000 },
                 ],
@@ -1224,6 +1345,125 @@ mod tests {
         let mut s = Scanner::new(Side::Client, 1024);
         let r = scan_in_steps(&mut s, &text(&good[..2], true, MASK), 64).2;
         assert!(matches!(r, Err(WsError::Utf8(_))));
+    }
+
+    /// A destination socket that takes `room` more bytes, then waits (or
+    /// fails, if `fails`).
+    struct Destination {
+        room: usize,
+        fails: bool,
+        taken: Vec<u8>,
+    }
+
+    impl AsyncWrite for Destination {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            if self.room == 0 {
+                return match self.fails {
+                    true => Poll::Ready(Err(io::ErrorKind::BrokenPipe.into())),
+                    false => Poll::Pending,
+                };
+            }
+            let n = self.room.min(buf.len());
+            self.room -= n;
+            self.taken.extend_from_slice(&buf[..n]);
+            Poll::Ready(Ok(n))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    fn dropped(metrics: &Metrics) -> String {
+        metrics
+            .render()
+            .lines()
+            .filter(|l| l.starts_with("muxgate_messages_dropped_total{"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// Three 16-byte client frames relayed into a destination that takes
+    /// 20 bytes: the second and third end in the spill. As the spill
+    /// drains, the second is delivered; when the session ends, the third
+    /// is counted as dropped.
+    #[test]
+    fn messages_left_in_the_spill_at_the_end_are_counted_as_dropped() {
+        for fails in [false, true] {
+            let metrics = Metrics::new();
+            let counters = metrics.message_counters("u", Direction::ClientToUpstream);
+            let mut pump = Pump::new(Side::Client, 1024, 4096, counters);
+            let mut chunk = Vec::new();
+            for i in 0..3u8 {
+                let frame = Frame::message(vec![i; 10], OpCode::Data(Data::Binary), true);
+                chunk.extend(wire(frame, MASK));
+            }
+            assert_eq!(chunk.len(), 48);
+            let (mut out, mut ends) = (Out::default(), Vec::new());
+            pump.scan(&chunk, &mut out, &mut ends, &metrics, "u")
+                .unwrap();
+            assert_eq!(ends, [16, 32, 48]);
+            let mut dst = Destination {
+                room: 20,
+                fails,
+                taken: Vec::new(),
+            };
+            let mut cx = Context::from_waker(std::task::Waker::noop());
+            let written = pump.write_out(&mut dst, &mut cx, &chunk, &out, &ends);
+            assert_eq!(written.is_err(), fails);
+            assert_eq!(pump.spill, chunk[20..]);
+            assert_eq!(pump.spill_ends, [12, 28], "fails: {fails}");
+            if !fails {
+                dst.room = 15;
+                assert!(pump.poll_drain(&mut dst, &mut cx).is_pending());
+                assert_eq!(pump.spill_ends, [13], "the second message went out");
+            }
+            pump.drop_spill(&metrics, "u");
+            let lost = if fails { 2 } else { 1 };
+            assert_eq!(pump.messages_dropped, lost);
+            assert_eq!(
+                dropped(&metrics),
+                format!(
+                    "muxgate_messages_dropped_total{{direction=\"client_to_upstream\",\
+                     reason=\"session_closed\",upstream=\"u\"}} {lost}"
+                )
+            );
+            assert!(pump.spill.is_empty() && pump.spill_ends.is_empty());
+        }
+    }
+
+    /// A destination that takes the whole chunk leaves nothing to count.
+    #[test]
+    fn a_chunk_written_whole_leaves_no_message_in_the_spill() {
+        let metrics = Metrics::new();
+        let counters = metrics.message_counters("u", Direction::UpstreamToClient);
+        let mut pump = Pump::new(Side::Upstream, 1024, 4096, counters);
+        let chunk = wire(
+            Frame::message(vec![1; 10], OpCode::Data(Data::Binary), true),
+            None,
+        );
+        let (mut out, mut ends) = (Out::default(), Vec::new());
+        pump.scan(&chunk, &mut out, &mut ends, &metrics, "u")
+            .unwrap();
+        let mut dst = Destination {
+            room: 100,
+            fails: false,
+            taken: Vec::new(),
+        };
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        pump.write_out(&mut dst, &mut cx, &chunk, &out, &ends)
+            .unwrap();
+        assert_eq!(dst.taken, chunk);
+        assert!(pump.spill.is_empty() && pump.spill_ends.is_empty());
+        pump.drop_spill(&metrics, "u");
+        assert_eq!(pump.messages_dropped, 0);
+        assert_eq!(dropped(&metrics), "");
     }
 
     #[test]

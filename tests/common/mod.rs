@@ -319,7 +319,11 @@ pub async fn echo_of_text_behind_the_request(addr: SocketAddr, path: &str, text:
             let Some(head) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
                 continue;
             };
-            assert!(buf.starts_with(b"HTTP/1.1 101"), "{:?}", String::from_utf8_lossy(&buf));
+            assert!(
+                buf.starts_with(b"HTTP/1.1 101"),
+                "{:?}",
+                String::from_utf8_lossy(&buf)
+            );
             let frame = &buf[head + 4..];
             if frame.len() < 2 || frame.len() < 2 + usize::from(frame[1] & 0x7f) {
                 continue;
