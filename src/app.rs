@@ -53,6 +53,8 @@ pub struct Broker {
     /// The other `server.workers - 1` loops serving `client`.
     loops: ClientLoops,
     tls: Option<Arc<rustls::ServerConfig>>,
+    /// `server.header_read_timeout`.
+    header_read_timeout: Duration,
     admin: TcpListener,
     grace: Duration,
 }
@@ -141,6 +143,7 @@ impl Broker {
             client,
             loops,
             tls,
+            header_read_timeout: config.server.header_read_timeout,
             admin,
             grace: config.server.shutdown_grace,
         })
@@ -168,6 +171,7 @@ impl Broker {
             client,
             mut loops,
             tls,
+            header_read_timeout,
             admin,
             grace,
         } = self;
@@ -175,10 +179,13 @@ impl Broker {
         let admin_addr = admin.local_addr().expect("bound listener");
         let shutdown = state.shutdown.clone();
 
-        let client_server = tokio::spawn(serve_clients(client, 0, tls.clone(), Arc::clone(&state)));
+        let serve = move |listener, index, tls, state| {
+            serve_clients(listener, index, tls, header_read_timeout, state)
+        };
+        let client_server = tokio::spawn(serve(client, 0, tls.clone(), Arc::clone(&state)));
         loops.serve(|index| {
             let (tls, state) = (tls.clone(), Arc::clone(&state));
-            Box::new(move |listener| serve_clients(listener, index, tls, state))
+            Box::new(move |listener| serve(listener, index, tls, state))
         });
         let (admin_stop, admin_stopped) = tokio::sync::oneshot::channel::<()>();
         let admin_server = tokio::spawn(async move {
@@ -229,9 +236,14 @@ fn serve_clients(
     listener: TcpListener,
     index: usize,
     tls: Option<Arc<rustls::ServerConfig>>,
+    header_read_timeout: Duration,
     state: Arc<AppState>,
 ) -> ServeFuture {
     let accepted = state.metrics.accepted_on(index);
+    let limits = http1::Limits {
+        header_read_timeout,
+        header_timeouts: state.metrics.header_timeouts_on(index),
+    };
     let shutdown = state.shutdown.clone();
     let stopped = async move { shutdown.begun().await };
     let router = Router::new().fallback(handshake::handle).with_state(state);
@@ -242,12 +254,12 @@ fn serve_clients(
                     accepted.inc();
                     let _ = tcp.set_nodelay(true);
                 });
-                http1::serve(listener, router, stopped).await
+                http1::serve(listener, router, limits, stopped).await
             }
             Some(config) => {
                 let listener =
                     crate::tls::TlsListener::new(listener, config).tap_io(move |_| accepted.inc());
-                http1::serve(listener, router, stopped).await
+                http1::serve(listener, router, limits, stopped).await
             }
         }
     })

@@ -20,14 +20,16 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use axum::extract::{ConnectInfo, Request};
 use axum::serve::Listener;
 use axum::Router;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
+use prometheus::IntCounter;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
@@ -35,11 +37,27 @@ use tracing::debug;
 
 use crate::tls::ClientStream;
 
+/// What a client connection is allowed before it is closed.
+#[derive(Clone)]
+pub struct Limits {
+    /// For a whole request head, from the connection's start or the end of
+    /// its last response (`server.header_read_timeout`): a connection that
+    /// sends nothing, or a head byte by byte, holds a file descriptor
+    /// only this long.
+    pub header_read_timeout: Duration,
+    /// Counts the connections closed for it.
+    pub header_timeouts: IntCounter,
+}
+
 /// Serves `router` to every connection `listener` accepts until `stop`
 /// resolves; returns once the connections it was serving have closed
 /// (upgraded ones are no longer its own: they belong to their sessions).
-pub async fn serve<L>(mut listener: L, router: Router, stop: impl Future<Output = ()>)
-where
+pub async fn serve<L>(
+    mut listener: L,
+    router: Router,
+    limits: Limits,
+    stop: impl Future<Output = ()>,
+) where
     L: Listener<Addr = SocketAddr>,
     L::Io: Into<ClientStream>,
 {
@@ -55,6 +73,7 @@ where
             io.into(),
             remote,
             router.clone(),
+            limits.clone(),
             stopping.clone(),
         ));
     }
@@ -70,6 +89,7 @@ async fn connection(
     io: ClientStream,
     remote: SocketAddr,
     router: Router,
+    limits: Limits,
     stopping: CancellationToken,
 ) {
     let service = router.map_request(move |mut request: Request<Incoming>| {
@@ -77,6 +97,8 @@ async fn connection(
         request
     });
     let served = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
         .serve_connection(TokioIo::new(io), TowerToHyperService::new(service))
         .with_upgrades();
     tokio::pin!(served);
@@ -87,7 +109,12 @@ async fn connection(
             served.await
         }
     };
-    if let Err(error) = result {
-        debug!(%remote, %error, "client connection failed");
+    match result {
+        Ok(()) => {}
+        Err(error) if error.is_timeout() => {
+            limits.header_timeouts.inc();
+            debug!(%remote, timeout = ?limits.header_read_timeout, "client sent no request head in time; closed");
+        }
+        Err(error) => debug!(%remote, %error, "client connection failed"),
     }
 }

@@ -76,6 +76,7 @@ pub struct Metrics {
     health_checks_total: IntCounterVec,
     target_picks_total: IntCounterVec,
     connections_accepted_total: IntCounterVec,
+    client_header_timeouts_total: IntCounterVec,
     /// Each upstream's message counters, one set per direction, resolved
     /// once and shared by its sessions (a session keeps a pointer to them
     /// instead of four counters per direction).
@@ -181,6 +182,11 @@ impl Metrics {
             "Client connections accepted (TLS ones once their TLS handshake is done), by the event loop that took them (0 to server.workers - 1).",
             &["event_loop"],
         );
+        let client_header_timeouts_total = counter(
+            "client_header_timeouts_total",
+            "Client connections closed for sending no whole request head within server.header_read_timeout, by event loop.",
+            &["event_loop"],
+        );
         let gauge = |name: &str, help: &str, labels: &[&str]| {
             let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("gauge");
             registry.register(Box::new(g.clone())).expect("register");
@@ -245,6 +251,7 @@ impl Metrics {
             health_checks_total,
             target_picks_total,
             connections_accepted_total,
+            client_header_timeouts_total,
             message_counters: Default::default(),
         }
     }
@@ -418,6 +425,12 @@ impl Metrics {
     /// once per loop.
     pub fn accepted_on(&self, index: usize) -> IntCounter {
         self.connections_accepted_total
+            .with_label_values(&[&index.to_string()])
+    }
+
+    /// The counter of event loop `index`'s header read timeouts.
+    pub fn header_timeouts_on(&self, index: usize) -> IntCounter {
+        self.client_header_timeouts_total
             .with_label_values(&[&index.to_string()])
     }
 

@@ -74,6 +74,7 @@ fn defaults_follow_the_contract() {
     assert_eq!(c.server.max_connections, 100_000);
     assert_eq!(c.server.max_connections_per_ip, 0);
     assert_eq!(c.server.shutdown_grace.as_secs(), 10);
+    assert_eq!(c.server.header_read_timeout.as_secs(), 30);
     let u = &c.upstreams[0];
     assert_eq!(u.targets[0].weight, 1);
     let ws = &u.websocket_config;

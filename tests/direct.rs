@@ -9,6 +9,8 @@ use common::upstream::{
 };
 use common::*;
 use futures_util::SinkExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::{CloseCode, Data, OpCode};
 use tokio_tungstenite::tungstenite::protocol::frame::Frame;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
@@ -325,6 +327,40 @@ async fn bytes_behind_the_request_are_relayed() {
             "with plugins {plugins:?}"
         );
     }
+}
+
+/// A client connection that sends nothing, or only part of a request head,
+/// within `header_read_timeout` is closed and counted, so that idle
+/// connections cannot pile up and hold the broker's file descriptors; a
+/// client that sends its request in time is served as always.
+#[tokio::test]
+async fn a_client_without_a_request_head_in_time_is_disconnected() {
+    let up = TestUpstream::start().await;
+    let broker = start_broker(&direct_config(
+        &[up.addr],
+        "",
+        "",
+        "header_read_timeout: 200ms",
+    ))
+    .await;
+    let idle = TcpStream::connect(broker.client_addr).await.unwrap();
+    let mut partial = TcpStream::connect(broker.client_addr).await.unwrap();
+    partial
+        .write_all(b"GET /ws/echo HTTP/1.1\r\nHost: muxgate\r\n")
+        .await
+        .unwrap();
+    for (what, mut tcp) in [("idle", idle), ("partial", partial)] {
+        let mut buf = [0u8; 64];
+        let read = within("the broker to close the connection", tcp.read(&mut buf)).await;
+        assert_eq!(read.unwrap(), 0, "{what}: closed without an answer");
+    }
+    broker
+        .metrics_when("both timeouts counted", |m| {
+            m.value("muxgate_client_header_timeouts_total", &[]) == 2.0
+        })
+        .await;
+    let (mut ws, _) = connect(&broker.url("/ws/echo"), &[]).await;
+    echo_roundtrip(&mut ws, Message::text("in time")).await;
 }
 
 /// What the upstream sends after the broker closed the session cannot be

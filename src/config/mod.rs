@@ -30,6 +30,9 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 100_000;
 pub const MAX_WORKERS: usize = 1024;
 /// How long SIGTERM waits for sessions to close before exiting.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// How long a client connection may take to send a request's head (and
+/// how long it may stay idle between requests): hyper's default.
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// How often the broker pings each socket.
 pub const DEFAULT_PING_PERIOD: Duration = Duration::from_secs(30);
 /// How long a socket may stay silent after a ping before it is dropped.
@@ -101,6 +104,13 @@ pub struct ServerConfig {
         deserialize_with = "values::duration"
     )]
     pub shutdown_grace: Duration,
+    /// A client connection that has not sent a whole request head this long
+    /// after connecting (or after its last response) is closed.
+    #[serde(
+        default = "default_header_read_timeout",
+        deserialize_with = "values::duration"
+    )]
+    pub header_read_timeout: Duration,
     #[serde(default)]
     pub tls: Option<TlsConfig>,
     /// Event loops serving clients; unset is one per core (see
@@ -129,6 +139,7 @@ impl Default for ServerConfig {
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_connections_per_ip: 0,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+            header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
             tls: None,
             workers: None,
         }
@@ -393,6 +404,9 @@ fn default_max_connections() -> usize {
 }
 fn default_shutdown_grace() -> Duration {
     DEFAULT_SHUTDOWN_GRACE
+}
+fn default_header_read_timeout() -> Duration {
+    DEFAULT_HEADER_READ_TIMEOUT
 }
 fn default_weight() -> u32 {
     1

@@ -36,6 +36,9 @@ pub fn validate(config: &Config) -> Vec<Problem> {
     if config.server.max_connections == 0 {
         out.push(server.key("max_connections"), "must be greater than 0");
     }
+    if config.server.header_read_timeout.is_zero() {
+        out.push(server.key("header_read_timeout"), "must be greater than 0");
+    }
     match config.server.workers {
         Some(0) => out.push(
             server.key("workers"),
