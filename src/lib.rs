@@ -12,7 +12,9 @@
 //! - [`event_loops`]: thread-per-core; the `server.workers` loops that serve clients.
 //! - [`shutdown`]: the signal, the root cancellation token and the session tracker.
 //! - [`routing`]: `external_path` to upstream and `internal_path`.
+//! - [`http1`]: the client listeners' HTTP/1 server (hyper, on the broker's own sockets).
 //! - [`handshake`]: the client HTTP handler; every refusal is an HTTP status.
+//! - [`upgraded`]: client and upstream sockets taken back out of hyper after the upgrade.
 //! - [`limits`]: `max_connections` and per-IP permits, released when a session ends.
 //! - [`session`]: session ids and the registry both modes share.
 //! - [`direct`]: direct mode, the connect-first handshake and the relay.
