@@ -752,11 +752,11 @@ where
     {
         debug!(session = %session.guard.handle.id, "close handshake timed out");
     }
-    for leg in [c.summary(), u.summary()] {
+    let (client, upstream) = (c.summary(), u.summary());
+    for leg in [&client, &upstream] {
         let direction = Direction::read_from(leg.side);
         metrics.messages_dropped(name, direction, "session_closed", leg.messages_dropped);
     }
-    let (client, upstream) = (c.summary(), u.summary());
     log_end(&session, &ending.cause, client, upstream);
     drop(session);
     drop(c);

@@ -717,13 +717,9 @@ impl Pump {
     {
         let mut written = self.write_or_spill(dst, cx, &chunk[out.direct.clone()]);
         if !out.owned.is_empty() {
-            written = match written {
-                Ok(()) => self.write_or_spill(dst, cx, &out.owned),
-                Err(e) => {
-                    self.spill.extend_from_slice(&out.owned);
-                    Err(e)
-                }
-            };
+            // After a partial or failed write the spill holds the rest, and
+            // the owned bytes join it behind that.
+            written = written.and(self.write_or_spill(dst, cx, &out.owned));
         }
         if !self.spill.is_empty() {
             let taken = out.len() - self.spill.len();
@@ -742,15 +738,15 @@ impl Pump {
         let lost = self.spill_ends.len() as u64;
         self.spill = Vec::new();
         self.spill_ends = Vec::new();
-        if lost > 0 {
-            self.messages_dropped += lost;
-            metrics.messages_dropped(
-                upstream,
-                Direction::read_from(self.scan.from),
-                "session_closed",
-                lost,
-            );
-        }
+        self.count_dropped(lost, metrics, upstream);
+    }
+
+    /// Counts `n` messages from the source that the session's end kept
+    /// from the destination.
+    fn count_dropped(&mut self, n: u64, metrics: &Metrics, upstream: &str) {
+        self.messages_dropped += n;
+        let direction = Direction::read_from(self.scan.from);
+        metrics.messages_dropped(upstream, direction, "session_closed", n);
     }
 
     fn poll_flush<W>(&mut self, dst: &mut W, cx: &mut Context<'_>) -> Poll<io::Result<()>>
@@ -1175,9 +1171,7 @@ where
     let Some(scanned) = std::task::ready!(scanned) else {
         return Poll::Ready(false);
     };
-    from.messages_dropped += dropped;
-    let direction = Direction::read_from(from.scan.from);
-    metrics.messages_dropped(upstream, direction, "session_closed", dropped);
+    from.count_dropped(dropped, metrics, upstream);
     Poll::Ready(scanned.is_ok())
 }
 
