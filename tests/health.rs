@@ -52,10 +52,15 @@ async fn a_dead_target_is_taken_out_and_used_again_when_it_returns() {
     let broker = start_broker(&cfg).await;
     let url = broker.url("/ws/echo");
     // Round robin: one session on each target.
-    let (_c1, _) = connect(&url, &[]).await;
+    let (mut c1, _) = connect(&url, &[]).await;
     let (_c2, _) = connect(&url, &[]).await;
     a.handshake().await;
     drop(a); // the target dies: its port refuses connections
+
+    // Its session's loss is the first failure. Awaited, so that it is
+    // counted before the new sessions' connects rather than racing them
+    // (the broker records it before it closes the client).
+    expect_close(&mut c1).await;
 
     // Every client still gets a session; a takes two failures and is out.
     let mut clients = Vec::new();
