@@ -16,7 +16,7 @@ use std::time::Duration;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
@@ -122,6 +122,21 @@ impl From<tokio_rustls::server::TlsStream<TcpStream>> for ClientStream {
     }
 }
 
+impl<T> MaybeTls<T> {
+    /// The socket has nothing to read and tokio knows it: its read
+    /// readiness is clear, so a read would only register the task's waker
+    /// again (see [`crate::upgraded::UpgradedIo::read_surely_pending`]).
+    /// Always false over TLS, whose stream may hold decrypted bytes the
+    /// socket's readiness says nothing about.
+    pub fn read_surely_pending(&self) -> bool {
+        match self {
+            // `try_io` runs the closure only if tokio holds read readiness.
+            MaybeTls::Plain(tcp) => tcp.try_io(Interest::READABLE, || Ok(())).is_err(),
+            MaybeTls::Tls(_) => false,
+        }
+    }
+}
+
 impl<T: AsyncRead + Unpin> AsyncRead for MaybeTls<T> {
     fn poll_read(
         self: Pin<&mut Self>,
@@ -219,5 +234,50 @@ impl axum::serve::Listener for TlsListener {
 
     fn local_addr(&self) -> io::Result<Self::Addr> {
         self.tcp.local_addr()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::future::poll_fn;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A connected pair: the accepted side as a plain [`ClientStream`].
+    async fn pair() -> (ClientStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let peer = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        (MaybeTls::Plain(accepted), peer)
+    }
+
+    #[tokio::test]
+    async fn a_read_is_surely_pending_only_until_the_socket_has_bytes() {
+        let (mut stream, mut peer) = pair().await;
+        let mut buf = [0u8; 16];
+        // A first read registers this task's waker and returns Pending,
+        // and the peer writes only then; the task wakes by the socket.
+        let writer = tokio::spawn(async move {
+            peer.write_all(b"hello").await.unwrap();
+            peer
+        });
+        let mut first = true;
+        poll_fn(|cx| {
+            if std::mem::take(&mut first) {
+                let mut read = ReadBuf::new(&mut buf);
+                assert!(Pin::new(&mut stream).poll_read(cx, &mut read).is_pending());
+                assert!(stream.read_surely_pending(), "nothing arrived yet");
+                return Poll::Pending;
+            }
+            Poll::Ready(())
+        })
+        .await;
+        let _peer = writer.await.unwrap();
+        assert!(!stream.read_surely_pending(), "woken: bytes are there");
+        assert_eq!(stream.read(&mut buf).await.unwrap(), 5);
+        // A short read clears the readiness: nothing more to read.
+        assert!(stream.read_surely_pending());
     }
 }

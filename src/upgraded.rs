@@ -19,7 +19,7 @@ use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use crate::tls::{ClientStream, UpstreamStream};
+use crate::tls::{ClientStream, MaybeTls, UpstreamStream};
 
 /// A connection after its upgrade: `S`, the socket it was made on.
 pub struct UpgradedIo<S> {
@@ -45,6 +45,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> UpgradedIo<S> {
             early: unshared(parts.read_buf),
             stream: parts.io.into_inner(),
         })
+    }
+}
+
+impl<T> UpgradedIo<MaybeTls<T>> {
+    /// A read now would find nothing: no early bytes are left, and the
+    /// socket's read readiness is clear. After a read that returned
+    /// `Pending`, this also means the task's waker is still registered
+    /// with the socket (tokio takes it only when it sets the readiness),
+    /// so the read need not be polled again until the task is woken with
+    /// readiness set.
+    pub fn read_surely_pending(&self) -> bool {
+        self.early.is_empty() && self.stream.read_surely_pending()
     }
 }
 

@@ -543,6 +543,10 @@ struct Pump {
     /// Bytes read per call ([`chunked::read_chunk`]).
     chunk: usize,
     unflushed: bool,
+    /// The last poll ended on a read of the source that returned `Pending`
+    /// with the task's waker registered on the socket (not for want of
+    /// coop budget); see [`Pump::asleep`].
+    armed: bool,
     /// When a timer wake last found that something had arrived from the
     /// source (set lazily: a clock read per read costs 5% of user time).
     last_seen: Instant,
@@ -565,6 +569,7 @@ impl Pump {
             spill_ends: Vec::new(),
             chunk,
             unflushed: false,
+            armed: false,
             last_seen: Instant::now(),
             heard: false,
             counters,
@@ -572,6 +577,17 @@ impl Pump {
             messages_dropped: 0,
             sent_close: None,
         }
+    }
+
+    /// Polling this direction now would do nothing but register the
+    /// task's waker with the source again: it is still registered since
+    /// the last poll, nothing waits to be written, and the source has
+    /// nothing (`source_surely_pending`, see
+    /// [`crate::upgraded::UpgradedIo::read_surely_pending`]). Every wake
+    /// of a session polled both directions, and the one that did not wake
+    /// it cost a lock pair and about 150 instructions for nothing.
+    fn asleep(&self, source_surely_pending: impl FnOnce() -> bool) -> bool {
+        self.armed && self.spill.is_empty() && !self.unflushed && source_surely_pending()
     }
 
     fn to(&self) -> Side {
@@ -779,6 +795,7 @@ impl Pump {
     {
         let chunk = self.chunk.min(buf.len());
         let buf = &mut buf[..chunk];
+        self.armed = false;
         for _ in 0..READS_PER_TURN {
             match self.poll_drain(dst, cx) {
                 Poll::Ready(Ok(())) => {}
@@ -788,7 +805,12 @@ impl Pump {
             }
             let mut read = ReadBuf::uninit(&mut *buf);
             match Pin::new(&mut *src).poll_read(cx, &mut read) {
-                Poll::Pending => return self.flush_then_pending(dst, cx),
+                Poll::Pending => {
+                    // Registered with the socket, unless the task ran out
+                    // of coop budget: tokio then woke it instead.
+                    self.armed = tokio::task::coop::has_budget_remaining();
+                    return self.flush_then_pending(dst, cx);
+                }
                 Poll::Ready(Err(e)) => return Poll::Ready(PumpEnd::Read(e)),
                 Poll::Ready(Ok(())) if read.filled().is_empty() => {
                     return Poll::Ready(PumpEnd::Eof)
@@ -937,15 +959,26 @@ pub async fn run(session: Box<DirectSession>, on_upgrade: OnUpgrade, connected: 
                 alarms.as_mut().reset(timer_deadline(&session, &up, &down, next_ping));
             }
             // Both directions read into the loop's one buffer.
+            // A direction whose source did not wake the task is skipped.
             stop = poll_fn(|cx| chunked::with_read_buffer(up.chunk.max(down.chunk), |buf| {
-                if let Poll::Ready(end) = up.poll_pump(&mut client, &mut upstream, cx, buf, &session.metrics, &session.upstream) {
+                let polled = if up.asleep(|| client.read_surely_pending()) {
+                    Poll::Pending
+                } else {
+                    up.poll_pump(&mut client, &mut upstream, cx, buf, &session.metrics, &session.upstream)
+                };
+                if let Poll::Ready(end) = polled {
                     let closed = up.scan.closed.is_some();
                     return Poll::Ready(stop_of(end, Side::Client, Side::Upstream, closed));
                 }
                 if handshake_done(&up, &down) {
                     return Poll::Ready(Stop::Ended { side: Side::Client, clean: true });
                 }
-                if let Poll::Ready(end) = down.poll_pump(&mut upstream, &mut client, cx, buf, &session.metrics, &session.upstream) {
+                let polled = if down.asleep(|| upstream.read_surely_pending()) {
+                    Poll::Pending
+                } else {
+                    down.poll_pump(&mut upstream, &mut client, cx, buf, &session.metrics, &session.upstream)
+                };
+                if let Poll::Ready(end) = polled {
                     let closed = down.scan.closed.is_some();
                     return Poll::Ready(stop_of(end, Side::Upstream, Side::Client, closed));
                 }
