@@ -138,11 +138,14 @@ struct Scanner {
     error: Option<Box<WsError>>,
     /// The stream cannot be followed any more (an unparseable header).
     lost: bool,
+    /// Tests turn [`Scanner::whole_data_frame`] off to compare.
+    #[cfg(test)]
+    shortcut: bool,
 }
 
 /// Checks text that arrives in pieces: the end of a piece may cut a
 /// character, whose first bytes wait here for the rest.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 struct Utf8Check {
     partial: [u8; 4],
     partial_len: u8,
@@ -235,6 +238,8 @@ impl Scanner {
             poisoned: false,
             error: None,
             lost: false,
+            #[cfg(test)]
+            shortcut: true,
         }
     }
 
@@ -265,6 +270,10 @@ impl Scanner {
         let mut at = 0;
         while at < chunk.len() && !self.lost {
             if self.frame.is_none() {
+                if let Some(next) = self.whole_data_frame(chunk, at, out, seen) {
+                    at = next;
+                    continue;
+                }
                 at = self.header(chunk, at, out);
                 if self.frame.as_ref().is_some_and(|f| f.left == 0) {
                     self.end_frame(out, seen);
@@ -296,6 +305,73 @@ impl Scanner {
             }
         }
         self.error.take().map_or(Ok(()), |e| Err(*e))
+    }
+
+    /// The common case in one step: a data frame that breaks no rule and
+    /// lies whole in `chunk` from `at`, passed on with no [`InFrame`] made
+    /// for it. Returns where it ends; `None` leaves everything as it was,
+    /// for [`Scanner::header`] and the payload steps of [`Scanner::scan`],
+    /// which handle every frame (this is only their shortcut, and the
+    /// tests check that both find the same).
+    #[inline]
+    fn whole_data_frame(
+        &mut self,
+        chunk: &[u8],
+        at: usize,
+        out: &mut Out,
+        seen: &mut impl FnMut(Seen),
+    ) -> Option<usize> {
+        #[cfg(test)]
+        if !self.shortcut {
+            return None;
+        }
+        let rest = &chunk[at..];
+        // Data opcodes only: control frames may be held, and tungstenite
+        // refuses reserved ones without saying their length.
+        if self.head_len != 0 || self.poisoned || (rest.first()? & 0x0F) > 2 {
+            return None;
+        }
+        let mut cursor = Cursor::new(rest);
+        let (header, len) = FrameHeader::parse(&mut cursor).ok()??;
+        let header_len = cursor.position() as usize;
+        let end = header_len.checked_add(usize::try_from(len).ok()?)?;
+        let OpCode::Data(data) = header.opcode else {
+            return None;
+        };
+        if end > rest.len() || self.check(&header, len).is_err() {
+            return None;
+        }
+        let kind = match (data, self.message) {
+            (Data::Text, _) => Kind::Text,
+            (Data::Binary, _) => Kind::Binary,
+            (_, Some((kind, _))) => kind,
+            // A continuation with no message: `check` refused it.
+            (_, None) => return None,
+        };
+        let size = self.message.map_or(0, |(_, size)| size) + len;
+        if kind == Kind::Text {
+            // Checked on a copy, kept only if the frame passes.
+            let mut utf8 = self.utf8.clone();
+            let payload = &rest[header_len..end];
+            check_text(&mut utf8, payload, header.mask, 0).ok()?;
+            if header.is_final {
+                utf8.finish().ok()?;
+            }
+            self.utf8 = utf8;
+        }
+        out.pass(chunk, at..at + end);
+        if header.is_final {
+            self.message = None;
+            let end = out.len();
+            seen(Seen::Message {
+                kind,
+                len: size,
+                end,
+            });
+        } else {
+            self.message = Some((kind, size));
+        }
+        Some(at + end)
     }
 
     /// Reads header bytes from `chunk[at..]`; returns where the payload
@@ -1576,6 +1652,77 @@ mod tests {
                 assert!(written.len() >= ok.len(), "step {step}");
                 assert!(written.len() <= ok.len() + may_pass, "step {step}");
                 assert_eq!(s.closed, Some(1000), "step {step}");
+            }
+        }
+    }
+
+    /// Frames of every kind, in an order drawn from `seed`: data frames
+    /// whole and fragmented, good and bad UTF-8, over the size limit,
+    /// unmasked, with reserved bits or opcodes, and control frames.
+    fn random_frames(seed: u64) -> Vec<u8> {
+        let mut state = seed | 1;
+        let mut next = move |n: u64| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state % n
+        };
+        let mut stream = Vec::new();
+        for _ in 0..40 {
+            let len = [0, 5, 64, 125, 126, 300, 70_000][next(7) as usize];
+            let fin = next(4) != 0;
+            let mask = if next(30) == 0 { None } else { MASK };
+            let mut frame = match next(9) {
+                0..=2 => wire(
+                    Frame::message(vec![b'a'; len], OpCode::Data(Data::Text), fin),
+                    mask,
+                ),
+                3 => wire(
+                    Frame::message(
+                        "é".repeat(len / 2).into_bytes(),
+                        OpCode::Data(Data::Text),
+                        fin,
+                    ),
+                    mask,
+                ),
+                4 => {
+                    // Cut inside a character, or not UTF-8 at all.
+                    let bytes = [&b"ab\xC3"[..], b"\xFF\xFE"][next(2) as usize].to_vec();
+                    wire(Frame::message(bytes, OpCode::Data(Data::Text), fin), mask)
+                }
+                5 => wire(
+                    Frame::message(vec![1u8; len], OpCode::Data(Data::Binary), fin),
+                    mask,
+                ),
+                6 => wire(
+                    Frame::message(vec![b'c'; len], OpCode::Data(Data::Continue), fin),
+                    mask,
+                ),
+                7 => wire(Frame::ping(vec![0u8; len.min(125)]), mask),
+                _ => wire(Frame::pong(b"pong".to_vec()), mask),
+            };
+            match next(40) {
+                0 => frame[0] |= 0x40,
+                1 => frame[0] = (frame[0] & 0xF0) | 0x3,
+                _ => {}
+            }
+            stream.extend(frame);
+        }
+        stream
+    }
+
+    #[test]
+    fn the_shortcut_for_whole_data_frames_changes_nothing() {
+        for seed in 1..300 {
+            let stream = random_frames(seed);
+            for step in [stream.len(), 100, 7] {
+                let run = |shortcut| {
+                    let mut s = Scanner::new(Side::Client, 1000);
+                    s.shortcut = shortcut;
+                    let (written, seen, r) = scan_in_steps(&mut s, &stream, step);
+                    (written, seen, format!("{r:?}"), s.message, s.poisoned)
+                };
+                assert_eq!(run(true), run(false), "seed {seed}, step {step}");
             }
         }
     }
