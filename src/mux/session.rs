@@ -14,8 +14,11 @@
 //! the client with 1013.
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use muxgate_backend::protocol::{Open, Payload};
@@ -151,6 +154,94 @@ fn client_event(
 }
 
 /// Applies a control signal; `Some` when it ends the session.
+/// Why a write to the client stopped before it was done.
+enum Interrupted {
+    Shutdown,
+    /// A signal that ends the session (any but `ConnLost`).
+    Ending(Control),
+    /// The client took nothing for `pong_wait`.
+    Stalled,
+}
+
+impl Interrupted {
+    fn ending(
+        self,
+        carry: &mut VecDeque<Payload>,
+        bound: &mut Bound,
+        ws: &WebSocketSettings,
+    ) -> Ending {
+        match self {
+            Interrupted::Shutdown => Ending::Shutdown,
+            Interrupted::Ending(ctl) => {
+                on_control(ctl, carry, bound, ws).expect("ends the session")
+            }
+            Interrupted::Stalled => Ending::ClientGone {
+                cause: "stopped reading".into(),
+                ping_timeout: true,
+            },
+        }
+    }
+}
+
+/// What arrived during a write and waits until it is done.
+#[derive(Default)]
+struct Beside {
+    /// The bound connection was lost: the session re-binds after the write.
+    lost: Option<Control>,
+    /// The timer fired.
+    timer_fired: bool,
+}
+
+impl Beside {
+    /// Handles what waited: the ending a lost connection means, if any;
+    /// a timer that fired fires again at once, for the session's loop.
+    fn handle(
+        self,
+        alarms: Pin<&mut Alarms>,
+        carry: &mut VecDeque<Payload>,
+        bound: &mut Bound,
+        ws: &WebSocketSettings,
+    ) -> Option<Ending> {
+        if self.timer_fired {
+            alarms.reset(Instant::now());
+        }
+        self.lost.and_then(|ctl| on_control(ctl, carry, bound, ws))
+    }
+}
+
+/// Drives `write` to the client while still hearing what must not wait
+/// behind it: a client that stops reading must not hide the shutdown or
+/// the signals that end its session (slow consumer, upstream close) behind
+/// a stuck write. A lost connection and the timer wait in `beside`.
+async fn guarded<R>(
+    write: impl Future<Output = R>,
+    mut alarms: Pin<&mut Alarms>,
+    inbox: &Inbox,
+    beside: &mut Beside,
+    pong_wait: Duration,
+) -> Result<R, Interrupted> {
+    tokio::pin!(write);
+    // Polled only while the write waits: a write done at once (nearly all
+    // of them) never starts this timer.
+    let stalled = async { tokio::time::sleep(pong_wait).await };
+    tokio::pin!(stalled);
+    loop {
+        tokio::select! {
+            biased;
+            alarm = alarms.as_mut() => match alarm {
+                Alarm::Shutdown => return Err(Interrupted::Shutdown),
+                Alarm::Timer => beside.timer_fired = true,
+            },
+            ctl = inbox.signal(), if beside.lost.is_none() => match ctl {
+                Control::ConnLost { .. } => beside.lost = Some(ctl),
+                other => return Err(Interrupted::Ending(other)),
+            },
+            r = &mut write => return Ok(r),
+            () = &mut stalled => return Err(Interrupted::Stalled),
+        }
+    }
+}
+
 fn on_control(
     ctl: Control,
     carry: &mut VecDeque<Payload>,
@@ -255,11 +346,18 @@ pub async fn run(mut session: Box<MuxSession>, on_upgrade: hyper::upgrade::OnUpg
                 }
                 alarms.as_mut().reset(next_ping.min(last_seen + ws.pong_wait));
                 if ping_due {
-                    let ping = tokio::time::timeout(ws.pong_wait, client.send(Message::Ping(Default::default())));
-                    match Box::pin(ping).await {
-                        Ok(Ok(())) => {}
-                        Ok(Err(e)) => break Ending::ClientGone { cause: format!("pinging client: {e}"), ping_timeout: false },
-                        Err(_) => break Ending::ClientGone { cause: "stopped reading".into(), ping_timeout: true },
+                    // Boxed: pings are rare. Guarded as every write is: a
+                    // client that stopped reading must not hold a ping,
+                    // and the shutdown or signals behind it, for pong_wait.
+                    let mut beside = Beside::default();
+                    let ping = client.send(Message::Ping(Default::default()));
+                    let ending = match Box::pin(guarded(ping, alarms.as_mut(), &inbox, &mut beside, ws.pong_wait)).await {
+                        Ok(Ok(())) => None,
+                        Ok(Err(e)) => Some(Ending::ClientGone { cause: format!("pinging client: {e}"), ping_timeout: false }),
+                        Err(interrupted) => Some(interrupted.ending(&mut carry, &mut bound, ws)),
+                    };
+                    if let Some(ending) = ending.or_else(|| beside.handle(alarms.as_mut(), &mut carry, &mut bound, ws)) {
+                        break ending;
                     }
                 }
             }
@@ -274,46 +372,17 @@ pub async fn run(mut session: Box<MuxSession>, on_upgrade: hyper::upgrade::OnUpg
                     }
                     Next::Item(item) => item,
                 };
-                // A client that stops reading must not hide the signals
-                // that end it (slow consumer, shutdown) behind a stuck write.
                 let write = write_burst(&mut client, item, &inbox, &mut hooks, &down_counters, &mut sent_down);
-                tokio::pin!(write);
-                let mut lost = None;
-                // The timer firing during the write is handled after it.
-                let mut timer_fired = false;
-                let outcome = loop {
-                    tokio::select! {
-                        biased;
-                        alarm = &mut alarms => match alarm {
-                            Alarm::Shutdown => break Err(Ending::Shutdown),
-                            Alarm::Timer => timer_fired = true,
-                        },
-                        ctl = inbox.signal(), if lost.is_none() => match ctl {
-                            Control::ConnLost { .. } => lost = Some(ctl),
-                            other => break Err(on_control(other, &mut carry, &mut bound, ws).expect("ends the session")),
-                        },
-                        r = &mut write => break Ok(r),
-                        // After the write: a write done at once (nearly
-                        // all of them) never starts this timer.
-                        _ = async { tokio::time::sleep(ws.pong_wait).await } => break Err(Ending::ClientGone {
-                            cause: "stopped reading".into(),
-                            ping_timeout: true,
-                        }),
-                    }
-                };
-                let ending = match outcome {
-                    Err(ending) => Some(ending),
+                let mut beside = Beside::default();
+                let ending = match guarded(write, alarms.as_mut(), &inbox, &mut beside, ws.pong_wait).await {
+                    Err(interrupted) => Some(interrupted.ending(&mut carry, &mut bound, ws)),
                     Ok(Ok(None)) => None,
                     Ok(Ok(Some(BurstEnd::Upstream(code, reason)))) => Some(Ending::UpstreamClosed { code, reason }),
                     Ok(Ok(Some(BurstEnd::Plugin(code, reason)))) => Some(Ending::PluginClose { code, reason }),
                     Ok(Err(e)) => Some(Ending::ClientGone { cause: format!("writing to client: {e}"), ping_timeout: false }),
                 };
-                if let Some(ending) = ending.or_else(|| lost.and_then(|ctl| on_control(ctl, &mut carry, &mut bound, ws))) {
+                if let Some(ending) = ending.or_else(|| beside.handle(alarms.as_mut(), &mut carry, &mut bound, ws)) {
                     break ending;
-                }
-                if timer_fired {
-                    // Fires again at once, for the outer loop to handle.
-                    alarms.as_mut().reset(Instant::now());
                 }
             }
             // Bind (or re-bind) to a live connection.
@@ -373,9 +442,17 @@ pub async fn run(mut session: Box<MuxSession>, on_upgrade: hyper::upgrade::OnUpg
                                     continue;
                                 }
                                 Verdict::Reply(m) => {
-                                    match tokio::time::timeout(ws.pong_wait, client.send(m)).await {
-                                        Ok(Ok(())) => continue,
-                                        _ => break Ending::ClientGone { cause: "writing a plugin reply".into(), ping_timeout: false },
+                                    // Boxed: replies are rare; guarded as every write is.
+                                    let mut beside = Beside::default();
+                                    let reply = client.send(m);
+                                    let ending = match Box::pin(guarded(reply, alarms.as_mut(), &inbox, &mut beside, ws.pong_wait)).await {
+                                        Ok(Ok(())) => None,
+                                        Ok(Err(e)) => Some(Ending::ClientGone { cause: format!("writing a plugin reply: {e}"), ping_timeout: false }),
+                                        Err(interrupted) => Some(interrupted.ending(&mut carry, &mut bound, ws)),
+                                    };
+                                    match ending.or_else(|| beside.handle(alarms.as_mut(), &mut carry, &mut bound, ws)) {
+                                        Some(ending) => break ending,
+                                        None => continue,
                                     }
                                 }
                                 Verdict::Close { code, reason } => break Ending::PluginClose { code, reason },
@@ -621,4 +698,75 @@ where
     }
     client.flush().await?;
     Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mux::inbox::InboxSender;
+    use tokio_util::sync::CancellationToken;
+
+    const PONG_WAIT: Duration = Duration::from_secs(10);
+
+    /// Alarms whose timer is due in `timer`, their shutdown token, and an
+    /// inbox with its sender.
+    fn parts(timer: Duration) -> (Pin<Box<Alarms>>, CancellationToken, InboxSender, Inbox) {
+        let cancel = CancellationToken::new();
+        let alarms = Box::pin(Alarms::new(cancel.clone(), Instant::now() + timer));
+        let (sender, inbox) = inbox(4);
+        (alarms, cancel, sender, inbox)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stuck_write_gives_way_to_shutdown() {
+        let (mut alarms, cancel, _sender, inbox) = parts(Duration::from_secs(60));
+        let mut beside = Beside::default();
+        let write = std::future::pending::<()>();
+        let guarded = guarded(write, alarms.as_mut(), &inbox, &mut beside, PONG_WAIT);
+        cancel.cancel();
+        assert!(matches!(guarded.await, Err(Interrupted::Shutdown)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stuck_write_gives_way_to_a_signal_that_ends_the_session() {
+        let (mut alarms, _cancel, sender, inbox) = parts(Duration::from_secs(60));
+        let mut beside = Beside::default();
+        let write = std::future::pending::<()>();
+        assert!(sender.signal(Control::SlowConsumer));
+        let start = Instant::now();
+        let result = guarded(write, alarms.as_mut(), &inbox, &mut beside, PONG_WAIT).await;
+        assert!(matches!(
+            result,
+            Err(Interrupted::Ending(Control::SlowConsumer))
+        ));
+        assert_eq!(Instant::now(), start, "at once");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_write_that_takes_nothing_for_pong_wait_has_stalled() {
+        let (mut alarms, _cancel, _sender, inbox) = parts(Duration::from_secs(60));
+        let mut beside = Beside::default();
+        let start = Instant::now();
+        let write = std::future::pending::<()>();
+        let result = guarded(write, alarms.as_mut(), &inbox, &mut beside, PONG_WAIT).await;
+        assert!(matches!(result, Err(Interrupted::Stalled)));
+        assert_eq!(Instant::now() - start, PONG_WAIT);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lost_connection_and_the_timer_wait_for_the_write() {
+        // The timer fires and the connection is lost while the write waits;
+        // both are kept for after it, and the write still finishes.
+        let (mut alarms, _cancel, sender, inbox) = parts(Duration::from_secs(1));
+        let mut beside = Beside::default();
+        assert!(sender.signal(Control::ConnLost { unsent: Vec::new() }));
+        let write = async {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            "written"
+        };
+        let result = guarded(write, alarms.as_mut(), &inbox, &mut beside, PONG_WAIT).await;
+        assert_eq!(result.ok(), Some("written"));
+        assert!(beside.timer_fired);
+        assert!(matches!(beside.lost, Some(Control::ConnLost { .. })));
+    }
 }
