@@ -67,6 +67,7 @@ pub async fn client(on_upgrade: OnUpgrade) -> io::Result<ClientIo> {
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for UpgradedIo<S> {
+    #[inline]
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -96,6 +97,7 @@ fn unshared(bytes: Bytes) -> Bytes {
 }
 
 impl<S: AsyncWrite + Unpin> AsyncWrite for UpgradedIo<S> {
+    #[inline]
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -104,6 +106,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for UpgradedIo<S> {
         Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
     }
 
+    #[inline]
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().stream).poll_flush(cx)
     }
