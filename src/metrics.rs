@@ -456,7 +456,7 @@ pub struct ConnMetrics {
 /// Every relayed message counts here, from several threads at once. Adding
 /// straight into the Prometheus counters would make the loops take turns
 /// owning the same cache lines, once per message; instead each thread adds
-/// into a shard of its own (see [`shard_index`]), and [`Metrics::render`]
+/// into a shard of its own (see `shard_index`), and [`Metrics::render`]
 /// moves the shards' sums into the counters before every scrape.
 pub struct MessageCounters {
     text: IntCounter,

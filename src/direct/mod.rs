@@ -2,7 +2,7 @@
 //! upstream WebSocket per client.
 //!
 //! [`connect_upstream`] runs before the client's upgrade is accepted, so a
-//! dead backend is an HTTP status, not a broken socket. [`run`] then relays
+//! dead backend is an HTTP status, not a broken socket. [`relay`] then relays
 //! between the two sockets in one task: each direction holds at most one
 //! message in flight (the `outbox` of the leg it is written to), and while
 //! that slot is full the source leg is not read, so a slow reader pushes back
@@ -11,7 +11,7 @@
 //! both legs every `ping_period` and drops a leg silent for `pong_wait`.
 //!
 //! That message relay serves routes with message plugins, which need whole
-//! messages. Every other direct session takes [`passthrough`], which relays
+//! messages. Every other direct session takes the frame relay (`passthrough`), which relays
 //! frames as bytes, unchanged, and holds no buffer while idle.
 
 use std::future::{poll_fn, Future};
