@@ -24,7 +24,7 @@ use futures_util::{SinkExt, StreamExt};
 use muxgate_backend::protocol::{Open, Payload};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError, ProtocolError};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
@@ -213,31 +213,42 @@ impl Beside {
 /// behind it: a client that stops reading must not hide the shutdown or
 /// the signals that end its session (slow consumer, upstream close) behind
 /// a stuck write. A lost connection and the timer wait in `beside`.
-async fn guarded<R>(
-    write: impl Future<Output = R>,
-    mut alarms: Pin<&mut Alarms>,
-    inbox: &Inbox,
-    beside: &mut Beside,
+///
+/// This future is part of every multiplexed session's task, so it is kept
+/// small: `write` comes pinned by the caller, an async block holds the
+/// arguments once (an async fn holds them twice), and the stall timer is
+/// made and boxed only once the write has had to wait.
+#[allow(clippy::manual_async_fn)] // an async fn would hold its arguments twice
+fn guarded<'a, F: Future>(
+    mut write: Pin<&'a mut F>,
+    mut alarms: Pin<&'a mut Alarms>,
+    inbox: &'a Inbox,
+    beside: &'a mut Beside,
     pong_wait: Duration,
-) -> Result<R, Interrupted> {
-    tokio::pin!(write);
-    // Polled only while the write waits: a write done at once (nearly all
-    // of them) never starts this timer.
-    let stalled = async { tokio::time::sleep(pong_wait).await };
-    tokio::pin!(stalled);
-    loop {
-        tokio::select! {
-            biased;
-            alarm = alarms.as_mut() => match alarm {
-                Alarm::Shutdown => return Err(Interrupted::Shutdown),
-                Alarm::Timer => beside.timer_fired = true,
-            },
-            ctl = inbox.signal(), if beside.lost.is_none() => match ctl {
-                Control::ConnLost { .. } => beside.lost = Some(ctl),
-                other => return Err(Interrupted::Ending(other)),
-            },
-            r = &mut write => return Ok(r),
-            () = &mut stalled => return Err(Interrupted::Stalled),
+) -> impl Future<Output = Result<F::Output, Interrupted>> + 'a {
+    async move {
+        let mut stalled: Option<Pin<Box<Sleep>>> = None;
+        loop {
+            tokio::select! {
+                biased;
+                alarm = alarms.as_mut() => match alarm {
+                    Alarm::Shutdown => return Err(Interrupted::Shutdown),
+                    Alarm::Timer => beside.timer_fired = true,
+                },
+                ctl = inbox.signal(), if beside.lost.is_none() => match ctl {
+                    Control::ConnLost { .. } => beside.lost = Some(ctl),
+                    other => return Err(Interrupted::Ending(other)),
+                },
+                r = write.as_mut() => return Ok(r),
+                // Polled only while the write waits: a write done at once
+                // (nearly all of them) never starts this timer.
+                () = async {
+                    stalled
+                        .get_or_insert_with(|| Box::pin(tokio::time::sleep(pong_wait)))
+                        .as_mut()
+                        .await
+                } => return Err(Interrupted::Stalled),
+            }
         }
     }
 }
@@ -350,8 +361,11 @@ pub async fn run(mut session: Box<MuxSession>, on_upgrade: hyper::upgrade::OnUpg
                     // client that stopped reading must not hold a ping,
                     // and the shutdown or signals behind it, for pong_wait.
                     let mut beside = Beside::default();
-                    let ping = client.send(Message::Ping(Default::default()));
-                    let ending = match Box::pin(guarded(ping, alarms.as_mut(), &inbox, &mut beside, ws.pong_wait)).await {
+                    let ping = Box::pin(async {
+                        let ping = std::pin::pin!(client.send(Message::Ping(Default::default())));
+                        guarded(ping, alarms.as_mut(), &inbox, &mut beside, ws.pong_wait).await
+                    });
+                    let ending = match ping.await {
                         Ok(Ok(())) => None,
                         Ok(Err(e)) => Some(Ending::ClientGone { cause: format!("pinging client: {e}"), ping_timeout: false }),
                         Err(interrupted) => Some(interrupted.ending(&mut carry, &mut bound, ws)),
@@ -373,6 +387,7 @@ pub async fn run(mut session: Box<MuxSession>, on_upgrade: hyper::upgrade::OnUpg
                     Next::Item(item) => item,
                 };
                 let write = write_burst(&mut client, item, &inbox, &mut hooks, &down_counters, &mut sent_down);
+                tokio::pin!(write);
                 let mut beside = Beside::default();
                 let ending = match guarded(write, alarms.as_mut(), &inbox, &mut beside, ws.pong_wait).await {
                     Err(interrupted) => Some(interrupted.ending(&mut carry, &mut bound, ws)),
@@ -444,8 +459,11 @@ pub async fn run(mut session: Box<MuxSession>, on_upgrade: hyper::upgrade::OnUpg
                                 Verdict::Reply(m) => {
                                     // Boxed: replies are rare; guarded as every write is.
                                     let mut beside = Beside::default();
-                                    let reply = client.send(m);
-                                    let ending = match Box::pin(guarded(reply, alarms.as_mut(), &inbox, &mut beside, ws.pong_wait)).await {
+                                    let reply = Box::pin(async {
+                                        let reply = std::pin::pin!(client.send(m));
+                                        guarded(reply, alarms.as_mut(), &inbox, &mut beside, ws.pong_wait).await
+                                    });
+                                    let ending = match reply.await {
                                         Ok(Ok(())) => None,
                                         Ok(Err(e)) => Some(Ending::ClientGone { cause: format!("writing a plugin reply: {e}"), ping_timeout: false }),
                                         Err(interrupted) => Some(interrupted.ending(&mut carry, &mut bound, ws)),
@@ -721,7 +739,7 @@ mod tests {
     async fn a_stuck_write_gives_way_to_shutdown() {
         let (mut alarms, cancel, _sender, inbox) = parts(Duration::from_secs(60));
         let mut beside = Beside::default();
-        let write = std::future::pending::<()>();
+        let write = std::pin::pin!(std::future::pending::<()>());
         let guarded = guarded(write, alarms.as_mut(), &inbox, &mut beside, PONG_WAIT);
         cancel.cancel();
         assert!(matches!(guarded.await, Err(Interrupted::Shutdown)));
@@ -731,7 +749,7 @@ mod tests {
     async fn a_stuck_write_gives_way_to_a_signal_that_ends_the_session() {
         let (mut alarms, _cancel, sender, inbox) = parts(Duration::from_secs(60));
         let mut beside = Beside::default();
-        let write = std::future::pending::<()>();
+        let write = std::pin::pin!(std::future::pending::<()>());
         assert!(sender.signal(Control::SlowConsumer));
         let start = Instant::now();
         let result = guarded(write, alarms.as_mut(), &inbox, &mut beside, PONG_WAIT).await;
@@ -747,7 +765,7 @@ mod tests {
         let (mut alarms, _cancel, _sender, inbox) = parts(Duration::from_secs(60));
         let mut beside = Beside::default();
         let start = Instant::now();
-        let write = std::future::pending::<()>();
+        let write = std::pin::pin!(std::future::pending::<()>());
         let result = guarded(write, alarms.as_mut(), &inbox, &mut beside, PONG_WAIT).await;
         assert!(matches!(result, Err(Interrupted::Stalled)));
         assert_eq!(Instant::now() - start, PONG_WAIT);
@@ -760,10 +778,10 @@ mod tests {
         let (mut alarms, _cancel, sender, inbox) = parts(Duration::from_secs(1));
         let mut beside = Beside::default();
         assert!(sender.signal(Control::ConnLost { unsent: Vec::new() }));
-        let write = async {
+        let write = std::pin::pin!(async {
             tokio::time::sleep(Duration::from_secs(5)).await;
             "written"
-        };
+        });
         let result = guarded(write, alarms.as_mut(), &inbox, &mut beside, PONG_WAIT).await;
         assert_eq!(result.ok(), Some("written"));
         assert!(beside.timer_fired);
