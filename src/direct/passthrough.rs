@@ -341,14 +341,8 @@ impl Scanner {
         if end > rest.len() || self.check(&header, len).is_err() {
             return None;
         }
-        let kind = match (data, self.message) {
-            (Data::Text, _) => Kind::Text,
-            (Data::Binary, _) => Kind::Binary,
-            (_, Some((kind, _))) => kind,
-            // A continuation with no message: `check` refused it.
-            (_, None) => return None,
-        };
-        let size = self.message.map_or(0, |(_, size)| size) + len;
+        // A continuation with no message is `None`, but `check` refused it.
+        let (kind, size) = self.message_with(data, len)?;
         if kind == Kind::Text {
             // Checked on a copy, kept only if the frame passes.
             let mut utf8 = self.utf8.clone();
@@ -436,14 +430,9 @@ impl Scanner {
             out.pass(chunk, at..at + from_chunk);
         }
         if let OpCode::Data(data) = header.opcode {
-            let kind = match (data, self.message) {
-                (Data::Text, _) => Kind::Text,
-                (Data::Binary, _) => Kind::Binary,
-                (_, Some((kind, _))) => kind,
-                // Only past a broken rule (checked otherwise).
-                (_, None) => Kind::Binary,
-            };
-            let size = self.message.map_or(0, |(_, size)| size) + len;
+            // A continuation with no message: only past a broken rule
+            // (checked otherwise).
+            let (kind, size) = self.message_with(data, len).unwrap_or((Kind::Binary, len));
             self.message = Some((kind, size));
             frame.ends_message = header.is_final;
             frame.text = kind == Kind::Text && !self.poisoned;
@@ -451,6 +440,25 @@ impl Scanner {
         self.head_len = 0;
         self.frame = Some(frame);
         at + from_chunk
+    }
+
+    /// The data message a frame of `data` with `len` payload bytes belongs
+    /// to: its kind (a continuation's is its message's) and its size with
+    /// that frame. `None` for a continuation with no message to continue.
+    fn message_with(&self, data: Data, len: u64) -> Option<(Kind, u64)> {
+        let kind = match (data, self.message) {
+            (Data::Text, _) => Kind::Text,
+            (Data::Binary, _) => Kind::Binary,
+            (_, Some((kind, _))) => kind,
+            (_, None) => return None,
+        };
+        Some((kind, self.message_size_with(len)))
+    }
+
+    /// The size of the data message in progress (0 if none) with `len`
+    /// more bytes.
+    fn message_size_with(&self, len: u64) -> u64 {
+        self.message.map_or(0, |(_, size)| size).saturating_add(len)
     }
 
     /// The rules the broker enforces; the peers check the rest (UTF-8,
@@ -486,7 +494,7 @@ impl Scanner {
                     }
                     _ => {}
                 }
-                let size = self.message.map_or(0, |(_, size)| size).saturating_add(len);
+                let size = self.message_size_with(len);
                 if size > self.max_message {
                     return Err(WsError::Capacity(CapacityError::MessageTooLong {
                         size: size as usize,
@@ -1341,10 +1349,11 @@ mod tests {
     fn a_sessions_future_does_not_grow_unnoticed() {
         // tokio allocates a task in 128-byte steps, and this future is most
         // of an idle session's memory. In release builds it is 984 B, in a
-        // task of 1,152 B. Debug builds lay it out a little larger. Before raising the bound, check the release task's
-        // size: `RUSTC_BOOTSTRAP=1 cargo rustc --release --lib --
-        // -Zprint-type-sizes`, the `Cell<TrackedFuture<Either<{async fn body
-        // of direct::passthrough::run()}, ..>>, ..>`.
+        // task of 1,152 B. Debug builds lay it out a little larger. Before
+        // raising the bound, check the release task's size:
+        // `RUSTC_BOOTSTRAP=1 cargo rustc --release --lib -- -Zprint-type-sizes`,
+        // the `Cell<TrackedFuture<Either<{async fn body of
+        // direct::passthrough::run()}, ..>>, ..>`.
         fn size<A, B, C, F: std::future::Future>(_: fn(A, B, C) -> F) -> usize {
             std::mem::size_of::<F>()
         }
