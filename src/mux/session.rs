@@ -153,7 +153,6 @@ fn client_event(
     }
 }
 
-/// Applies a control signal; `Some` when it ends the session.
 /// Why a write to the client stopped before it was done.
 enum Interrupted {
     Shutdown,
@@ -193,15 +192,26 @@ struct Beside {
 }
 
 impl Beside {
-    /// Handles what waited: the ending a lost connection means, if any;
-    /// a timer that fired fires again at once, for the session's loop.
-    fn handle(
+    /// The ending a guarded write's `outcome` means, in order: what
+    /// interrupted it, what the write itself returned (`done`), or what
+    /// waited beside it (a lost connection). A timer that fired fires
+    /// again at once, for the session's loop.
+    fn settle<R>(
         self,
+        outcome: Result<R, Interrupted>,
+        done: impl FnOnce(R) -> Option<Ending>,
         alarms: Pin<&mut Alarms>,
         carry: &mut VecDeque<Payload>,
         bound: &mut Bound,
         ws: &WebSocketSettings,
     ) -> Option<Ending> {
+        let ending = match outcome {
+            Err(interrupted) => return Some(interrupted.ending(carry, bound, ws)),
+            Ok(r) => done(r),
+        };
+        if ending.is_some() {
+            return ending;
+        }
         if self.timer_fired {
             alarms.reset(Instant::now());
         }
@@ -253,6 +263,7 @@ fn guarded<'a, F: Future>(
     }
 }
 
+/// Applies a control signal; `Some` when it ends the session.
 fn on_control(
     ctl: Control,
     carry: &mut VecDeque<Payload>,
@@ -365,12 +376,9 @@ pub async fn run(mut session: Box<MuxSession>, on_upgrade: hyper::upgrade::OnUpg
                         let ping = std::pin::pin!(client.send(Message::Ping(Default::default())));
                         guarded(ping, alarms.as_mut(), &inbox, &mut beside, ws.pong_wait).await
                     });
-                    let ending = match ping.await {
-                        Ok(Ok(())) => None,
-                        Ok(Err(e)) => Some(Ending::ClientGone { cause: format!("pinging client: {e}"), ping_timeout: false }),
-                        Err(interrupted) => Some(interrupted.ending(&mut carry, &mut bound, ws)),
-                    };
-                    if let Some(ending) = ending.or_else(|| beside.handle(alarms.as_mut(), &mut carry, &mut bound, ws)) {
+                    let outcome = ping.await;
+                    let sent = |r: Result<(), WsError>| r.err().map(|e| Ending::ClientGone { cause: format!("pinging client: {e}"), ping_timeout: false });
+                    if let Some(ending) = beside.settle(outcome, sent, alarms.as_mut(), &mut carry, &mut bound, ws) {
                         break ending;
                     }
                 }
@@ -389,14 +397,14 @@ pub async fn run(mut session: Box<MuxSession>, on_upgrade: hyper::upgrade::OnUpg
                 let write = write_burst(&mut client, item, &inbox, &mut hooks, &down_counters, &mut sent_down);
                 tokio::pin!(write);
                 let mut beside = Beside::default();
-                let ending = match guarded(write, alarms.as_mut(), &inbox, &mut beside, ws.pong_wait).await {
-                    Err(interrupted) => Some(interrupted.ending(&mut carry, &mut bound, ws)),
-                    Ok(Ok(None)) => None,
-                    Ok(Ok(Some(BurstEnd::Upstream(code, reason)))) => Some(Ending::UpstreamClosed { code, reason }),
-                    Ok(Ok(Some(BurstEnd::Plugin(code, reason)))) => Some(Ending::PluginClose { code, reason }),
-                    Ok(Err(e)) => Some(Ending::ClientGone { cause: format!("writing to client: {e}"), ping_timeout: false }),
+                let outcome = guarded(write, alarms.as_mut(), &inbox, &mut beside, ws.pong_wait).await;
+                let written = |r| match r {
+                    Ok(None) => None,
+                    Ok(Some(BurstEnd::Upstream(code, reason))) => Some(Ending::UpstreamClosed { code, reason }),
+                    Ok(Some(BurstEnd::Plugin(code, reason))) => Some(Ending::PluginClose { code, reason }),
+                    Err(e) => Some(Ending::ClientGone { cause: format!("writing to client: {e}"), ping_timeout: false }),
                 };
-                if let Some(ending) = ending.or_else(|| beside.handle(alarms.as_mut(), &mut carry, &mut bound, ws)) {
+                if let Some(ending) = beside.settle(outcome, written, alarms.as_mut(), &mut carry, &mut bound, ws) {
                     break ending;
                 }
             }
@@ -463,12 +471,9 @@ pub async fn run(mut session: Box<MuxSession>, on_upgrade: hyper::upgrade::OnUpg
                                         let reply = std::pin::pin!(client.send(m));
                                         guarded(reply, alarms.as_mut(), &inbox, &mut beside, ws.pong_wait).await
                                     });
-                                    let ending = match reply.await {
-                                        Ok(Ok(())) => None,
-                                        Ok(Err(e)) => Some(Ending::ClientGone { cause: format!("writing a plugin reply: {e}"), ping_timeout: false }),
-                                        Err(interrupted) => Some(interrupted.ending(&mut carry, &mut bound, ws)),
-                                    };
-                                    match ending.or_else(|| beside.handle(alarms.as_mut(), &mut carry, &mut bound, ws)) {
+                                    let outcome = reply.await;
+                                    let sent = |r: Result<(), WsError>| r.err().map(|e| Ending::ClientGone { cause: format!("writing a plugin reply: {e}"), ping_timeout: false });
+                                    match beside.settle(outcome, sent, alarms.as_mut(), &mut carry, &mut bound, ws) {
                                         Some(ending) => break ending,
                                         None => continue,
                                     }
