@@ -35,6 +35,15 @@ tree_cpu_ms() {
   done
   echo $((ticks * 1000 / $(getconf CLK_TCK)))
 }
+# Nanoseconds every thread of a process and its children has run so far
+# (schedstat: exact, where the user/system ticks above are sampled).
+tree_run_ns() {
+  local p f total=0 ns
+  for p in $(tree_pids "$1"); do
+    for f in /proc/"$p"/task/*/schedstat; do read -r ns _ < "$f"; total=$((total + ns)); done
+  done
+  echo "$total"
+}
 # The most open files any one process of the tree holds.
 tree_max_fds() { local p n most=0; for p in $(tree_pids "$1"); do n=$(ls "/proc/$p/fd" | wc -l); [ "$n" -gt "$most" ] && most=$n; done; echo "$most"; }
 # Established TCP connections to 127.0.0.1:$2 that the tree of process $1 owns.

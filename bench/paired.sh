@@ -53,14 +53,6 @@ declare -A url=(
   [relay]="ws://127.0.0.1:$relay_port/echo"
 )
 declare -A pid=([nginx]=$nginx_pid [haproxy]=$haproxy_pid [muxgate-direct]=$direct_pid [relay]=$relay_pid)
-# Nanoseconds every thread of a process tree has run so far.
-tree_run_ns() {
-  local p f total=0 ns
-  for p in $(tree_pids "$1"); do
-    for f in /proc/"$p"/task/*/schedstat; do read -r ns _ < "$f"; total=$((total + ns)); done
-  done
-  echo "$total"
-}
 
 # value[PATH/ROUND]: the round's number (rt/s, or p99 µs); cpu[PATH/ROUND]: ns per message.
 declare -A value cpu
@@ -83,9 +75,8 @@ for round in $(seq "$rounds"); do
   done
 done
 
-# summary PATH: mean (echo) or median (latency) of the rounds, mean CPU,
-# and the rounds as good as NGINX's and as HAProxy's.
-better() { [ "$mode" = echo ] && [ "$1" -ge "$2" ] || { [ "$mode" = latency ] && [ "$1" -le "$2" ]; }; }
+# better A B: A is as good as B (a rate at least B, a latency at most B).
+better() { if [ "$mode" = echo ]; then [ "$1" -ge "$2" ]; else [ "$1" -le "$2" ]; fi; }
 if [ "$mode" = echo ]; then
   echo "Echo, 100 connections, $size B, one message in flight on each; $rounds rounds of $duration that visit"
   echo "every path in turn, each round starting one path later. Mean round trips per second."
@@ -99,6 +90,8 @@ fi
 echo
 echo "| path | $head | vs NGINX | rounds as good as NGINX's | as HAProxy's | proxy CPU ns per message |"
 echo "| --- | --- | --- | --- | --- | --- |"
+# Per path: the mean (echo) or median (latency) of its rounds, the rounds
+# as good as NGINX's and as HAProxy's, and its mean CPU per message.
 declare -A summary
 for name in "${paths[@]}"; do
   values=(); cpu_sum=0; vs_nginx=0; vs_haproxy=0
