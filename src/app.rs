@@ -18,6 +18,7 @@ use axum::Router;
 use tokio::net::TcpListener;
 use tracing::{info, warn};
 
+use crate::accept::{BalancedListener, Turns};
 use crate::admin;
 use crate::config::Config;
 use crate::config::Mode;
@@ -179,13 +180,24 @@ impl Broker {
         let admin_addr = admin.local_addr().expect("bound listener");
         let shutdown = state.shutdown.clone();
 
+        // Every loop's listener takes its turns from the one counter; the
+        // hand-off queues go by loop index, this runtime's (loop 0) first.
+        let (turns, handed) = Turns::new(loops.len() + 1);
+        let mut handed = handed.into_iter();
+        let mut queue = move || handed.next().expect("a hand-off queue per loop");
         let serve = move |listener, index, tls, state| {
             serve_clients(listener, index, tls, header_read_timeout, state)
         };
-        let client_server = tokio::spawn(serve(client, 0, tls.clone(), Arc::clone(&state)));
+        let first = BalancedListener::new(client, 0, Arc::clone(&turns), queue());
+        let client_server = tokio::spawn(serve(first, 0, tls.clone(), Arc::clone(&state)));
         loops.serve(|index| {
-            let (tls, state) = (tls.clone(), Arc::clone(&state));
-            Box::new(move |listener| serve(listener, index, tls, state))
+            let (tls, state, turns, queue) =
+                (tls.clone(), Arc::clone(&state), Arc::clone(&turns), queue());
+            // Called on the loop's thread, with the socket registered there.
+            Box::new(move |tcp| {
+                let listener = BalancedListener::new(tcp, index, turns, queue);
+                serve(listener, index, tls, state)
+            })
         });
         let (admin_stop, admin_stopped) = tokio::sync::oneshot::channel::<()>();
         let admin_server = tokio::spawn(async move {
@@ -233,7 +245,7 @@ impl Broker {
 /// Serves client handshakes on `listener` until shutdown begins; one call
 /// per event loop, `index` being the loop's.
 fn serve_clients(
-    listener: TcpListener,
+    listener: BalancedListener,
     index: usize,
     tls: Option<Arc<rustls::ServerConfig>>,
     header_read_timeout: Duration,

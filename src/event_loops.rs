@@ -8,8 +8,9 @@
 //! runs `server.workers` single-threaded loops: the caller's runtime is the
 //! first, and each of the others is a thread with a current-thread runtime
 //! of its own. Every loop accepts from its own duplicate of the one
-//! listening socket, so a connection is taken by whichever loop is free
-//! first, and its session stays on that loop for its whole life.
+//! listening socket, and the loops take the accepted connections in turn
+//! ([`crate::accept`]); a session stays on the loop that serves it for its
+//! whole life.
 //!
 //! Everything shared (the session registry, pools, limits, metrics, the
 //! shutdown tracker) is already thread-safe and runtime-agnostic; only the
@@ -120,7 +121,7 @@ impl ClientLoops {
 
     /// Has every loop serve its listener with a server made by `make`,
     /// which is given the loop's index.
-    pub fn serve(&mut self, make: impl Fn(usize) -> Serve) {
+    pub fn serve(&mut self, mut make: impl FnMut(usize) -> Serve) {
         for (index, start) in (FIRST_THREAD_LOOP..).zip(self.starts.drain(..)) {
             // A loop that is gone has logged why; the others still serve.
             let _ = start.send(make(index));

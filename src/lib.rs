@@ -10,6 +10,7 @@
 //! - [`config`]: the YAML model of `shared/config.md`, loading and validation.
 //! - [`app`]: binds the listeners, owns the top-level tasks, serves and drains.
 //! - [`event_loops`]: thread-per-core; the `server.workers` loops that serve clients.
+//! - [`accept`]: the loops take accepted connections in turn.
 //! - [`shutdown`]: the signal, the root cancellation token and the session tracker.
 //! - [`routing`]: `external_path` to upstream and `internal_path`.
 //! - [`http1`]: the client listeners' HTTP/1 server (hyper, on the broker's own sockets).
@@ -55,6 +56,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod accept;
 pub mod admin;
 pub mod alarms;
 pub mod app;

@@ -17,10 +17,12 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::task::JoinSet;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tracing::debug;
+
+use crate::accept::BalancedListener;
 
 /// Bound on one client's TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -183,13 +185,13 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for MaybeTls<T> {
 
 /// The `wss://` client listener: TCP accepts whose TLS handshakes are done.
 pub struct TlsListener {
-    tcp: TcpListener,
+    tcp: BalancedListener,
     acceptor: TlsAcceptor,
     handshakes: JoinSet<Option<(tokio_rustls::server::TlsStream<TcpStream>, SocketAddr)>>,
 }
 
 impl TlsListener {
-    pub fn new(tcp: TcpListener, config: Arc<ServerConfig>) -> TlsListener {
+    pub fn new(tcp: BalancedListener, config: Arc<ServerConfig>) -> TlsListener {
         TlsListener {
             tcp,
             acceptor: TlsAcceptor::from(config),
@@ -205,30 +207,23 @@ impl axum::serve::Listener for TlsListener {
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
         loop {
             tokio::select! {
-                accepted = self.tcp.accept(), if self.handshakes.len() < MAX_HANDSHAKES => match accepted {
-                    Ok((tcp, addr)) => {
-                        let _ = tcp.set_nodelay(true);
-                        let acceptor = self.acceptor.clone();
-                        self.handshakes.spawn(async move {
-                            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                                Ok(Ok(tls)) => Some((tls, addr)),
-                                Ok(Err(error)) => {
-                                    debug!(%addr, %error, "TLS handshake failed");
-                                    None
-                                }
-                                Err(_) => {
-                                    debug!(%addr, "TLS handshake timed out");
-                                    None
-                                }
+                (tcp, addr) = self.tcp.accept(), if self.handshakes.len() < MAX_HANDSHAKES => {
+                    let _ = tcp.set_nodelay(true);
+                    let acceptor = self.acceptor.clone();
+                    self.handshakes.spawn(async move {
+                        match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                            Ok(Ok(tls)) => Some((tls, addr)),
+                            Ok(Err(error)) => {
+                                debug!(%addr, %error, "TLS handshake failed");
+                                None
                             }
-                        });
-                    }
-                    Err(error) => {
-                        debug!(%error, "accept failed");
-                        // Out of file descriptors and the like: let it pass.
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
-                },
+                            Err(_) => {
+                                debug!(%addr, "TLS handshake timed out");
+                                None
+                            }
+                        }
+                    });
+                }
                 Some(done) = self.handshakes.join_next(), if !self.handshakes.is_empty() => {
                     if let Ok(Some(ready)) = done {
                         return ready;
@@ -248,6 +243,7 @@ mod tests {
     use super::*;
     use std::future::poll_fn;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
 
     /// A connected pair: the accepted side as a plain [`ClientStream`].
     async fn pair() -> (ClientStream, TcpStream) {

@@ -1,0 +1,230 @@
+//! Accepting client connections evenly over the event loops.
+//!
+//! Every loop accepts from its own duplicate of the one listening socket
+//! (see [`crate::event_loops`]). Left to the kernel, the loop that wakes
+//! first takes the connection, and a loop that has just served one is
+//! often the first awake again: 200 connections opened one after another
+//! landed 46/154 on two loops. A session stays on the loop that took it,
+//! and a multiplexed session prefers the pool connection on its loop, so
+//! one core did three quarters of the work.
+//!
+//! So the loops take turns: one counter, shared by all, gives every
+//! accepted connection to the next loop in line. A loop that accepts a
+//! connection whose turn is another loop's hands the socket over through
+//! that loop's bounded queue ([`HAND_OFF_QUEUE`]); the other loop registers
+//! it with its own reactor and serves it as if it had accepted it. A full
+//! or closed queue (a loop that is swamped, or has stopped) keeps the
+//! connection where it was accepted: no connection waits for a hand-off or
+//! is dropped by one. A hand-off costs the other loop one wake per
+//! connection, never one per message.
+//!
+//! Why not one `SO_REUSEPORT` listener per loop: the kernel then spreads
+//! connections by a hash of their addresses, which is even only on
+//! average (200 connections split worse than 40/60 about once in a
+//! hundred tries), a connection waiting in a busy loop's queue cannot be
+//! taken by an idle one, and closing one loop's listener resets the
+//! connections in its queue.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc::{self, error::TrySendError};
+use tracing::debug;
+
+/// Connections a loop's hand-off queue holds; past that, the loop that
+/// accepted a connection keeps it.
+pub const HAND_OFF_QUEUE: usize = 64;
+
+/// A socket on its way to another loop (deregistered from the loop that
+/// accepted it), with its peer's address.
+type HandedOff = (std::net::TcpStream, SocketAddr);
+
+/// The turns, and every loop's hand-off queue, shared by all loops.
+pub struct Turns {
+    next: AtomicUsize,
+    queues: Vec<mpsc::Sender<HandedOff>>,
+}
+
+/// What a loop receives from the others.
+pub struct HandOffs(mpsc::Receiver<HandedOff>);
+
+impl Turns {
+    /// Turns for `loops` loops (at least one), and each loop's end of its
+    /// hand-off queue, by loop index.
+    pub fn new(loops: usize) -> (Arc<Turns>, Vec<HandOffs>) {
+        let (queues, receivers) = (0..loops.max(1))
+            .map(|_| {
+                let (tx, rx) = mpsc::channel(HAND_OFF_QUEUE);
+                (tx, HandOffs(rx))
+            })
+            .unzip();
+        let turns = Turns {
+            next: AtomicUsize::new(0),
+            queues,
+        };
+        (Arc::new(turns), receivers)
+    }
+
+    /// The loop whose turn the next connection is.
+    fn take_turn(&self) -> usize {
+        self.next.fetch_add(1, Ordering::Relaxed) % self.queues.len()
+    }
+}
+
+/// One loop's client listener: its own duplicate of the listening socket,
+/// and the connections other loops hand it.
+pub struct BalancedListener {
+    tcp: TcpListener,
+    index: usize,
+    turns: Arc<Turns>,
+    handed: HandOffs,
+}
+
+impl BalancedListener {
+    /// The listener of loop `index`, accepting on `tcp` (registered with
+    /// this loop's reactor) and receiving on `handed`.
+    pub fn new(
+        tcp: TcpListener,
+        index: usize,
+        turns: Arc<Turns>,
+        handed: HandOffs,
+    ) -> BalancedListener {
+        BalancedListener {
+            tcp,
+            index,
+            turns,
+            handed,
+        }
+    }
+
+    /// Passes `tcp` to loop `to`; gives it back if that loop's queue is
+    /// full or gone.
+    fn hand_off(&self, to: usize, tcp: TcpStream, addr: SocketAddr) -> Option<TcpStream> {
+        let std = match tcp.into_std() {
+            Ok(std) => std,
+            Err(error) => {
+                debug!(%addr, %error, "could not hand a connection to another loop");
+                return None;
+            }
+        };
+        match self.turns.queues[to].try_send((std, addr)) {
+            Ok(()) => None,
+            Err(TrySendError::Full((std, _)) | TrySendError::Closed((std, _))) => {
+                register(std, addr)
+            }
+        }
+    }
+}
+
+/// Registers a socket handed over by another loop with this loop's reactor.
+fn register(std: std::net::TcpStream, addr: SocketAddr) -> Option<TcpStream> {
+    match TcpStream::from_std(std) {
+        Ok(tcp) => Some(tcp),
+        Err(error) => {
+            debug!(%addr, %error, "could not take over a connection from another loop");
+            None
+        }
+    }
+}
+
+impl axum::serve::Listener for BalancedListener {
+    type Io = TcpStream;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (TcpStream, SocketAddr) {
+        loop {
+            tokio::select! {
+                // Both are cancel-safe: a connection is taken by one branch
+                // or stays where it was.
+                Some((std, addr)) = self.handed.0.recv() => {
+                    if let Some(tcp) = register(std, addr) {
+                        return (tcp, addr);
+                    }
+                }
+                // axum's accept logs and backs off on errors such as
+                // running out of file descriptors.
+                (tcp, addr) = axum::serve::Listener::accept(&mut self.tcp) => {
+                    let turn = self.turns.take_turn();
+                    if turn == self.index {
+                        return (tcp, addr);
+                    }
+                    if let Some(tcp) = self.hand_off(turn, tcp, addr) {
+                        return (tcp, addr);
+                    }
+                }
+            }
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.tcp.local_addr()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::serve::Listener;
+
+    /// Two listeners on one socket, as two loops have them (here on one
+    /// runtime: only the turns are under test).
+    async fn two_loops() -> (BalancedListener, BalancedListener, SocketAddr) {
+        let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = tcp.local_addr().unwrap();
+        let fd = std::os::fd::AsFd::as_fd(&tcp).try_clone_to_owned().unwrap();
+        let second = std::net::TcpListener::from(fd);
+        second.set_nonblocking(true).unwrap();
+        let second = TcpListener::from_std(second).unwrap();
+        let (turns, mut handed) = Turns::new(2);
+        let one = handed.pop().unwrap();
+        let zero = handed.pop().unwrap();
+        (
+            BalancedListener::new(tcp, 0, Arc::clone(&turns), zero),
+            BalancedListener::new(second, 1, turns, one),
+            addr,
+        )
+    }
+
+    #[tokio::test]
+    async fn connections_accepted_by_one_loop_are_shared_in_turn() {
+        let (mut zero, mut one, addr) = two_loops().await;
+        // Only loop 0 accepts from the socket; every other connection is
+        // loop 1's turn and reaches it through its queue, whole.
+        let mut clients = Vec::new();
+        for _ in 0..6 {
+            clients.push(TcpStream::connect(addr).await.unwrap());
+        }
+        let mut served = [0, 0];
+        let mut peers = Vec::new();
+        for _ in 0..3 {
+            let (tcp, remote) = zero.accept().await;
+            assert_eq!(tcp.peer_addr().unwrap(), remote);
+            peers.push(remote);
+            served[0] += 1;
+        }
+        while served[1] < 3 {
+            let (tcp, remote) = one.accept().await;
+            assert_eq!(tcp.peer_addr().unwrap(), remote);
+            peers.push(remote);
+            served[1] += 1;
+        }
+        peers.sort();
+        let mut local: Vec<SocketAddr> = clients.iter().map(|c| c.local_addr().unwrap()).collect();
+        local.sort();
+        assert_eq!(peers, local, "each connection is served once");
+    }
+
+    #[tokio::test]
+    async fn a_loop_whose_queue_is_gone_leaves_the_connection_where_it_was() {
+        let (mut zero, one, addr) = two_loops().await;
+        drop(one);
+        let _a = TcpStream::connect(addr).await.unwrap();
+        let _b = TcpStream::connect(addr).await.unwrap();
+        // The second is loop 1's turn; loop 1 has stopped, so loop 0 keeps it.
+        zero.accept().await;
+        zero.accept().await;
+    }
+}
