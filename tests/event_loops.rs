@@ -187,3 +187,136 @@ async fn multiplexed_sessions_bind_to_the_connection_on_their_own_loop() {
     expect_all_closed_by_shutdown(&broker, &mut clients).await;
     assert_eq!(broker.stop().await, DrainOutcome::Drained);
 }
+
+/// Sessions a pool of two connections on two loops is tested with.
+const BALANCED: usize = 200;
+
+/// Opens [`BALANCED`] multiplexed sessions through a broker with two loops
+/// and `pool_size: 2`, one after another or all at once, and checks that
+/// the loops took them no worse than 40/60, that no connection carries
+/// fewer than half its fair share, and that a broadcast to "every session
+/// on the connection" reaches exactly the sessions opened on it.
+async fn sessions_spread_over_loops_and_connections(all_at_once: bool) {
+    let mut peer = MuxPeer::start(Behavior::Manual).await;
+    let broker = start_broker(&mux_config(
+        &[peer.addr],
+        "pool_size: 2\nenvelope: binary",
+        "",
+        "workers: 2\nshutdown_grace: 5s",
+    ))
+    .await;
+    let url = broker.url("/ws/echo");
+    let mut clients = if all_at_once {
+        let connects = (0..BALANCED).map(|_| connect(&url, &[]));
+        futures_util::future::join_all(connects)
+            .await
+            .into_iter()
+            .map(|(ws, _)| ws)
+            .collect::<Vec<_>>()
+    } else {
+        let mut clients = Vec::with_capacity(BALANCED);
+        for _ in 0..BALANCED {
+            clients.push(connect(&url, &[]).await.0);
+        }
+        clients
+    };
+
+    let m = broker.metrics().await;
+    let per_loop: Vec<f64> = (0..2)
+        .map(|i| {
+            m.value(
+                "muxgate_connections_accepted_total",
+                &[("event_loop", &i.to_string())],
+            )
+        })
+        .collect();
+    assert_eq!(
+        per_loop.iter().sum::<f64>(),
+        BALANCED as f64,
+        "{per_loop:?}"
+    );
+    for n in &per_loop {
+        assert!(
+            (80.0..=120.0).contains(n),
+            "the loops should take 200 connections no worse than 40/60: {per_loop:?}"
+        );
+    }
+
+    // Which connection each client's session is on: each says who it is.
+    for (i, ws) in clients.iter_mut().enumerate() {
+        ws.send(Message::text(format!("client {i}"))).await.unwrap();
+    }
+    let mut conn_of = vec![0; BALANCED];
+    let mut per_conn = std::collections::BTreeMap::<u64, usize>::new();
+    for _ in 0..BALANCED {
+        if let PeerEvent::Message { conn, payload, .. } = peer
+            .wait_for("a client's message", |e| {
+                matches!(e, PeerEvent::Message { .. })
+            })
+            .await
+        {
+            let mux_peer::Payload::Text(text) = payload else {
+                panic!("a text message was sent");
+            };
+            let i: usize = text.strip_prefix("client ").unwrap().parse().unwrap();
+            conn_of[i] = conn;
+            *per_conn.entry(conn).or_default() += 1;
+        }
+    }
+    assert_eq!(per_conn.len(), 2, "{per_conn:?}");
+    for (conn, sessions) in &per_conn {
+        assert!(
+            *sessions >= BALANCED / 4,
+            "connection {conn} carries {sessions} of {BALANCED} sessions: {per_conn:?}"
+        );
+    }
+
+    // A broadcast to every session on each connection, then one more
+    // message on each: every client gets its own connection's broadcast
+    // and nothing else before that message.
+    for conn in per_conn.keys() {
+        let payload = mux_peer::Payload::Text(format!("broadcast {conn}"));
+        peer.send(
+            *conn,
+            mux_peer::OutFrame::Broadcast {
+                sessions: None,
+                payload,
+            },
+        )
+        .await;
+    }
+    for (i, ws) in clients.iter_mut().enumerate() {
+        assert_eq!(
+            next_message(ws).await,
+            Some(Message::text(format!("broadcast {}", conn_of[i]))),
+            "client {i}"
+        );
+    }
+    for conn in per_conn.keys() {
+        let payload = mux_peer::Payload::Text("after".into());
+        peer.send(
+            *conn,
+            mux_peer::OutFrame::Broadcast {
+                sessions: None,
+                payload,
+            },
+        )
+        .await;
+    }
+    for ws in clients.iter_mut() {
+        assert_eq!(next_message(ws).await, Some(Message::text("after")));
+    }
+
+    expect_all_closed_by_shutdown(&broker, &mut clients).await;
+    assert_eq!(broker.stop().await, DrainOutcome::Drained);
+}
+
+#[tokio::test]
+async fn sessions_opened_one_after_another_spread_over_loops_and_connections() {
+    sessions_spread_over_loops_and_connections(false).await;
+}
+
+#[tokio::test]
+async fn sessions_opened_all_at_once_spread_over_loops_and_connections() {
+    sessions_spread_over_loops_and_connections(true).await;
+}

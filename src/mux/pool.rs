@@ -3,12 +3,14 @@
 //! picked by weight, reconnecting with exponential backoff and full jitter,
 //! and reporting failures to the target's passive health.
 //!
-//! The slots are spread over the event loops, and a session binds to the
-//! least-loaded live connection on its own loop, else to the least-loaded
-//! of all: every message between a session and a connection on another
-//! loop wakes that loop's thread (see [`crate::event_loops`]), which made
-//! a multiplexed message cost a third more CPU than on one loop. A
-//! [`Binding`] counts the session on its connection until dropped.
+//! The slots are spread over the event loops, and a session prefers the
+//! least-loaded live connection on its own loop: every message between a
+//! session and a connection on another loop wakes that loop's thread (see
+//! [`crate::event_loops`]), which made a multiplexed message cost a third
+//! more CPU than on one loop. The preference is bounded ([`local_slack`]),
+//! so a loop that took more sessions than the others does not pile them on
+//! its own connection, and with it on one target. A [`Binding`] counts the
+//! session on its connection until dropped.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
@@ -131,15 +133,18 @@ impl MuxPool {
             .collect()
     }
 
-    /// Binds to the least-loaded live connection on the caller's event
-    /// loop, else to the least-loaded live one, if any.
+    /// Binds to a live connection, if any: see [`choose`].
     pub fn bind(&self) -> Option<Binding> {
-        let here = event_loops::current();
         let live = self.live.read().expect("pool lock");
+        let open: Vec<(usize, usize)> = live
+            .iter()
+            .filter(|c| !c.tx.is_closed())
+            .map(|c| (c.event_loop, c.load.load(Ordering::Relaxed)))
+            .collect();
         let conn = live
             .iter()
             .filter(|c| !c.tx.is_closed())
-            .min_by_key(|c| (c.event_loop != here, c.load.load(Ordering::Relaxed)))?
+            .nth(choose(&open, event_loops::current())?)?
             .clone();
         conn.load.fetch_add(1, Ordering::Relaxed);
         Some(Binding { conn })
@@ -312,8 +317,93 @@ impl MuxPool {
     }
 }
 
+/// How many sessions more than the least-loaded live connection the one on
+/// a session's own event loop may carry and still be preferred: a quarter
+/// more, plus two. Within it, a session's messages stay on its loop's
+/// thread; past it, the least-loaded connection takes the session, so that
+/// whatever the loops' share of sessions, the busiest connection carries
+/// at most 1.25 times the least-loaded's, plus three.
+fn local_slack(least: usize) -> usize {
+    least / 4 + 2
+}
+
+/// Which of `conns` (each its event loop and the sessions bound to it) a
+/// session on loop `here` binds to: the least-loaded on its own loop while
+/// that is within [`local_slack`] of the least-loaded of all, else the
+/// least-loaded of all. `None` when there is none.
+fn choose(conns: &[(usize, usize)], here: usize) -> Option<usize> {
+    let load = |i: &usize| conns[*i].1;
+    let least = (0..conns.len()).min_by_key(load)?;
+    let local = (0..conns.len())
+        .filter(|&i| conns[i].0 == here)
+        .min_by_key(load);
+    let bound = conns[least].1 + local_slack(conns[least].1);
+    Some(match local {
+        Some(i) if conns[i].1 <= bound => i,
+        _ => least,
+    })
+}
+
 #[cfg(test)]
 mod tests {
+    use super::choose;
+
+    /// The loop the i-th session arrives on.
+    type Arrival = Box<dyn Fn(usize) -> usize>;
+
+    /// Binds `sessions` sessions one after another, the i-th arriving on
+    /// loop `arrival(i)`, over connections on `conn_loops`; returns each
+    /// connection's load.
+    fn bind_all(
+        conn_loops: &[usize],
+        sessions: usize,
+        arrival: impl Fn(usize) -> usize,
+    ) -> Vec<usize> {
+        let mut conns: Vec<(usize, usize)> = conn_loops.iter().map(|&l| (l, 0)).collect();
+        for i in 0..sessions {
+            let chosen = choose(&conns, arrival(i)).expect("a connection");
+            conns[chosen].1 += 1;
+        }
+        conns.iter().map(|c| c.1).collect()
+    }
+
+    #[test]
+    fn sessions_of_balanced_loops_stay_on_their_own_loop() {
+        assert_eq!(bind_all(&[0, 1], 200, |i| i % 2), [100, 100]);
+        assert_eq!(bind_all(&[0, 1, 0, 1], 200, |i| i % 2), [50, 50, 50, 50]);
+    }
+
+    #[test]
+    fn no_connection_falls_below_half_its_share_whatever_the_loops_take() {
+        let patterns: [(&str, Arrival); 4] = [
+            ("all on loop 0", Box::new(|_| 0)),
+            (
+                "three quarters on loop 1",
+                Box::new(|i| usize::from(i % 4 != 0)),
+            ),
+            ("runs of 50", Box::new(|i| (i / 50) % 2)),
+            ("a loop without a connection", Box::new(|_| 7)),
+        ];
+        for (name, arrival) in &patterns {
+            for conn_loops in [&[0, 1][..], &[0, 1, 0], &[0, 0]] {
+                let loads = bind_all(conn_loops, 200, arrival);
+                let fair = 200 / conn_loops.len();
+                let least = *loads.iter().min().unwrap();
+                let most = *loads.iter().max().unwrap();
+                assert!(least * 2 >= fair, "{name}, {conn_loops:?}: {loads:?}");
+                assert!(
+                    most <= least + least / 4 + 3,
+                    "{name}, {conn_loops:?}: {loads:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn nothing_to_bind_to() {
+        assert_eq!(choose(&[], 0), None);
+    }
+
     #[test]
     fn jitter_range_is_valid_at_the_minimum() {
         let ms = super::BACKOFF_MIN.as_millis() as u64;
