@@ -71,6 +71,7 @@ pub struct Metrics {
     mux_frames_dropped_total: IntCounterVec,
     mux_write_queue_depth: IntGaugeVec,
     sessions_rebound_total: IntCounterVec,
+    mux_connections_moved_total: IntCounterVec,
     slow_consumer_closes_total: IntCounterVec,
     target_healthy: IntGaugeVec,
     health_checks_total: IntCounterVec,
@@ -159,8 +160,13 @@ impl Metrics {
         );
         let sessions_rebound_total = counter(
             "sessions_rebound_total",
-            "Sessions re-bound to another mux connection after theirs died, by upstream.",
+            "Sessions re-bound to another mux connection after theirs died or moved, by upstream.",
             &["upstream"],
+        );
+        let mux_connections_moved_total = counter(
+            "mux_connections_moved_total",
+            "Mux connections the pool moved to another target to spread over its targets by weight again, by upstream and the targets it moved from and to.",
+            &["upstream", "from", "to"],
         );
         let slow_consumer_closes_total = counter(
             "slow_consumer_closes_total",
@@ -246,6 +252,7 @@ impl Metrics {
             mux_frames_dropped_total,
             mux_write_queue_depth,
             sessions_rebound_total,
+            mux_connections_moved_total,
             slow_consumer_closes_total,
             target_healthy,
             health_checks_total,
@@ -390,6 +397,12 @@ impl Metrics {
     pub fn session_rebound(&self, upstream: &str) {
         self.sessions_rebound_total
             .with_label_values(&[upstream])
+            .inc();
+    }
+
+    pub fn mux_connection_moved(&self, upstream: &str, from: &str, to: &str) {
+        self.mux_connections_moved_total
+            .with_label_values(&[upstream, from, to])
             .inc();
     }
 

@@ -12,6 +12,17 @@
 //! When the connection dies, the commands it accepted but never wrote are
 //! handed back to their sessions, in order, with `ConnLost` (§5.1); frames
 //! already given to the socket are never resent (§5.3).
+//!
+//! When the pool moves the connection to another target, it *hands its
+//! sessions over* instead: it leaves the pool (no session binds to it any
+//! more) and stops taking commands, writes every command it had taken,
+//! closes the socket with 1000 and goes on reading, delivering the
+//! upstream's frames to their sessions, until the upstream's close comes
+//! back. Only then does it tell its sessions to re-bind, by the same
+//! `ConnLost` (with nothing unsent) as a failure: everything a session sent
+//! on this connection reached the upstream before its resumed `open`
+//! elsewhere, and everything the upstream sent here reached the session, so
+//! a move loses, repeats and reorders nothing.
 
 use std::collections::HashMap;
 use std::future::poll_fn;
@@ -93,6 +104,21 @@ pub enum ConnEnd {
     Lost(String),
     /// Shutdown: every session had left.
     Drained,
+    /// Moved: every session was handed over, the close handshake is done.
+    HandedOver,
+}
+
+/// What the connection is doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Serving,
+    /// Shutdown: ends once its last session has left.
+    Draining,
+    /// Writing what it took, then closing, then reading until the
+    /// upstream's close (see the module docs).
+    HandingOver {
+        close_sent: bool,
+    },
 }
 
 pub struct MuxConn {
@@ -117,10 +143,17 @@ struct State {
 }
 
 impl MuxConn {
-    /// Runs the connection until it dies or, after `stop`, until its last
-    /// session has left. `withdraw` runs as soon as it stops serving, before
-    /// its sessions are handed back.
-    pub async fn run(mut self, stop: CancellationToken, withdraw: impl FnOnce()) -> ConnEnd {
+    /// Runs the connection until it dies, or after `stop` until its last
+    /// session has left, or after `handover` until it has handed its
+    /// sessions over. `withdraw` runs as soon as it stops serving new
+    /// sessions, before any of them is told to re-bind.
+    pub async fn run(
+        mut self,
+        stop: CancellationToken,
+        handover: CancellationToken,
+        withdraw: impl FnOnce(),
+    ) -> ConnEnd {
+        let mut withdraw = Some(withdraw);
         let mut st = State {
             bound: HashMap::new(),
             pending: None,
@@ -129,13 +162,20 @@ impl MuxConn {
             last_seen: Instant::now(),
         };
         let mut next_ping = Instant::now() + self.ping_period;
-        let mut draining = false;
+        let mut phase = Phase::Serving;
         let end = loop {
             let wake = next_ping.min(st.last_seen + self.pong_wait);
             tokio::select! {
                 biased;
-                _ = stop.cancelled(), if !draining => draining = true,
-                end = poll_fn(|cx| self.poll_io(&mut st, draining, cx)) => break end,
+                _ = stop.cancelled(), if phase == Phase::Serving => phase = Phase::Draining,
+                _ = handover.cancelled(), if phase == Phase::Serving => {
+                    if let Some(withdraw) = withdraw.take() {
+                        withdraw();
+                    }
+                    self.rx.close();
+                    phase = Phase::HandingOver { close_sent: false };
+                }
+                end = poll_fn(|cx| self.poll_io(&mut st, &mut phase, cx)) => break end,
                 _ = tokio::time::sleep_until(wake) => {
                     let now = Instant::now();
                     if now >= st.last_seen + self.pong_wait {
@@ -148,22 +188,34 @@ impl MuxConn {
                 }
             }
         };
-        withdraw();
+        if let Some(withdraw) = withdraw.take() {
+            withdraw();
+        }
         match &end {
             ConnEnd::Drained => {
                 let frame = close::frame(close::GOING_AWAY, "server shutting down");
                 let _ =
                     tokio::time::timeout(Duration::from_secs(1), self.ws.close(Some(frame))).await;
             }
-            ConnEnd::Lost(_) => self.hand_back(st),
+            // Handed over: nothing is left unwritten, so the sessions just
+            // re-bind.
+            ConnEnd::Lost(_) | ConnEnd::HandedOver => self.hand_back(st),
         }
         self.counters.queue_depth.set(0);
         end
     }
 
-    /// Reads what is ready and writes what is queued; when `draining`, ends
-    /// once the last session has left and its frames are flushed.
-    fn poll_io(&mut self, st: &mut State, draining: bool, cx: &mut Context<'_>) -> Poll<ConnEnd> {
+    /// Reads what is ready and writes what is queued; when draining, ends
+    /// once the last session has left and its frames are flushed; when
+    /// handing over, closes once the queue is written and ends when the
+    /// upstream's close has come.
+    fn poll_io(
+        &mut self,
+        st: &mut State,
+        phase: &mut Phase,
+        cx: &mut Context<'_>,
+    ) -> Poll<ConnEnd> {
+        let closing = matches!(phase, Phase::HandingOver { close_sent: true });
         for round in 0..=BURST {
             if round == BURST {
                 // More may be buffered: come back after the writes.
@@ -181,12 +233,30 @@ impl MuxConn {
                         _ => {}
                     }
                 }
+                Poll::Ready(Some(Err(WsError::ConnectionClosed))) | Poll::Ready(None)
+                    if closing =>
+                {
+                    return Poll::Ready(ConnEnd::HandedOver)
+                }
                 Poll::Ready(Some(Err(e))) => return Poll::Ready(ConnEnd::Lost(e.to_string())),
                 Poll::Ready(None) => {
                     return Poll::Ready(ConnEnd::Lost("connection closed by the upstream".into()))
                 }
                 Poll::Pending => break,
             }
+        }
+        if closing {
+            // Only the close is left to flush.
+            if st.unflushed {
+                match Pin::new(&mut self.ws).poll_flush(cx) {
+                    Poll::Ready(Ok(())) | Poll::Ready(Err(WsError::ConnectionClosed)) => {
+                        st.unflushed = false
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(ConnEnd::Lost(e.to_string())),
+                    Poll::Pending => {}
+                }
+            }
+            return Poll::Pending;
         }
         let mut budget = BURST;
         loop {
@@ -220,8 +290,29 @@ impl MuxConn {
                     }
                     st.pending = Some(cmd);
                 }
-                // The pool and every session are gone.
-                Poll::Ready(None) => return Poll::Ready(ConnEnd::Drained),
+                Poll::Ready(None) => match phase {
+                    // Everything taken is written: close, once there is room.
+                    Phase::HandingOver { close_sent } => {
+                        match Pin::new(&mut self.ws).poll_ready(cx) {
+                            Poll::Pending => break,
+                            Poll::Ready(Err(e)) => {
+                                return Poll::Ready(ConnEnd::Lost(e.to_string()))
+                            }
+                            Poll::Ready(Ok(())) => {}
+                        }
+                        let frame = close::frame(close::NORMAL, "moving to another target");
+                        if let Err(e) =
+                            Pin::new(&mut self.ws).start_send(Message::Close(Some(frame)))
+                        {
+                            return Poll::Ready(ConnEnd::Lost(e.to_string()));
+                        }
+                        *close_sent = true;
+                        st.unflushed = true;
+                        break;
+                    }
+                    // The pool and every session are gone.
+                    _ => return Poll::Ready(ConnEnd::Drained),
+                },
                 Poll::Pending => break,
             }
         }
@@ -236,7 +327,7 @@ impl MuxConn {
         }
         let idle =
             st.bound.is_empty() && st.pending.is_none() && !st.unflushed && self.rx.is_empty();
-        if draining && idle {
+        if *phase == Phase::Draining && idle {
             return Poll::Ready(ConnEnd::Drained);
         }
         Poll::Pending

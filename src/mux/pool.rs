@@ -12,7 +12,7 @@
 //! its own connection, and with it on one target. A [`Binding`] counts the
 //! session on its connection until dropped.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -20,9 +20,9 @@ use http::header::{HeaderMap, HeaderValue, SEC_WEBSOCKET_PROTOCOL};
 use muxgate_backend::protocol::{self, Encoding, Frame, Hello};
 use tokio::runtime::Handle;
 use tokio::sync::{mpsc, watch};
-use tokio::time::Instant;
+use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 use uuid::Uuid;
 
 use super::conn::{ConnCmd, ConnEnd, MuxConn};
@@ -30,8 +30,11 @@ use crate::config;
 use crate::event_loops;
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
-use crate::upstream::{self, Upstream};
+use crate::upstream::{self, Target, TargetLease, Upstream};
 
+/// How often each slot checks whether the pool wants its connection on
+/// another target (one that came back into rotation).
+const REBALANCE_PERIOD: Duration = Duration::from_secs(1);
 /// Commands a mux connection's write queue holds before sessions wait.
 pub const MUX_WRITE_QUEUE: usize = 1024;
 /// First reconnect delay; doubles per failure up to [`BACKOFF_MAX`].
@@ -79,6 +82,10 @@ pub struct MuxPool {
     /// Read on every bind, written on connect and loss; never held across an await.
     live: RwLock<Vec<MuxConnHandle>>,
     live_count: watch::Sender<usize>,
+    /// A slot is moving its connection to another target ([`MoveTurn`]).
+    moving: AtomicBool,
+    /// Owns the tasks of connections handing their sessions over.
+    shutdown: Shutdown,
 }
 
 impl MuxPool {
@@ -102,6 +109,8 @@ impl MuxPool {
             encoding,
             live: RwLock::new(Vec::new()),
             live_count: watch::channel(0).0,
+            moving: AtomicBool::new(false),
+            shutdown: shutdown.clone(),
         });
         for slot in 0..pool.upstream.config.websocket_config.pool_size {
             let task = Arc::clone(&pool).run_slot(slot, shutdown.token());
@@ -189,7 +198,10 @@ impl MuxPool {
         let mut backoff = BACKOFF_MIN;
         while !stop.is_cancelled() {
             let started = Instant::now();
-            let outcome = self.connect_and_run(slot, &stop).await;
+            let outcome = match self.connect(slot, None).await {
+                Ok(live) => self.serve(slot, live, &stop).await,
+                Err(failure) => Err(failure),
+            };
             if stop.is_cancelled() {
                 break;
             }
@@ -210,15 +222,19 @@ impl MuxPool {
         }
     }
 
-    /// One connection's life: pick a target, connect, hello, serve.
-    async fn connect_and_run(&self, slot: usize, stop: &CancellationToken) -> Result<(), String> {
+    /// Connects to a target (`to`, or one picked by weight), sends hello
+    /// and offers the connection to sessions.
+    async fn connect(&self, slot: usize, to: Option<usize>) -> Result<Live, String> {
         let upstream = &self.upstream;
         let name = &upstream.name;
         let ws = &upstream.config.websocket_config;
-        // Held for the connection's life: least_connections counts it.
         // Connections spread by weight (round robin); sessions then bind to
         // the least-loaded connection.
-        let lease = upstream.pick(None).ok_or("no healthy target")?;
+        let lease = match to {
+            None => upstream.pick(None),
+            Some(index) => upstream.lease(index),
+        }
+        .ok_or("no healthy target")?;
         let target = lease.target();
         let label: Arc<str> = Arc::from(target.label.as_str());
         let offered = self.encoding.subprotocol();
@@ -240,28 +256,22 @@ impl MuxPool {
         )
         .await;
         self.metrics.mux_conn_state(name, &label, "connecting", -1);
-        let failure = |why: String| {
-            self.metrics.health_check(name, &label, "passive", false);
-            if target.health.record_failure(why.clone()) {
-                warn!(upstream = %name, target_url = %label, cause = %why, "target marked unhealthy");
-            }
-            why
-        };
         let connected = match connected {
             Ok(c) => c,
             Err(e) => {
                 self.metrics
                     .upstream_connect_failed(name, &label, e.reason());
-                return Err(failure(e.to_string()));
+                return Err(self.target_failed(target, &label, e.to_string()));
             }
         };
         if connected.protocol.as_ref().and_then(|p| p.to_str().ok()) != Some(offered) {
             self.metrics
                 .upstream_connect_failed(name, &label, "subprotocol");
-            return Err(failure(format!(
+            let why = format!(
                 "{label} did not select the {offered} subprotocol (selected {:?}); dropping the connection",
                 connected.protocol
-            )));
+            );
+            return Err(self.target_failed(target, &label, why));
         }
         self.metrics.upstream_connected(name, &label);
         self.metrics.target_picked(name, &label);
@@ -277,7 +287,8 @@ impl MuxPool {
         );
         let mut socket = connected.websocket(upstream.mux_socket_config).await;
         if let Err(e) = futures_util::SinkExt::send(&mut socket, hello).await {
-            return Err(failure(format!("sending hello to {label}: {e}")));
+            let why = format!("sending hello to {label}: {e}");
+            return Err(self.target_failed(target, &label, why));
         }
         let (tx, rx) = mpsc::channel(MUX_WRITE_QUEUE);
         let handle = MuxConnHandle {
@@ -302,19 +313,203 @@ impl MuxPool {
             ping_period: ws.ping_period,
             pong_wait: ws.pong_wait,
         };
-        // The handle is withdrawn before the connection hands its sessions
-        // back, so none of them re-binds to it.
+        Ok(Live {
+            conn,
+            id,
+            label,
+            lease,
+            handover: CancellationToken::new(),
+        })
+    }
+
+    /// Serves `live` and whatever it is moved to, until the connection
+    /// then serving ends. Every [`REBALANCE_PERIOD`] the slot checks
+    /// whether the pool wants its connection elsewhere
+    /// ([`MuxPool::wanted_move`]); if so, and no other slot is moving one,
+    /// it connects to that target
+    /// while the old connection still serves, then has the old one hand
+    /// its sessions over (see [`super::conn`]) as a task of its own.
+    async fn serve(
+        self: &Arc<Self>,
+        slot: usize,
+        mut live: Live,
+        stop: &CancellationToken,
+    ) -> Result<(), String> {
+        let name = &self.upstream.name;
+        loop {
+            let (from, old) = (live.lease.index(), live.id);
+            let from_label = Arc::clone(&live.label);
+            let handover = live.handover.clone();
+            let mut run = Box::pin(Arc::clone(self).run_conn(live, stop.clone()));
+            let mut check =
+                tokio::time::interval_at(Instant::now() + REBALANCE_PERIOD, REBALANCE_PERIOD);
+            check.set_missed_tick_behavior(MissedTickBehavior::Delay);
+            let next = loop {
+                tokio::select! {
+                    end = &mut run => return end,
+                    _ = check.tick(), if !stop.is_cancelled() => {
+                        let Some(to) = self.wanted_move(old, from) else { continue };
+                        let Some(_turn) = MoveTurn::take(&self.moving) else { continue };
+                        let made = tokio::select! {
+                            end = &mut run => return end,
+                            made = self.connect(slot, Some(to)) => made,
+                        };
+                        match made {
+                            Ok(next) => {
+                                handover.cancel();
+                                break next;
+                            }
+                            Err(failure) => {
+                                warn!(upstream = %name, slot, from = %from_label, cause = %failure, "moving a mux connection failed; it stays");
+                            }
+                        }
+                    }
+                }
+            };
+            self.metrics
+                .mux_connection_moved(name, &from_label, &next.label);
+            info!(upstream = %name, slot, from = %from_label, to = %next.label, "mux connection moving to a target back in rotation");
+            let upstream = Arc::clone(name);
+            self.shutdown.spawn(async move {
+                if let Err(failure) = run.await {
+                    warn!(%upstream, slot, cause = %failure, "mux connection failed while handing its sessions over");
+                }
+                debug!(%upstream, slot, connection = %old, "mux connection handed its sessions over");
+            });
+            live = next;
+        }
+    }
+
+    /// Runs one connection to its end; a loss counts against its target.
+    async fn run_conn(self: Arc<Self>, live: Live, stop: CancellationToken) -> Result<(), String> {
+        let Live {
+            conn,
+            id,
+            label,
+            lease,
+            handover,
+        } = live;
+        // The handle is withdrawn before the connection tells its sessions
+        // to re-bind, so none of them re-binds to it.
         let end = conn
-            .run(stop.clone(), || {
+            .run(stop, handover, || {
                 self.publish(|live| live.retain(|c| c.id != id))
             })
             .await;
-        self.metrics.mux_conn_state(name, &label, "live", -1);
+        self.metrics
+            .mux_conn_state(&self.upstream.name, &label, "live", -1);
         match end {
-            ConnEnd::Drained => Ok(()),
-            ConnEnd::Lost(why) => Err(failure(format!("mux connection to {label} lost: {why}"))),
+            ConnEnd::Drained | ConnEnd::HandedOver => Ok(()),
+            ConnEnd::Lost(why) => {
+                let why = format!("mux connection to {label} lost: {why}");
+                Err(self.target_failed(lease.target(), &label, why))
+            }
         }
     }
+
+    /// Counts a failure against `target`'s passive health; returns `why`.
+    fn target_failed(&self, target: &Target, label: &str, why: String) -> String {
+        let name = &self.upstream.name;
+        self.metrics.health_check(name, label, "passive", false);
+        if target.health.record_failure(why.clone()) {
+            warn!(upstream = %name, target_url = %label, cause = %why, "target marked unhealthy");
+        }
+        why
+    }
+
+    /// The target connection `id`, on target `from`, should move to now,
+    /// if any (see [`move_to`]). Of the connections on `from`, the one
+    /// carrying the most sessions moves, so that its sessions spread over
+    /// the new connection and the others as they re-bind.
+    fn wanted_move(&self, id: Uuid, from: usize) -> Option<usize> {
+        let targets = &self.upstream.targets;
+        let mut conns = vec![0; targets.len()];
+        let mut busiest: Option<(usize, Uuid)> = None;
+        for c in self.live.read().expect("pool lock").iter() {
+            // By label: a handle is part of every session's binding, and
+            // kept as small as it is.
+            let Some(index) = targets.iter().position(|t| *t.label == *c.target) else {
+                continue;
+            };
+            conns[index] += 1;
+            let load = c.load.load(Ordering::Relaxed);
+            if index == from && busiest.is_none_or(|(most, _)| load > most) {
+                busiest = Some((load, c.id));
+            }
+        }
+        if busiest.map(|(_, busiest)| busiest) != Some(id) {
+            return None;
+        }
+        let now = std::time::Instant::now();
+        let weights: Vec<u32> = targets
+            .iter()
+            .map(|t| {
+                if t.health.is_candidate(now) {
+                    t.weight
+                } else {
+                    0
+                }
+            })
+            .collect();
+        move_to(
+            &weights,
+            &conns,
+            from,
+            self.upstream.config.websocket_config.pool_size,
+        )
+    }
+}
+
+/// A connection made, greeted and offered to sessions, not yet served.
+struct Live {
+    conn: MuxConn,
+    id: Uuid,
+    label: Arc<str>,
+    /// Held for the connection's life: least_connections counts it.
+    lease: TargetLease,
+    /// Cancelled when the pool moves the connection elsewhere.
+    handover: CancellationToken,
+}
+
+/// One move at a time in a pool: a slot holds the turn from deciding to
+/// move until the old connection has been told to hand over, so that two
+/// slots do not both move for the same gap.
+struct MoveTurn<'a>(&'a AtomicBool);
+
+impl<'a> MoveTurn<'a> {
+    fn take(moving: &'a AtomicBool) -> Option<MoveTurn<'a>> {
+        moving
+            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Relaxed)
+            .ok()
+            .map(|_| MoveTurn(moving))
+    }
+}
+
+impl Drop for MoveTurn<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
+/// Where a pool of `pool_size` connections, `conns[t]` of them on target
+/// `t`, should move one from target `from` to spread them over the targets
+/// by `weights` (0 for a target out of rotation): when `from` carries more
+/// than its share rounded up, to the target furthest below its share
+/// rounded down (the first of those furthest below). `None` when the spread is as even as whole connections
+/// allow, so that a pool never moves back and forth.
+fn move_to(weights: &[u32], conns: &[usize], from: usize, pool_size: usize) -> Option<usize> {
+    let total: u64 = weights.iter().map(|&w| u64::from(w)).sum();
+    if total == 0 {
+        return None;
+    }
+    // Target t's share of the pool is pool_size * weight / total.
+    let scaled = |t: usize| pool_size as u64 * u64::from(weights[t]);
+    if conns[from] as u64 <= scaled(from).div_ceil(total) {
+        return None;
+    }
+    (0..weights.len())
+        .filter(|&t| t != from && (conns[t] as u64) < scaled(t) / total)
+        .max_by_key(|&t| (scaled(t) / total - conns[t] as u64, std::cmp::Reverse(t)))
 }
 
 /// How many sessions more than the least-loaded live connection the one on
@@ -346,7 +541,7 @@ fn choose(conns: &[(usize, usize)], here: usize) -> Option<usize> {
 
 #[cfg(test)]
 mod tests {
-    use super::choose;
+    use super::{choose, move_to};
 
     /// The loop the i-th session arrives on.
     type Arrival = Box<dyn Fn(usize) -> usize>;
@@ -397,6 +592,34 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn a_pool_moves_back_to_a_target_in_rotation_and_never_back_and_forth() {
+        // Both connections on target 1 while 0 was out; 0 is back.
+        assert_eq!(move_to(&[1, 1], &[0, 2], 1, 2), Some(0));
+        assert_eq!(move_to(&[1, 1], &[1, 1], 1, 2), None);
+        // 0 still out of rotation: nowhere to go.
+        assert_eq!(move_to(&[0, 1], &[0, 2], 1, 2), None);
+        // An odd pool over two targets: 2/1 either way is even enough.
+        assert_eq!(move_to(&[1, 1], &[0, 3], 1, 3), Some(0));
+        assert_eq!(move_to(&[1, 1], &[1, 2], 1, 3), None);
+        assert_eq!(move_to(&[1, 1], &[2, 1], 0, 3), None);
+        // One connection, two targets: it stays where it is.
+        assert_eq!(move_to(&[1, 1], &[0, 1], 1, 1), None);
+        // By weight: 3 to 1 over four connections.
+        assert_eq!(move_to(&[3, 1], &[0, 4], 1, 4), Some(0));
+        assert_eq!(move_to(&[3, 1], &[2, 2], 1, 4), Some(0));
+        assert_eq!(move_to(&[3, 1], &[3, 1], 1, 4), None);
+        // A target taken out of rotation with its connection still up.
+        assert_eq!(move_to(&[0, 1], &[1, 1], 0, 2), Some(1));
+        // A target over its share gives to one under it; the one furthest
+        // below comes first.
+        assert_eq!(move_to(&[1, 1, 2], &[0, 1, 3], 2, 4), Some(0));
+        assert_eq!(move_to(&[1, 1, 2], &[0, 0, 4], 2, 4), Some(0));
+        assert_eq!(move_to(&[1, 2, 1], &[0, 0, 4], 2, 4), Some(1));
+        assert_eq!(move_to(&[2, 1, 1], &[0, 0, 4], 2, 4), Some(0));
+        assert_eq!(move_to(&[0, 0], &[0, 2], 1, 2), None);
     }
 
     #[test]

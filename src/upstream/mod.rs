@@ -300,6 +300,22 @@ impl Upstream {
         self.pick_except(key, &[])
     }
 
+    /// Leases target `index` if its health admits it now, taking its
+    /// half-open trial if that is where it stands (for a pool moving a
+    /// connection to a target back in rotation).
+    pub fn lease(self: &Arc<Self>, index: usize) -> Option<TargetLease> {
+        let health = &self.targets.get(index)?.health;
+        let now = std::time::Instant::now();
+        if !(health.is_candidate(now) && health.claim(now)) {
+            return None;
+        }
+        self.targets[index].active.fetch_add(1, Ordering::Relaxed);
+        Some(TargetLease {
+            upstream: Arc::clone(self),
+            index,
+        })
+    }
+
     /// [`Upstream::pick`], passing over the targets in `skip`.
     pub fn pick_except(
         self: &Arc<Self>,
