@@ -459,3 +459,122 @@ async fn transform_stamps_the_user_from_claims() {
         broker.stop().await;
     }
 }
+
+/// Sends `n` messages at once (`message(k)` each) through a route whose
+/// plugin answers some of them itself, reading meanwhile, and checks that
+/// every message comes back, echoed or answered (`is_reply`), that the
+/// session then still answers, and that it closes cleanly.
+async fn burst_through_a_replying_plugin(
+    direct: bool,
+    plugins: &str,
+    n: usize,
+    message: fn(usize) -> String,
+    is_reply: fn(&str) -> bool,
+) -> (usize, usize) {
+    use futures_util::StreamExt;
+    let up = Upstream::start(direct).await;
+    let broker = start_broker(&up.config("", plugins)).await;
+    let (ws, _) = connect(&broker.url("/ws/echo"), &[]).await;
+    let (mut sink, mut stream) = ws.split();
+    let sender = tokio::spawn(async move {
+        for k in 0..n {
+            sink.feed(Message::text(message(k))).await.unwrap();
+        }
+        sink.flush().await.unwrap();
+        sink
+    });
+    let (mut echoes, mut replies) = (0, 0);
+    within("every message answered", async {
+        while echoes + replies < n {
+            match stream.next().await {
+                Some(Ok(Message::Text(t))) if is_reply(&t) => replies += 1,
+                Some(Ok(Message::Text(_))) => echoes += 1,
+                other => panic!(
+                    "direct={direct} n={n}: after {echoes} echoes and {replies} replies, {other:?}"
+                ),
+            }
+        }
+    })
+    .await;
+    let mut ws = sender.await.unwrap().reunite(stream).unwrap();
+    ws.send(Message::text(message(n))).await.unwrap();
+    assert!(
+        matches!(next_message(&mut ws).await, Some(Message::Text(_))),
+        "direct={direct} n={n}: the session answers after the burst"
+    );
+    ws.send(Message::Close(Some(
+        tokio_tungstenite::tungstenite::protocol::CloseFrame {
+            code: 1000.into(),
+            reason: "bye".into(),
+        },
+    )))
+    .await
+    .unwrap();
+    assert_eq!(expect_close(&mut ws).await.0, 1000, "direct={direct} n={n}");
+    expect_end(&mut ws).await;
+    let m = broker.metrics().await;
+    assert!(
+        !m.has_family("muxgate_messages_dropped_total")
+            || m.value("muxgate_messages_dropped_total", &[]) == 0.0,
+        "direct={direct} n={n}: nothing was dropped"
+    );
+    broker.stop().await;
+    (echoes, replies)
+}
+
+/// A `rate_limit` that replies, under bursts of 30, 300 and 3,000 messages:
+/// the burst's worth is echoed, the rest answered, none lost, and the
+/// session goes on (the direct message relay used to stop for good here).
+#[tokio::test]
+async fn a_replying_rate_limit_answers_every_message_of_a_burst() {
+    let plugins = "plugins: [{name: rate_limit, stage: pre_request, settings: {messages_per_second: 5, burst: 10, action: reply}}]";
+    for direct in [true, false] {
+        for n in [30, 300, 3000] {
+            let (echoes, replies) = burst_through_a_replying_plugin(
+                direct,
+                plugins,
+                n,
+                |k| format!("m{k}"),
+                |t| t.starts_with('{'),
+            )
+            .await;
+            assert!(
+                echoes >= 10 && replies >= n - 20,
+                "direct={direct} n={n}: {echoes} echoes, {replies} replies"
+            );
+        }
+    }
+}
+
+/// The same for `json_schema` answering nine messages in ten.
+#[tokio::test]
+async fn a_replying_json_schema_answers_every_message_of_a_burst() {
+    let schema = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/schemas/chat-message.json"
+    );
+    let plugins = format!("plugins: [{{name: json_schema, stage: pre_request, settings: {{schema_file: {schema}, action: reply}}}}]");
+    for direct in [true, false] {
+        for n in [30, 300, 3000] {
+            let (echoes, replies) = burst_through_a_replying_plugin(
+                direct,
+                &plugins,
+                n,
+                |k| {
+                    if k % 10 == 0 {
+                        format!(r#"{{"text":"m{k}","room":7}}"#)
+                    } else {
+                        "not json".into()
+                    }
+                },
+                |t| t.contains("invalid message"),
+            )
+            .await;
+            assert_eq!(
+                (echoes, replies),
+                (n / 10, n - n / 10),
+                "direct={direct} n={n}"
+            );
+        }
+    }
+}

@@ -288,6 +288,15 @@ enum Stop {
 }
 
 /// Moves messages from `from` to `to` until neither can make progress.
+///
+/// Whatever this writes, it writes itself, and whatever it leaves waiting
+/// is left behind a socket that will wake the task: `to`'s outbox (written
+/// first, and `from` is not read while it waits), and a plugin's reply to
+/// `from` itself (written before `from` is read on). Every write is then
+/// flushed here. So no message ever waits for the other direction to be
+/// polled, which nothing might wake: a reply set last in a turn used to
+/// wait until the upstream sent something, and with the client unread
+/// meanwhile the session stopped for good, its close unanswered.
 fn poll_direction<A, B>(
     from: &mut Leg<A>,
     to: &mut Leg<B>,
@@ -313,12 +322,19 @@ where
             // `to` is full: leave `from` unread; its flush is in progress.
             Poll::Pending => return Poll::Pending,
         }
+        // A plugin's reply to the sender goes out before it is read on.
+        match from.poll_write_slot(cx, |leg| &mut leg.reply, metrics, upstream) {
+            Poll::Ready(Ok(())) => {}
+            Poll::Ready(Err(error)) => {
+                return Poll::Ready(Stop::WriteFailed {
+                    side: from.side,
+                    error,
+                })
+            }
+            Poll::Pending => break,
+        }
         if budget == 0 {
             cx.waker().wake_by_ref();
-            break;
-        }
-        // A plugin's reply to the sender goes out first.
-        if from.reply.is_some() {
             break;
         }
         budget -= 1;
@@ -359,6 +375,12 @@ where
                     Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
                     Message::Close(frame) => {
                         from.got_close = true;
+                        // tungstenite has answered the close: a reply still
+                        // waiting can no longer go out. Its message is
+                        // counted as dropped at the end.
+                        if from.reply.take().is_some() {
+                            from.messages_dropped += 1;
+                        }
                         // A close from `to` already started the handshake:
                         // this one is its answer and goes nowhere.
                         if !to.got_close && to.sent_close.is_none() {
@@ -388,13 +410,15 @@ where
             Poll::Pending => break,
         }
     }
-    match to.poll_flush(cx) {
-        Poll::Ready(Err(error)) => Poll::Ready(Stop::WriteFailed {
-            side: to.side,
-            error,
-        }),
-        _ => Poll::Pending,
+    for (leg, flushed) in [
+        (to.side, to.poll_flush(cx)),
+        (from.side, from.poll_flush(cx)),
+    ] {
+        if let Poll::Ready(Err(error)) = flushed {
+            return Poll::Ready(Stop::WriteFailed { side: leg, error });
+        }
     }
+    Poll::Pending
 }
 
 /// The session's task, ready to spawn: it relays between the client, once
@@ -520,16 +544,7 @@ async fn relay_messages<C>(
                 if let Poll::Ready(s) = poll_direction(&mut c, &mut u, &mut hooks, cx, &metrics, &name) {
                     return Poll::Ready(s);
                 }
-                let paused = c.reply.is_some();
-                if let Poll::Ready(s) = poll_direction(&mut u, &mut c, &mut hooks, cx, &metrics, &name) {
-                    return Poll::Ready(s);
-                }
-                // A plugin's reply held the client unread; once it is out,
-                // read on (nothing else would wake this task for it).
-                if paused && c.reply.is_none() {
-                    return poll_direction(&mut c, &mut u, &mut hooks, cx, &metrics, &name);
-                }
-                Poll::Pending
+                poll_direction(&mut u, &mut c, &mut hooks, cx, &metrics, &name)
             }) => break stop,
         }
     };
