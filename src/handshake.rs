@@ -195,6 +195,16 @@ fn check_upgrade(request: &Request) -> Result<HeaderValue, HandshakeError> {
     }
     let headers = request.headers();
     if !has_token(headers, header::UPGRADE, "websocket") {
+        // Asking to upgrade without saying to what is a malformed upgrade,
+        // not a plain request (RFC 9110 §7.6.1: a sender of
+        // `Connection: upgrade` sends `Upgrade`).
+        if headers.get(header::UPGRADE).is_none()
+            && has_token(headers, header::CONNECTION, "upgrade")
+        {
+            return Err(HandshakeError::BadRequest(
+                "Connection: Upgrade without an Upgrade header",
+            ));
+        }
         return Err(HandshakeError::UpgradeRequired);
     }
     if !has_token(headers, header::CONNECTION, "upgrade") {

@@ -257,6 +257,17 @@ async fn refuses_bad_requests_with_http_statuses() {
         "Connection without Upgrade"
     );
 
+    // Asks to upgrade without saying to what: malformed, not a plain GET.
+    let no_upgrade_header =
+        upgrade_request(a, "/ws/echo", origin).replace("Upgrade: websocket\r\n", "");
+    let (s, _, body) = raw_http(a, &no_upgrade_header).await;
+    assert_eq!(s, 400, "Connection: Upgrade without Upgrade");
+    assert!(body.contains("malformed WebSocket upgrade"), "{body}");
+    // Upgrading to something else is not a malformed WebSocket upgrade.
+    let other_protocol =
+        upgrade_request(a, "/ws/echo", origin).replace("Upgrade: websocket", "Upgrade: h2c");
+    assert_eq!(raw_http(a, &other_protocol).await.0, 426, "Upgrade: h2c");
+
     let (s, _, _) = raw_http(
         a,
         &upgrade_request(a, "/ws/echo", "Origin: https://evil.example\r\n"),
@@ -287,7 +298,7 @@ async fn refuses_bad_requests_with_http_statuses() {
     }
     assert_eq!(
         m.value("muxgate_handshakes_rejected_total", &[("status", "400")]),
-        4.0
+        5.0
     );
 }
 
