@@ -14,7 +14,7 @@
 //! in the [`MessageHook`] they make for each session. An upstream without
 //! plugins pays nothing on the message path: its hook lists are empty.
 //!
-//! Settings are typed: [`PluginConfig`] is a tagged enum over the built-ins,
+//! Settings are typed: [`PluginConfig`] is an enum over the built-ins,
 //! so a misspelt plugin name, stage or setting is a config error naming the
 //! field, and [`Pipeline::build`] checks what serde cannot (regexes, key
 //! files) when the config loads.
@@ -66,9 +66,9 @@ impl std::fmt::Display for Stage {
     }
 }
 
-/// One entry of an upstream's `plugins` list.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(tag = "name", rename_all = "snake_case", deny_unknown_fields)]
+/// One entry of an upstream's `plugins` list: `name`, `stage` and the
+/// `settings` of that plugin (see [`plugin_config`] for how it is read).
+#[derive(Debug, Clone)]
 pub enum PluginConfig {
     Jwt {
         stage: Stage,
@@ -100,7 +100,163 @@ pub enum PluginConfig {
     },
 }
 
+/// Reading a [`PluginConfig`]. serde's internally tagged enums buffer the
+/// whole entry before they know its variant, and an error found in the
+/// buffer names no path below the list: a misspelt setting was reported as
+/// `upstreams[0].plugins: unknown field ...`. Here `settings` is read
+/// straight from the file once `name` is known, so its errors carry their
+/// whole path (`plugins[0].settings.messages_per_secnd`) and so their
+/// line; `settings` written before `name` is read as a YAML-neutral value
+/// first, and its errors then name the setting in their message.
+mod plugin_config {
+    use std::fmt;
+
+    use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, Visitor};
+    use serde::Deserialize;
+
+    use super::*;
+
+    #[derive(Debug, Clone, Copy, Deserialize)]
+    #[serde(rename_all = "snake_case")]
+    enum Name {
+        Jwt,
+        ApiKey,
+        RateLimit,
+        MessageSize,
+        RegexFilter,
+        JsonSchema,
+        Transform,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(field_identifier, rename_all = "snake_case")]
+    enum Field {
+        Name,
+        Stage,
+        Settings,
+    }
+
+    /// A plugin's settings, once its name is known.
+    struct Settings(Name);
+
+    impl Settings {
+        fn config<'de, D: Deserializer<'de>>(
+            self,
+            stage: Stage,
+            d: D,
+        ) -> Result<PluginConfig, D::Error> {
+            Ok(match self.0 {
+                Name::Jwt => PluginConfig::Jwt {
+                    stage,
+                    settings: Deserialize::deserialize(d)?,
+                },
+                Name::ApiKey => PluginConfig::ApiKey {
+                    stage,
+                    settings: Deserialize::deserialize(d)?,
+                },
+                Name::RateLimit => PluginConfig::RateLimit {
+                    stage,
+                    settings: Deserialize::deserialize(d)?,
+                },
+                Name::MessageSize => PluginConfig::MessageSize {
+                    stage,
+                    settings: Deserialize::deserialize(d)?,
+                },
+                Name::RegexFilter => PluginConfig::RegexFilter {
+                    stage,
+                    settings: Deserialize::deserialize(d)?,
+                },
+                Name::JsonSchema => PluginConfig::JsonSchema {
+                    stage,
+                    settings: Deserialize::deserialize(d)?,
+                },
+                Name::Transform => PluginConfig::Transform {
+                    stage,
+                    settings: Deserialize::deserialize(d)?,
+                },
+            })
+        }
+    }
+
+    /// `settings` read with the stage put in afterwards.
+    struct SettingsSeed(Name);
+
+    impl<'de> DeserializeSeed<'de> for SettingsSeed {
+        type Value = PluginConfig;
+
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<PluginConfig, D::Error> {
+            // The stage is set once the whole entry is read.
+            Settings(self.0).config(Stage::Handshake, d)
+        }
+    }
+
+    impl<'de> Deserialize<'de> for PluginConfig {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<PluginConfig, D::Error> {
+            d.deserialize_map(EntryVisitor)
+        }
+    }
+
+    struct EntryVisitor;
+
+    impl<'de> Visitor<'de> for EntryVisitor {
+        type Value = PluginConfig;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a plugin: a map of name, stage and settings")
+        }
+
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<PluginConfig, A::Error> {
+            let mut name: Option<Name> = None;
+            let mut stage: Option<Stage> = None;
+            let mut read: Option<PluginConfig> = None;
+            let mut early: Option<serde_json::Value> = None;
+            while let Some(field) = map.next_key::<Field>()? {
+                match field {
+                    Field::Name if name.is_some() => {
+                        return Err(de::Error::duplicate_field("name"))
+                    }
+                    Field::Stage if stage.is_some() => {
+                        return Err(de::Error::duplicate_field("stage"))
+                    }
+                    Field::Settings if read.is_some() || early.is_some() => {
+                        return Err(de::Error::duplicate_field("settings"))
+                    }
+                    Field::Name => name = Some(map.next_value()?),
+                    Field::Stage => stage = Some(map.next_value()?),
+                    Field::Settings => match name {
+                        Some(n) => read = Some(map.next_value_seed(SettingsSeed(n))?),
+                        None => early = Some(map.next_value()?),
+                    },
+                }
+            }
+            let name = name.ok_or_else(|| de::Error::missing_field("name"))?;
+            let stage = stage.ok_or_else(|| de::Error::missing_field("stage"))?;
+            let mut config = match (read, early) {
+                (Some(config), _) => config,
+                (None, Some(value)) => Settings(name)
+                    .config(stage, value)
+                    .map_err(|e| de::Error::custom(format_args!("settings: {e}")))?,
+                (None, None) => return Err(de::Error::missing_field("settings")),
+            };
+            config.set_stage(stage);
+            Ok(config)
+        }
+    }
+}
+
 impl PluginConfig {
+    fn set_stage(&mut self, to: Stage) {
+        match self {
+            PluginConfig::Jwt { stage, .. }
+            | PluginConfig::ApiKey { stage, .. }
+            | PluginConfig::RateLimit { stage, .. }
+            | PluginConfig::MessageSize { stage, .. }
+            | PluginConfig::RegexFilter { stage, .. }
+            | PluginConfig::JsonSchema { stage, .. }
+            | PluginConfig::Transform { stage, .. } => *stage = to,
+        }
+    }
+
     pub fn stage(&self) -> Stage {
         match self {
             PluginConfig::Jwt { stage, .. }
@@ -375,5 +531,54 @@ pub(crate) fn payload(msg: &Message) -> &[u8] {
         Message::Text(t) => t.as_bytes(),
         Message::Binary(b) => b,
         _ => &[],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(json: &str) -> Result<PluginConfig, String> {
+        serde_json::from_str(json).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn an_entry_reads_in_any_order() {
+        for json in [
+            r#"{"name": "rate_limit", "stage": "pre_request", "settings": {"messages_per_second": 5}}"#,
+            r#"{"settings": {"messages_per_second": 5}, "stage": "pre_request", "name": "rate_limit"}"#,
+            r#"{"stage": "pre_request", "settings": {"messages_per_second": 5}, "name": "rate_limit"}"#,
+        ] {
+            match entry(json) {
+                Ok(PluginConfig::RateLimit { stage, settings }) => {
+                    assert_eq!(stage, Stage::PreRequest, "{json}");
+                    assert_eq!(settings.messages_per_second, Some(5), "{json}");
+                }
+                other => panic!("{json}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_bad_entry_says_what_is_wrong() {
+        let typo = entry(
+            r#"{"settings": {"messages_per_secnd": 5}, "name": "rate_limit", "stage": "pre_request"}"#,
+        );
+        assert!(typo
+            .unwrap_err()
+            .starts_with("settings: unknown field `messages_per_secnd`"));
+        let unknown =
+            entry(r#"{"name": "rate_limit", "stage": "pre_request", "settings": {}, "when": 1}"#);
+        assert!(unknown.unwrap_err().starts_with("unknown field `when`"));
+        let twice = entry(
+            r#"{"name": "rate_limit", "name": "jwt", "stage": "pre_request", "settings": {}}"#,
+        );
+        assert!(twice.unwrap_err().starts_with("duplicate field `name`"));
+        let missing = entry(r#"{"name": "rate_limit", "settings": {}}"#);
+        assert!(missing.unwrap_err().starts_with("missing field `stage`"));
+        let no_settings = entry(r#"{"name": "rate_limit", "stage": "pre_request"}"#);
+        assert!(no_settings
+            .unwrap_err()
+            .starts_with("missing field `settings`"));
     }
 }

@@ -129,9 +129,15 @@ fn from_yaml(text: &str, e: &serde_path_to_error::Error<serde_yaml::Error>) -> F
             .collect(),
     );
     let full_text = full.to_string();
-    // For an unknown key serde_yaml already points at the key itself.
-    let precise = own.message.starts_with("unknown field");
-    if !precise && !full_text.is_empty() && full_text != own.path {
+    // For an unknown key serde_yaml already points at the key itself;
+    // the full path ends with the key.
+    if own.message.starts_with("unknown field") {
+        if !full_text.is_empty() {
+            own.path = full_text;
+        }
+        return own;
+    }
+    if !full_text.is_empty() && full_text != own.path {
         own.location = locate(text, &full).or(own.location);
         own.path = full_text;
     }
