@@ -47,6 +47,15 @@ pub struct AppState {
     pub secure: bool,
 }
 
+/// `server`'s bounds on a client connection before its upgrade.
+#[derive(Clone, Copy)]
+struct ClientLimits {
+    /// `header_read_timeout`.
+    header_read_timeout: Duration,
+    /// `max_request_head_size`, in bytes.
+    max_request_head: usize,
+}
+
 /// A broker with both listeners bound, not yet serving.
 pub struct Broker {
     state: Arc<AppState>,
@@ -54,8 +63,8 @@ pub struct Broker {
     /// The other `server.workers - 1` loops serving `client`.
     loops: ClientLoops,
     tls: Option<Arc<rustls::ServerConfig>>,
-    /// `server.header_read_timeout`.
-    header_read_timeout: Duration,
+    /// What a client connection may take before its upgrade.
+    client_limits: ClientLimits,
     admin: TcpListener,
     grace: Duration,
 }
@@ -144,7 +153,10 @@ impl Broker {
             client,
             loops,
             tls,
-            header_read_timeout: config.server.header_read_timeout,
+            client_limits: ClientLimits {
+                header_read_timeout: config.server.header_read_timeout,
+                max_request_head: config.server.max_request_head_size.bytes(),
+            },
             admin,
             grace: config.server.shutdown_grace,
         })
@@ -172,7 +184,7 @@ impl Broker {
             client,
             mut loops,
             tls,
-            header_read_timeout,
+            client_limits,
             admin,
             grace,
         } = self;
@@ -186,7 +198,7 @@ impl Broker {
         let mut handed = handed.into_iter();
         let mut queue = move || handed.next().expect("a hand-off queue per loop");
         let serve = move |listener, index, tls, state| {
-            serve_clients(listener, index, tls, header_read_timeout, state)
+            serve_clients(listener, index, tls, client_limits, state)
         };
         let first = BalancedListener::new(client, 0, Arc::clone(&turns), queue());
         let client_server = tokio::spawn(serve(first, 0, tls.clone(), Arc::clone(&state)));
@@ -248,13 +260,15 @@ fn serve_clients(
     listener: BalancedListener,
     index: usize,
     tls: Option<Arc<rustls::ServerConfig>>,
-    header_read_timeout: Duration,
+    client: ClientLimits,
     state: Arc<AppState>,
 ) -> ServeFuture {
     let accepted = state.metrics.accepted_on(index);
     let limits = http1::Limits {
-        header_read_timeout,
+        header_read_timeout: client.header_read_timeout,
         header_timeouts: state.metrics.header_timeouts_on(index),
+        max_head: client.max_request_head,
+        heads_too_large: state.metrics.heads_too_large(),
     };
     let shutdown = state.shutdown.clone();
     let stopped = async move { shutdown.begun().await };

@@ -37,6 +37,9 @@ use tracing::debug;
 
 use crate::tls::ClientStream;
 
+/// The smallest read buffer hyper takes.
+const MIN_HYPER_BUF: usize = 8192;
+
 /// What a client connection is allowed before it is closed.
 #[derive(Clone)]
 pub struct Limits {
@@ -47,6 +50,11 @@ pub struct Limits {
     pub header_read_timeout: Duration,
     /// Counts the connections closed for it.
     pub header_timeouts: IntCounter,
+    /// The most a request head may take (`server.max_request_head_size`);
+    /// hyper reads no more than this for one and answers a larger one 431.
+    pub max_head: usize,
+    /// Counts the heads answered 431.
+    pub heads_too_large: IntCounter,
 }
 
 /// Serves `router` to every connection `listener` accepts until `stop`
@@ -99,6 +107,10 @@ async fn connection(
     let served = http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout)
+        .max_header_size(limits.max_head)
+        // The read buffer never holds more than a head (hyper's floor is
+        // 8 KiB): a connection costs at most that before its upgrade.
+        .max_buf_size(limits.max_head.max(MIN_HYPER_BUF))
         .serve_connection(TokioIo::new(io), TowerToHyperService::new(service))
         .with_upgrades();
     tokio::pin!(served);
@@ -111,6 +123,10 @@ async fn connection(
     };
     match result {
         Ok(()) => {}
+        Err(error) if error.is_parse_too_large() => {
+            limits.heads_too_large.inc();
+            debug!(%remote, limit = limits.max_head, "client's request head is over max_request_head_size; answered 431 and closed");
+        }
         Err(error) if error.is_timeout() => {
             limits.header_timeouts.inc();
             debug!(%remote, timeout = ?limits.header_read_timeout, "client sent no request head in time; closed");

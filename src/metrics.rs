@@ -447,6 +447,13 @@ impl Metrics {
             .with_label_values(&[&index.to_string()])
     }
 
+    /// The rejection counter of request heads over
+    /// `server.max_request_head_size` (answered 431 by the HTTP server).
+    pub fn heads_too_large(&self) -> IntCounter {
+        self.handshakes_rejected_total
+            .with_label_values(&["431", "request_head_too_large"])
+    }
+
     pub fn handshake_rejected(&self, status: u16, reason: &str) {
         self.handshakes_rejected_total
             .with_label_values(&[&status.to_string(), reason])

@@ -3,52 +3,12 @@
 
 mod common;
 
-use std::process::Stdio;
 use std::time::Instant;
 
 use common::upstream::TestUpstream;
 use common::*;
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 use tokio_tungstenite::tungstenite::Message;
-
-/// Starts the muxgate binary on `yaml` and returns it with its client address,
-/// read from its JSON "muxgate listening" log line.
-async fn spawn_binary(yaml: &str) -> (Child, std::net::SocketAddr) {
-    let path = std::env::temp_dir().join(format!("muxgate-test-{}.yaml", uuid::Uuid::new_v4()));
-    std::fs::write(&path, yaml).unwrap();
-    let started = spawn_binary_with(&path, &[]).await;
-    let _ = std::fs::remove_file(&path);
-    started
-}
-
-/// Starts the binary on the config at `path` with extra arguments.
-async fn spawn_binary_with(path: &std::path::Path, args: &[&str]) -> (Child, std::net::SocketAddr) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_muxgate"))
-        .arg("--config")
-        .arg(path)
-        .args(["--log-format", "json"])
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn muxgate");
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let addr = within("the listening log line", async {
-        while let Some(line) = lines.next_line().await.unwrap() {
-            let v: serde_json::Value = serde_json::from_str(&line).expect("JSON log line");
-            if v["message"] == "muxgate listening" {
-                return v["client_addr"].as_str().unwrap().parse().unwrap();
-            }
-        }
-        panic!("muxgate exited before listening");
-    })
-    .await;
-    // Keep draining the log so the child never blocks on a full pipe.
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    (child, addr)
-}
 
 fn sigterm(child: &Child) {
     let pid = child.id().expect("running").to_string();

@@ -33,6 +33,12 @@ pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// How long a client connection may take to send a request's head (and
 /// how long it may stay idle between requests): hyper's default.
 pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// `server.max_request_head_size`: HAProxy's default buffer; NGINX takes
+/// up to 4 x 8 KiB.
+pub const DEFAULT_MAX_REQUEST_HEAD_SIZE: u64 = 16 * 1024;
+/// The bounds of `server.max_request_head_size`.
+pub const MIN_REQUEST_HEAD_SIZE: u64 = 1024;
+pub const MAX_REQUEST_HEAD_SIZE: u64 = 1024 * 1024;
 /// How often the broker pings each socket.
 pub const DEFAULT_PING_PERIOD: Duration = Duration::from_secs(30);
 /// How long a socket may stay silent after a ping before it is dropped.
@@ -111,6 +117,10 @@ pub struct ServerConfig {
         deserialize_with = "values::duration"
     )]
     pub header_read_timeout: Duration,
+    /// The most a client's request head (request line and headers) may
+    /// take; a larger one is answered 431.
+    #[serde(default = "default_max_request_head_size")]
+    pub max_request_head_size: Size,
     #[serde(default)]
     pub tls: Option<TlsConfig>,
     /// Event loops serving clients; unset is one per core (see
@@ -140,6 +150,7 @@ impl Default for ServerConfig {
             max_connections_per_ip: 0,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
             header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
+            max_request_head_size: default_max_request_head_size(),
             tls: None,
             workers: None,
         }
@@ -425,6 +436,9 @@ fn default_handshake_timeout() -> Duration {
 }
 fn default_close_timeout() -> Duration {
     DEFAULT_CLOSE_TIMEOUT
+}
+fn default_max_request_head_size() -> Size {
+    Size(DEFAULT_MAX_REQUEST_HEAD_SIZE)
 }
 fn default_read_buffer_size() -> Size {
     Size(DEFAULT_READ_BUFFER_SIZE)

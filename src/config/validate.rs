@@ -39,6 +39,13 @@ pub fn validate(config: &Config) -> Vec<Problem> {
     if config.server.header_read_timeout.is_zero() {
         out.push(server.key("header_read_timeout"), "must be greater than 0");
     }
+    let head = config.server.max_request_head_size.0;
+    if !(super::MIN_REQUEST_HEAD_SIZE..=super::MAX_REQUEST_HEAD_SIZE).contains(&head) {
+        out.push(
+            server.key("max_request_head_size"),
+            "must be from 1 KiB to 1 MiB",
+        );
+    }
     match config.server.workers {
         Some(0) => out.push(
             server.key("workers"),

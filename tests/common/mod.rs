@@ -1,6 +1,7 @@
 //! Test harness: the broker started in-process from a YAML string on
 //! `127.0.0.1:0`, real upstream WebSocket servers on port 0, WebSocket and
-//! raw-HTTP clients, and a `/metrics` parser. Nothing here sleeps to wait:
+//! raw-HTTP clients, a `/metrics` parser, and the real binary as a child
+//! process. Nothing here sleeps to wait:
 //! every helper awaits the event it needs, under a timeout.
 #![allow(dead_code)]
 
@@ -8,12 +9,14 @@ pub mod upstream;
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::process::Stdio;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use muxgate::shutdown::{DrainOutcome, Shutdown};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
+use tokio::process::{Child, Command};
 use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
@@ -416,4 +419,45 @@ pub async fn raw_close(ws: Client) -> (u16, String) {
         }
     })
     .await
+}
+
+/// Starts the muxgate binary on `yaml` and returns it with its client address,
+/// read from its JSON "muxgate listening" log line.
+pub async fn spawn_binary(yaml: &str) -> (Child, std::net::SocketAddr) {
+    let path = std::env::temp_dir().join(format!("muxgate-test-{}.yaml", uuid::Uuid::new_v4()));
+    std::fs::write(&path, yaml).unwrap();
+    let started = spawn_binary_with(&path, &[]).await;
+    let _ = std::fs::remove_file(&path);
+    started
+}
+
+/// Starts the binary on the config at `path` with extra arguments.
+pub async fn spawn_binary_with(
+    path: &std::path::Path,
+    args: &[&str],
+) -> (Child, std::net::SocketAddr) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_muxgate"))
+        .arg("--config")
+        .arg(path)
+        .args(["--log-format", "json"])
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn muxgate");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let addr = within("the listening log line", async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            let v: serde_json::Value = serde_json::from_str(&line).expect("JSON log line");
+            if v["message"] == "muxgate listening" {
+                return v["client_addr"].as_str().unwrap().parse().unwrap();
+            }
+        }
+        panic!("muxgate exited before listening");
+    })
+    .await;
+    // Keep draining the log so the child never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    (child, addr)
 }
