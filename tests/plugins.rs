@@ -546,6 +546,29 @@ async fn a_replying_rate_limit_answers_every_message_of_a_burst() {
     }
 }
 
+/// The same for a `bytes_per_second` limit (messages of 4 bytes, 40 B a
+/// second, a burst of 40 B).
+#[tokio::test]
+async fn a_replying_byte_rate_limit_answers_every_message_of_a_burst() {
+    let plugins = "plugins: [{name: rate_limit, stage: pre_request, settings: {bytes_per_second: 40, bytes_burst: 40, action: reply}}]";
+    for direct in [true, false] {
+        for n in [30, 300, 3000] {
+            let (echoes, replies) = burst_through_a_replying_plugin(
+                direct,
+                plugins,
+                n,
+                |k| format!("{:04}", k % 10_000),
+                |t| t.starts_with('{'),
+            )
+            .await;
+            assert!(
+                echoes >= 10 && replies >= n - 20,
+                "direct={direct} n={n}: {echoes} echoes, {replies} replies"
+            );
+        }
+    }
+}
+
 /// The same for `json_schema` answering nine messages in ten.
 #[tokio::test]
 async fn a_replying_json_schema_answers_every_message_of_a_burst() {
