@@ -522,49 +522,33 @@ async fn burst_through_a_replying_plugin(
     (echoes, replies)
 }
 
-/// A `rate_limit` that replies, under bursts of 30, 300 and 3,000 messages:
-/// the burst's worth is echoed, the rest answered, none lost, and the
-/// session goes on (the direct message relay used to stop for good here).
+/// A `rate_limit` that replies, by messages or by bytes (4-byte messages,
+/// 40 B a second), under bursts of 30, 300 and 3,000 messages: the burst's
+/// worth is echoed, the rest answered, none lost, and the session goes on
+/// (the direct message relay used to stop for good here).
 #[tokio::test]
 async fn a_replying_rate_limit_answers_every_message_of_a_burst() {
-    let plugins = "plugins: [{name: rate_limit, stage: pre_request, settings: {messages_per_second: 5, burst: 10, action: reply}}]";
-    for direct in [true, false] {
-        for n in [30, 300, 3000] {
-            let (echoes, replies) = burst_through_a_replying_plugin(
-                direct,
-                plugins,
-                n,
-                |k| format!("m{k}"),
-                |t| t.starts_with('{'),
-            )
-            .await;
-            assert!(
-                echoes >= 10 && replies >= n - 20,
-                "direct={direct} n={n}: {echoes} echoes, {replies} replies"
-            );
-        }
-    }
-}
-
-/// The same for a `bytes_per_second` limit (messages of 4 bytes, 40 B a
-/// second, a burst of 40 B).
-#[tokio::test]
-async fn a_replying_byte_rate_limit_answers_every_message_of_a_burst() {
-    let plugins = "plugins: [{name: rate_limit, stage: pre_request, settings: {bytes_per_second: 40, bytes_burst: 40, action: reply}}]";
-    for direct in [true, false] {
-        for n in [30, 300, 3000] {
-            let (echoes, replies) = burst_through_a_replying_plugin(
-                direct,
-                plugins,
-                n,
-                |k| format!("{:04}", k % 10_000),
-                |t| t.starts_with('{'),
-            )
-            .await;
-            assert!(
-                echoes >= 10 && replies >= n - 20,
-                "direct={direct} n={n}: {echoes} echoes, {replies} replies"
-            );
+    let limits = [
+        "messages_per_second: 5, burst: 10",
+        "bytes_per_second: 40, bytes_burst: 40",
+    ];
+    for limit in limits {
+        let plugins = format!("plugins: [{{name: rate_limit, stage: pre_request, settings: {{{limit}, action: reply}}}}]");
+        for direct in [true, false] {
+            for n in [30, 300, 3000] {
+                let (echoes, replies) = burst_through_a_replying_plugin(
+                    direct,
+                    &plugins,
+                    n,
+                    |k| format!("{:04}", k % 10_000),
+                    |t| t.starts_with('{'),
+                )
+                .await;
+                assert!(
+                    echoes >= 10 && replies >= n - 20,
+                    "{limit}, direct={direct} n={n}: {echoes} echoes, {replies} replies"
+                );
+            }
         }
     }
 }
