@@ -749,3 +749,124 @@ async fn a_finished_close_handshake_ends_the_client_connection_at_once() {
     let (mut again, _) = connect(&broker.url("/ws/echo"), &[]).await;
     echo_roundtrip(&mut again, Message::text("slot reused")).await;
 }
+
+/// The message relay: the same route with a message plugin that passes
+/// everything.
+const MESSAGE_RELAY: &str =
+    "plugins: [{name: message_size, stage: post_response, settings: {max_bytes: 1000000}}]";
+
+/// Close frames that break a rule (RFC 6455 §5.5.1, §7.4.1), as header
+/// byte, payload and the code their receiver fails the connection with:
+/// the codes of Autobahn's cases 7.9.1-7.9.9 and 5000, a one-byte payload
+/// (7.3.2), a reason that is not UTF-8 (7.5.1) and reserved bits (3.7).
+fn rule_breaking_closes() -> Vec<(u8, Vec<u8>, u16)> {
+    let mut closes: Vec<_> = [0u16, 999, 1004, 1005, 1006, 1016, 1100, 2000, 2999, 5000]
+        .iter()
+        .map(|code| (0x88, code.to_be_bytes().to_vec(), 1002))
+        .collect();
+    closes.push((0x88, vec![0x03], 1002));
+    closes.push((0x88, vec![0x03, 0xe8, b'o', 0xed, 0xa0, 0x80, b'k'], 1007));
+    closes.push((0x88 | 0x70, vec![0x03, 0xe8], 1002));
+    closes
+}
+
+/// A hand-written upstream that, for each of `closes` in turn, accepts a
+/// session, sends that close frame, and reports what the broker answers
+/// (read raw) before closing the connection as a server does.
+async fn rule_breaking_upstream(
+    closes: Vec<(u8, Vec<u8>, u16)>,
+) -> (
+    std::net::SocketAddr,
+    tokio::sync::mpsc::Receiver<common::raw::CloseSeen>,
+) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tokio::spawn(async move {
+        for (first, payload, _) in closes {
+            let mut peer = common::raw::RawPeer::accept(&listener).await;
+            peer.write_frame(first, &payload).await;
+            let answer = peer.next_close().await;
+            peer.shutdown().await;
+            if tx.send(answer).await.is_err() {
+                return;
+            }
+        }
+    });
+    (addr, rx)
+}
+
+/// An upstream's close frame that breaks a rule is not passed on: the
+/// broker fails the upstream with 1002 (1007 for a reason that is not
+/// UTF-8), as the receiver of such a frame must, and the client gets 1014
+/// (the upstream failed) through either relay, except that the message
+/// relay's tungstenite turns a close code no endpoint may send into 1002
+/// before the broker sees it.
+#[tokio::test]
+async fn an_upstream_close_that_breaks_a_rule_fails_the_upstream() {
+    use common::raw::{CloseSeen, RawPeer};
+    for relay in ["", MESSAGE_RELAY] {
+        let closes = rule_breaking_closes();
+        let (addr, mut answers) = rule_breaking_upstream(closes.clone()).await;
+        let cfg = direct_config(
+            &[addr],
+            "",
+            &format!("health_checks: {{passive: false}}\n{relay}"),
+            "",
+        );
+        let broker = start_broker(&cfg).await;
+        for (first, payload, code) in closes {
+            let what = format!("{first:#x} {payload:?}, relay {relay:?}");
+            // Raw: tungstenite's reader would rewrite 1014, and its
+            // handshake may read the close behind the 101.
+            let mut client = RawPeer::client(broker.client_addr, "/ws/echo").await;
+            let bad_code = first == 0x88 && payload.len() == 2;
+            let client_code = if bad_code && !relay.is_empty() {
+                1002
+            } else {
+                1014
+            };
+            assert_eq!(client.close_code().await, client_code, "{what}");
+            client.write_frame(0x88, &client_code.to_be_bytes()).await;
+            client.ended().await;
+            let answer = within("the upstream's report", answers.recv())
+                .await
+                .unwrap();
+            assert!(
+                matches!(answer, CloseSeen::Close(c, _) if c == code),
+                "{what}: the upstream got {answer:?}"
+            );
+        }
+    }
+}
+
+/// A client's close frame that breaks a rule is not passed on either: the
+/// client gets 1002 (1007 for a reason that is not UTF-8) and its
+/// connection ends, through either relay.
+#[tokio::test]
+async fn a_client_close_that_breaks_a_rule_fails_the_client() {
+    use common::raw::{CloseSeen, RawPeer};
+    for relay in ["", MESSAGE_RELAY] {
+        let mut up = TestUpstream::start().await;
+        let broker = start_broker(&direct_config(&[up.addr], "", relay, "")).await;
+        for (first, payload, code) in rule_breaking_closes() {
+            let what = format!("{first:#x} {payload:?}, relay {relay:?}");
+            let mut client = RawPeer::client(broker.client_addr, "/ws/echo").await;
+            client.write_frame(0x81, b"before").await;
+            let echo = within("the echo", client.read_frame())
+                .await
+                .expect("an echo");
+            assert_eq!(echo.payload, b"before", "{what}");
+            client.write_frame(first, &payload).await;
+            let answer = client.next_close().await;
+            assert!(
+                matches!(answer, CloseSeen::Close(c, _) if c == code),
+                "{what}: the client got {answer:?}"
+            );
+            client.ended().await;
+            // The upstream hears of the end too.
+            let (up_code, _) = up.close().await;
+            assert!(matches!(up_code, 1001 | 1002), "{what}: {up_code}");
+        }
+    }
+}
