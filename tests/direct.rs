@@ -870,3 +870,52 @@ async fn a_client_close_that_breaks_a_rule_fails_the_client() {
         }
     }
 }
+
+/// An upstream that breaks a rule in the middle of a frame it never
+/// finishes ends the session at once, not after `close_timeout`: a frame
+/// refused at its header has passed nothing, so the client still gets
+/// 1014 (Autobahn 3.4, 4.2.5, sent byte by byte); one refused inside its
+/// payload (invalid UTF-8, Autobahn 6.3.1) has passed its start, even if
+/// the rest came in the same read, so the client's connection is shut down
+/// without a close (which would land inside that frame). The upstream gets
+/// 1002 or 1007 either way.
+#[tokio::test]
+async fn a_rule_broken_inside_an_unfinished_frame_ends_the_session_at_once() {
+    use common::raw::{CloseSeen, RawPeer};
+    // A text frame of 10 bytes: with RSV1, or with a byte that is never UTF-8.
+    let unfinished: [(&[u8], Option<u16>, u16); 3] = [
+        (&[0xc1, 10, b'a'], Some(1014), 1002),
+        (&[0x81, 10, b'a', 0xff], None, 1007),
+        // Refused in the read that ends it: its header went on alone.
+        (&[0x81, 2, b'a', 0xff], None, 1007),
+    ];
+    for (bytes, client_code, upstream_code) in unfinished {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let upstream = tokio::spawn(async move {
+            let mut peer = RawPeer::accept(&listener).await;
+            peer.write_raw(bytes).await;
+            let answer = peer.next_close().await;
+            peer.shutdown().await;
+            answer
+        });
+        // Without the fix, each side waits out this.
+        let cfg = direct_config(&[addr], "close_timeout: 60s", "", "");
+        let broker = start_broker(&cfg).await;
+        let mut client = RawPeer::client(broker.client_addr, "/ws/echo").await;
+        match client_code {
+            Some(code) => {
+                assert_eq!(client.close_code().await, code, "{bytes:?}");
+                client.write_frame(0x88, &code.to_be_bytes()).await;
+                client.ended().await;
+            }
+            // The frame's start was passed on; nothing can follow it.
+            None => client.ended().await,
+        }
+        let answer = within("the upstream's answer", upstream).await.unwrap();
+        assert!(
+            matches!(answer, CloseSeen::Close(c, _) if c == upstream_code),
+            "{bytes:?}: the upstream got {answer:?}"
+        );
+    }
+}

@@ -113,6 +113,10 @@ struct InFrame {
     offset: u8,
     /// A close frame (held, unless it is too big to be valid).
     close: bool,
+    /// Some of the frame has been written on: until it ends, no frame of
+    /// the broker's may go to the destination. (A frame refused at its
+    /// header, or held, has written nothing.)
+    passing: bool,
 }
 
 /// Follows the frames of one direction's byte stream.
@@ -142,6 +146,9 @@ struct Scanner {
     error: Option<Box<WsError>>,
     /// The stream cannot be followed any more (an unparseable header).
     lost: bool,
+    /// A frame was refused after its start had been written on: the
+    /// destination is left inside it for good.
+    cut: bool,
     /// Tests turn [`Scanner::whole_data_frame`] off to compare.
     #[cfg(test)]
     shortcut: bool,
@@ -242,6 +249,7 @@ impl Scanner {
             poisoned: false,
             error: None,
             lost: false,
+            cut: false,
             #[cfg(test)]
             shortcut: true,
         }
@@ -257,7 +265,7 @@ impl Scanner {
 
     /// No frame is partly written: the broker may write one of its own.
     fn at_boundary(&self) -> bool {
-        self.frame.is_none()
+        !self.cut && self.frame.as_ref().is_none_or(|f| !f.passing)
     }
 
     /// Follows `chunk`, noting in `out` what to write on and in `seen` what
@@ -298,7 +306,11 @@ impl Scanner {
             frame.left -= take as u64;
             let ends = frame.left == 0;
             match (&mut frame.held, bad_text) {
-                (_, Some(e)) => self.poison(e),
+                (_, Some(e)) => {
+                    // The frame's start went on, and its rest never will.
+                    self.cut |= frame.passing;
+                    self.poison(e);
+                }
                 (Some(held), None) => held.extend_from_slice(piece),
                 (None, None) if !self.poisoned => out.pass(chunk, at..at + take),
                 (None, None) => {}
@@ -424,6 +436,7 @@ impl Scanner {
             text: false,
             offset: 0,
             close: !reserved && header.opcode == OpCode::Control(Control::Close),
+            passing: false,
         };
         if hold && len <= MAX_CONTROL_PAYLOAD {
             let mut bytes = Vec::with_capacity(header_len + len as usize);
@@ -432,6 +445,7 @@ impl Scanner {
         } else if !self.poisoned {
             out.own(&self.head[..held]);
             out.pass(chunk, at..at + from_chunk);
+            frame.passing = true;
         }
         if let OpCode::Data(data) = header.opcode {
             // A continuation with no message: only past a broken rule
@@ -1196,6 +1210,11 @@ struct Closing {
     side: Side,
     frame: Option<CloseFrame>,
     phase: Phase,
+    /// The side was owed the broker's close but is in the middle of a
+    /// frame from the other side: it is shut down without one, at once,
+    /// rather than read for an answer that cannot come (until
+    /// `close_timeout`).
+    unanswerable: bool,
 }
 
 impl Closing {
@@ -1203,6 +1222,7 @@ impl Closing {
         Closing {
             side,
             frame,
+            unanswerable: false,
             phase: if drop {
                 Phase::ShuttingDown
             } else {
@@ -1239,12 +1259,15 @@ impl Closing {
                         // side's answer; one whose close was refused (or
                         // came behind a broken rule) gets the broker's.
                         let owed = from.scan.closed.is_none() || from.scan.poisoned;
-                        if toward.sent_close.is_none()
-                            && owed
-                            && toward.inject(Frame::close(Some(frame)))
-                        {
-                            toward.sent_close = Some(code);
-                            metrics.close_sent(upstream, self.side, code);
+                        if toward.sent_close.is_none() && owed {
+                            if toward.inject(Frame::close(Some(frame))) {
+                                toward.sent_close = Some(code);
+                                metrics.close_sent(upstream, self.side, code);
+                            } else {
+                                // In the middle of a frame toward the side:
+                                // no close can go, so none will be answered.
+                                self.unanswerable = true;
+                            }
                         }
                     }
                     let written = match std::task::ready!(toward.poll_drain(x, cx)) {
@@ -1252,8 +1275,8 @@ impl Closing {
                         Err(e) => Err(e),
                     };
                     self.phase = match written {
-                        Ok(()) => Phase::Reading,
-                        Err(_) => Phase::ShuttingDown,
+                        Ok(()) if !self.unanswerable => Phase::Reading,
+                        _ => Phase::ShuttingDown,
                     };
                 }
                 Phase::Reading => {
@@ -1676,6 +1699,27 @@ mod tests {
                 assert_eq!(seen, vec![Seen::Close { code }]);
             }
         }
+    }
+
+    #[test]
+    fn a_frame_refused_at_its_header_leaves_the_destination_at_a_boundary() {
+        // Header only, payload to come: with RSV1, nothing of it passed.
+        let mut s = Scanner::new(Side::Upstream, 1024);
+        let (written, _, r) = scan_in_steps(&mut s, &[0xc1, 10, b'a'], 1);
+        assert!(r.is_err() && written.is_empty());
+        assert!(s.at_boundary());
+        // Refused inside its payload: its start went on.
+        let mut s = Scanner::new(Side::Upstream, 1024);
+        let (written, _, r) = scan_in_steps(&mut s, &[0x81, 10, b'a', 0xff], 64);
+        assert!(matches!(r, Err(WsError::Utf8(_))));
+        assert_eq!(written, [0x81, 10], "the header went on");
+        assert!(!s.at_boundary());
+        // Even once the refused frame has ended.
+        let mut s = Scanner::new(Side::Upstream, 1024);
+        let (written, _, r) = scan_in_steps(&mut s, &[0x81, 2, b'a', 0xff], 64);
+        assert!(matches!(r, Err(WsError::Utf8(_))));
+        assert_eq!(written, [0x81, 2]);
+        assert!(!s.at_boundary());
     }
 
     #[test]

@@ -104,6 +104,11 @@ impl RawPeer {
         self.tcp.write_all(&frame).await.expect("write a frame");
     }
 
+    /// Writes `bytes` as they are (a frame cut short, say).
+    pub async fn write_raw(&mut self, bytes: &[u8]) {
+        self.tcp.write_all(bytes).await.expect("write");
+    }
+
     /// The next frame, or `None` once the connection ends.
     pub async fn read_frame(&mut self) -> Option<RawFrame> {
         let mut head = [0u8; 2];
