@@ -919,3 +919,26 @@ async fn a_rule_broken_inside_an_unfinished_frame_ends_the_session_at_once() {
         );
     }
 }
+
+/// A client refused inside a frame it never finishes (invalid UTF-8,
+/// Autobahn's fuzzing client in 6.4.3 and 6.4.4) gets 1007, and its answer
+/// lands inside that frame where it cannot be told from payload: the
+/// broker does not wait `close_timeout` for it, but ends the connection.
+#[tokio::test]
+async fn a_client_refused_inside_its_unfinished_frame_is_not_awaited() {
+    use common::raw::{CloseSeen, RawPeer};
+    let up = TestUpstream::start().await;
+    // Without the fix, the client waits out this.
+    let broker = start_broker(&direct_config(&[up.addr], "close_timeout: 60s", "", "")).await;
+    let mut client = RawPeer::client(broker.client_addr, "/ws/echo").await;
+    // A masked text frame of 100 bytes, cut short after a bad byte.
+    client
+        .write_raw(&[0x81, 0x80 | 100, 0, 0, 0, 0, b'a', 0xff])
+        .await;
+    assert!(
+        matches!(client.next_close().await, CloseSeen::Close(1007, _)),
+        "the client gets 1007"
+    );
+    client.write_frame(0x88, &1007u16.to_be_bytes()).await;
+    client.ended().await;
+}

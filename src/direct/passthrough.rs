@@ -263,6 +263,11 @@ impl Scanner {
         }
     }
 
+    /// No frame of this side's is in progress (or its header is).
+    fn between_frames(&self) -> bool {
+        self.frame.is_none()
+    }
+
     /// No frame is partly written: the broker may write one of its own.
     fn at_boundary(&self) -> bool {
         !self.cut && self.frame.as_ref().is_none_or(|f| !f.passing)
@@ -1202,6 +1207,9 @@ enum Phase {
     /// until it closes the connection, as a server does).
     Reading,
     ShuttingDown,
+    /// Reading what the side still sends after the broker shut its
+    /// connection down, until it closes its own (see [`Closing::poll`]).
+    Draining,
     Done,
 }
 
@@ -1215,6 +1223,9 @@ struct Closing {
     /// rather than read for an answer that cannot come (until
     /// `close_timeout`).
     unanswerable: bool,
+    /// After shutting the connection down, read until the side closes its
+    /// own (rather than drop it with unread bytes, which resets it).
+    drain: bool,
 }
 
 impl Closing {
@@ -1223,6 +1234,7 @@ impl Closing {
             side,
             frame,
             unanswerable: false,
+            drain: false,
             phase: if drop {
                 Phase::ShuttingDown
             } else {
@@ -1281,8 +1293,14 @@ impl Closing {
                 }
                 Phase::Reading => {
                     let answered = from.scan.closed.is_some() && self.side == Side::Client;
-                    if answered {
+                    // A client refused inside a frame of its own cannot
+                    // answer recognisably (its close lands inside that
+                    // frame): the broker, a server, closes first and reads
+                    // on until the client closes too.
+                    let unrecognisable = from.scan.poisoned && !from.scan.between_frames();
+                    if answered || (unrecognisable && self.side == Side::Client) {
                         self.phase = Phase::ShuttingDown;
+                        self.drain = unrecognisable && !answered;
                         continue;
                     }
                     match std::task::ready!(poll_discard(x, from, cx, metrics, upstream)) {
@@ -1295,7 +1313,16 @@ impl Closing {
                         permit.release();
                     }
                     let _ = std::task::ready!(Pin::new(&mut *x).poll_shutdown(cx));
-                    self.phase = Phase::Done;
+                    self.phase = if self.drain {
+                        Phase::Draining
+                    } else {
+                        Phase::Done
+                    };
+                }
+                Phase::Draining => {
+                    if !std::task::ready!(poll_discard(x, from, cx, metrics, upstream)) {
+                        self.phase = Phase::Done;
+                    }
                 }
                 Phase::Done => return Poll::Ready(()),
             }
