@@ -27,12 +27,20 @@ pub const BAD_GATEWAY: u16 = 1014;
 /// The most bytes a close reason may have (a control frame's 125 less the code).
 pub const MAX_REASON_BYTES: usize = 123;
 
-/// `code` if a client may receive it (1000-1003, 1007-1014, 3000-4999),
-/// else 1011.
+/// A close frame may carry `code`: 1000-1003, 1007-1014 (RFC 6455 §7.4.1
+/// and the IANA registry) or 3000-4999. No endpoint may send any other
+/// (1005, 1006 and 1015 stand for no close frame at all), and the receiver
+/// of one fails the connection with 1002 (§7.4.1, §5.5.1).
+pub fn is_valid(code: u16) -> bool {
+    matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
+}
+
+/// `code` if a client may receive it (see [`is_valid`]), else 1011.
 pub fn client_code(code: u16) -> u16 {
-    match code {
-        1000..=1003 | 1007..=1014 | 3000..=4999 => code,
-        _ => INTERNAL_ERROR,
+    if is_valid(code) {
+        code
+    } else {
+        INTERNAL_ERROR
     }
 }
 
@@ -74,8 +82,9 @@ mod tests {
         for ok in [1000, 1001, 1003, 1007, 1014, 3000, 4001, 4999] {
             assert_eq!(client_code(ok), ok);
         }
-        for bad in [0, 999, 1004, 1005, 1006, 1015, 2000, 2999, 5000] {
+        for bad in [0, 999, 1004, 1005, 1006, 1015, 1016, 1100, 2000, 2999, 5000] {
             assert_eq!(client_code(bad), INTERNAL_ERROR);
+            assert!(!is_valid(bad), "{bad}");
         }
     }
 

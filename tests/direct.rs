@@ -760,3 +760,196 @@ async fn a_finished_close_handshake_ends_the_client_connection_at_once() {
     let (mut again, _) = connect(&broker.url("/ws/echo"), &[]).await;
     echo_roundtrip(&mut again, Message::text("slot reused")).await;
 }
+
+/// The message relay: the same route with a message plugin that passes
+/// everything.
+const MESSAGE_RELAY: &str =
+    "plugins: [{name: message_size, stage: post_response, settings: {max_bytes: 1000000}}]";
+
+/// Close frames that break a rule (RFC 6455 §5.5.1, §7.4.1), as header
+/// byte, payload and the code their receiver fails the connection with:
+/// the codes of Autobahn's cases 7.9.1-7.9.9 and 5000, a one-byte payload
+/// (7.3.2), a reason that is not UTF-8 (7.5.1) and reserved bits (3.7).
+fn rule_breaking_closes() -> Vec<(u8, Vec<u8>, u16)> {
+    let mut closes: Vec<_> = [0u16, 999, 1004, 1005, 1006, 1016, 1100, 2000, 2999, 5000]
+        .iter()
+        .map(|code| (0x88, code.to_be_bytes().to_vec(), 1002))
+        .collect();
+    closes.push((0x88, vec![0x03], 1002));
+    closes.push((0x88, vec![0x03, 0xe8, b'o', 0xed, 0xa0, 0x80, b'k'], 1007));
+    closes.push((0x88 | 0x70, vec![0x03, 0xe8], 1002));
+    closes
+}
+
+/// A hand-written upstream that, for each of `closes` in turn, accepts a
+/// session, sends that close frame, and reports what the broker answers
+/// (read raw) before closing the connection as a server does.
+async fn rule_breaking_upstream(
+    closes: Vec<(u8, Vec<u8>, u16)>,
+) -> (
+    std::net::SocketAddr,
+    tokio::sync::mpsc::Receiver<common::raw::CloseSeen>,
+) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tokio::spawn(async move {
+        for (first, payload, _) in closes {
+            let mut peer = common::raw::RawPeer::accept(&listener).await;
+            peer.write_frame(first, &payload).await;
+            let answer = peer.next_close().await;
+            peer.shutdown().await;
+            if tx.send(answer).await.is_err() {
+                return;
+            }
+        }
+    });
+    (addr, rx)
+}
+
+/// An upstream's close frame that breaks a rule is not passed on: the
+/// broker fails the upstream with 1002 (1007 for a reason that is not
+/// UTF-8), as the receiver of such a frame must, and the client gets 1014
+/// (the upstream failed) through either relay, except that the message
+/// relay's tungstenite turns a close code no endpoint may send into 1002
+/// before the broker sees it.
+#[tokio::test]
+async fn an_upstream_close_that_breaks_a_rule_fails_the_upstream() {
+    use common::raw::{CloseSeen, RawPeer};
+    for relay in ["", MESSAGE_RELAY] {
+        let closes = rule_breaking_closes();
+        let (addr, mut answers) = rule_breaking_upstream(closes.clone()).await;
+        let cfg = direct_config(
+            &[addr],
+            "",
+            &format!("health_checks: {{passive: false}}\n{relay}"),
+            "",
+        );
+        let broker = start_broker(&cfg).await;
+        for (first, payload, code) in closes {
+            let what = format!("{first:#x} {payload:?}, relay {relay:?}");
+            // Raw: tungstenite's reader would rewrite 1014, and its
+            // handshake may read the close behind the 101.
+            let mut client = RawPeer::client(broker.client_addr, "/ws/echo").await;
+            let bad_code = first == 0x88 && payload.len() == 2;
+            let client_code = if bad_code && !relay.is_empty() {
+                1002
+            } else {
+                1014
+            };
+            assert_eq!(client.close_code().await, client_code, "{what}");
+            client.write_frame(0x88, &client_code.to_be_bytes()).await;
+            client.ended().await;
+            let answer = within("the upstream's report", answers.recv())
+                .await
+                .unwrap();
+            assert!(
+                matches!(answer, CloseSeen::Close(c, _) if c == code),
+                "{what}: the upstream got {answer:?}"
+            );
+        }
+    }
+}
+
+/// A client's close frame that breaks a rule is not passed on either: the
+/// client gets 1002 (1007 for a reason that is not UTF-8) and its
+/// connection ends, through either relay.
+#[tokio::test]
+async fn a_client_close_that_breaks_a_rule_fails_the_client() {
+    use common::raw::{CloseSeen, RawPeer};
+    for relay in ["", MESSAGE_RELAY] {
+        let mut up = TestUpstream::start().await;
+        let broker = start_broker(&direct_config(&[up.addr], "", relay, "")).await;
+        for (first, payload, code) in rule_breaking_closes() {
+            let what = format!("{first:#x} {payload:?}, relay {relay:?}");
+            let mut client = RawPeer::client(broker.client_addr, "/ws/echo").await;
+            client.write_frame(0x81, b"before").await;
+            let echo = within("the echo", client.read_frame())
+                .await
+                .expect("an echo");
+            assert_eq!(echo.payload, b"before", "{what}");
+            client.write_frame(first, &payload).await;
+            let answer = client.next_close().await;
+            assert!(
+                matches!(answer, CloseSeen::Close(c, _) if c == code),
+                "{what}: the client got {answer:?}"
+            );
+            client.ended().await;
+            // The upstream hears of the end too.
+            let (up_code, _) = up.close().await;
+            assert!(matches!(up_code, 1001 | 1002), "{what}: {up_code}");
+        }
+    }
+}
+
+/// An upstream that breaks a rule in the middle of a frame it never
+/// finishes ends the session at once, not after `close_timeout`: a frame
+/// refused at its header has passed nothing, so the client still gets
+/// 1014 (Autobahn 3.4, 4.2.5, sent byte by byte); one refused inside its
+/// payload (invalid UTF-8, Autobahn 6.3.1) has passed its start, even if
+/// the rest came in the same read, so the client's connection is shut down
+/// without a close (which would land inside that frame). The upstream gets
+/// 1002 or 1007 either way.
+#[tokio::test]
+async fn a_rule_broken_inside_an_unfinished_frame_ends_the_session_at_once() {
+    use common::raw::{CloseSeen, RawPeer};
+    // A text frame of 10 bytes: with RSV1, or with a byte that is never UTF-8.
+    let unfinished: [(&[u8], Option<u16>, u16); 3] = [
+        (&[0xc1, 10, b'a'], Some(1014), 1002),
+        (&[0x81, 10, b'a', 0xff], None, 1007),
+        // Refused in the read that ends it: its header went on alone.
+        (&[0x81, 2, b'a', 0xff], None, 1007),
+    ];
+    for (bytes, client_code, upstream_code) in unfinished {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let upstream = tokio::spawn(async move {
+            let mut peer = RawPeer::accept(&listener).await;
+            peer.write_raw(bytes).await;
+            let answer = peer.next_close().await;
+            peer.shutdown().await;
+            answer
+        });
+        // Without the fix, each side waits out this.
+        let cfg = direct_config(&[addr], "close_timeout: 60s", "", "");
+        let broker = start_broker(&cfg).await;
+        let mut client = RawPeer::client(broker.client_addr, "/ws/echo").await;
+        match client_code {
+            Some(code) => {
+                assert_eq!(client.close_code().await, code, "{bytes:?}");
+                client.write_frame(0x88, &code.to_be_bytes()).await;
+                client.ended().await;
+            }
+            // The frame's start was passed on; nothing can follow it.
+            None => client.ended().await,
+        }
+        let answer = within("the upstream's answer", upstream).await.unwrap();
+        assert!(
+            matches!(answer, CloseSeen::Close(c, _) if c == upstream_code),
+            "{bytes:?}: the upstream got {answer:?}"
+        );
+    }
+}
+
+/// A client refused inside a frame it never finishes (invalid UTF-8,
+/// Autobahn's fuzzing client in 6.4.3 and 6.4.4) gets 1007, and its answer
+/// lands inside that frame where it cannot be told from payload: the
+/// broker does not wait `close_timeout` for it, but ends the connection.
+#[tokio::test]
+async fn a_client_refused_inside_its_unfinished_frame_is_not_awaited() {
+    use common::raw::{CloseSeen, RawPeer};
+    let up = TestUpstream::start().await;
+    // Without the fix, the client waits out this.
+    let broker = start_broker(&direct_config(&[up.addr], "close_timeout: 60s", "", "")).await;
+    let mut client = RawPeer::client(broker.client_addr, "/ws/echo").await;
+    // A masked text frame of 100 bytes, cut short after a bad byte.
+    client
+        .write_raw(&[0x81, 0x80 | 100, 0, 0, 0, 0, b'a', 0xff])
+        .await;
+    assert!(
+        matches!(client.next_close().await, CloseSeen::Close(1007, _)),
+        "the client gets 1007"
+    );
+    client.write_frame(0x88, &1007u16.to_be_bytes()).await;
+    client.ended().await;
+}

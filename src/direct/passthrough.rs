@@ -9,9 +9,11 @@
 //! frames begin, which is where the broker may put frames of its own (its
 //! pings, and the closes [`super::decide`] chooses). Text is checked to be
 //! UTF-8 as it passes, so bad input gets the same 1007 as in the message
-//! relay. Close and pong frames are held whole: close codes reach the
-//! metrics and a code a client may not receive is replaced, and the pongs
-//! that answer the broker's own pings go no further.
+//! relay. Close and pong frames are held whole: a close that breaks a rule
+//! (a code no endpoint may send, a one-byte payload, a reason that is not
+//! UTF-8) fails the session as any bad frame does, valid close codes reach
+//! the metrics, and the pongs that answer the broker's own pings go no
+//! further.
 //!
 //! An idle session owns no buffer. Bytes the destination cannot take at
 //! once go to that direction's spill buffer, which is freed once written;
@@ -86,7 +88,7 @@ enum Seen {
         /// the chunk (see [`Out::len`]).
         end: usize,
     },
-    /// A close frame, with its code (1005: none given).
+    /// A close frame passed on, with its code (1005: none given).
     Close { code: u16 },
 }
 
@@ -111,6 +113,10 @@ struct InFrame {
     offset: u8,
     /// A close frame (held, unless it is too big to be valid).
     close: bool,
+    /// Some of the frame has been written on: until it ends, no frame of
+    /// the broker's may go to the destination. (A frame refused at its
+    /// header, or held, has written nothing.)
+    passing: bool,
 }
 
 /// Follows the frames of one direction's byte stream.
@@ -126,7 +132,9 @@ struct Scanner {
     frame: Option<InFrame>,
     /// The data message in progress and its size so far.
     message: Option<(Kind, u64)>,
-    /// The close code this side sent, once its close frame has passed.
+    /// The close code this side sent, once its close frame has been read:
+    /// passed on, or refused (1002 for one that breaks a rule itself; see
+    /// `poisoned`).
     closed: Option<u16>,
     utf8: Utf8Check,
     /// A frame broke the rules: nothing is passed on any more, but frames
@@ -138,6 +146,9 @@ struct Scanner {
     error: Option<Box<WsError>>,
     /// The stream cannot be followed any more (an unparseable header).
     lost: bool,
+    /// A frame was refused after its start had been written on: the
+    /// destination is left inside it for good.
+    cut: bool,
     /// Tests turn [`Scanner::whole_data_frame`] off to compare.
     #[cfg(test)]
     shortcut: bool,
@@ -238,6 +249,7 @@ impl Scanner {
             poisoned: false,
             error: None,
             lost: false,
+            cut: false,
             #[cfg(test)]
             shortcut: true,
         }
@@ -251,9 +263,14 @@ impl Scanner {
         }
     }
 
+    /// No frame of this side's is in progress (or its header is).
+    fn between_frames(&self) -> bool {
+        self.frame.is_none()
+    }
+
     /// No frame is partly written: the broker may write one of its own.
     fn at_boundary(&self) -> bool {
-        self.frame.is_none()
+        !self.cut && self.frame.as_ref().is_none_or(|f| !f.passing)
     }
 
     /// Follows `chunk`, noting in `out` what to write on and in `seen` what
@@ -294,7 +311,11 @@ impl Scanner {
             frame.left -= take as u64;
             let ends = frame.left == 0;
             match (&mut frame.held, bad_text) {
-                (_, Some(e)) => self.poison(e),
+                (_, Some(e)) => {
+                    // The frame's start went on, and its rest never will.
+                    self.cut |= frame.passing;
+                    self.poison(e);
+                }
                 (Some(held), None) => held.extend_from_slice(piece),
                 (None, None) if !self.poisoned => out.pass(chunk, at..at + take),
                 (None, None) => {}
@@ -420,6 +441,7 @@ impl Scanner {
             text: false,
             offset: 0,
             close: !reserved && header.opcode == OpCode::Control(Control::Close),
+            passing: false,
         };
         if hold && len <= MAX_CONTROL_PAYLOAD {
             let mut bytes = Vec::with_capacity(header_len + len as usize);
@@ -428,6 +450,7 @@ impl Scanner {
         } else if !self.poisoned {
             out.own(&self.head[..held]);
             out.pass(chunk, at..at + from_chunk);
+            frame.passing = true;
         }
         if let OpCode::Data(data) = header.opcode {
             // A continuation with no message: only past a broken rule
@@ -519,10 +542,11 @@ impl Scanner {
                 seen(Seen::Message { kind, len, end });
             }
         }
-        let Some(mut bytes) = frame.held else {
+        let Some(bytes) = frame.held else {
             if frame.close {
                 // Too big to be valid, and refused: still, the side has
-                // closed and awaits no answer of ours but the end.
+                // closed and awaits nothing but the broker's close and the
+                // end.
                 self.closed = Some(close::PROTOCOL_ERROR);
             }
             return;
@@ -538,26 +562,42 @@ impl Scanner {
             }
             return;
         }
-        let code = match payload.len() {
-            0 => 1005,
-            1 => {
-                self.poison(WsError::Protocol(ProtocolError::InvalidCloseSequence));
-                1005
+        let code = match check_close(&payload) {
+            Ok(code) => code,
+            Err(e) => {
+                self.poison(e);
+                close::PROTOCOL_ERROR
             }
-            _ => u16::from_be_bytes([payload[0], payload[1]]),
         };
-        // A code a client may not receive is replaced, as the message relay
-        // does; the reason is kept.
-        if self.from == Side::Upstream && payload.len() >= 2 && close::client_code(code) != code {
-            let reason = String::from_utf8_lossy(&payload[2..]).into_owned();
-            bytes.clear();
-            let replaced = close::frame(close::client_code(code), &reason);
-            encode(Frame::close(Some(replaced)), &mut bytes);
-        }
+        // The side has closed, even with a close the broker refuses (or one
+        // behind a broken rule): it awaits nothing but a close and the end.
         self.closed = Some(code);
-        seen(Seen::Close { code });
+        // Only a close that is passed on is seen: a refused one is answered
+        // by the broker's own (see `Closing`), and is not the destination's.
         if !self.poisoned {
+            seen(Seen::Close { code });
             out.own(&bytes);
+        }
+    }
+}
+
+/// The code of a close frame with `payload` (1005: none given), or the
+/// rule it breaks (RFC 6455 §5.5.1, §7.4.1): one byte long, a code no
+/// endpoint may send, or a reason that is not UTF-8. The message relay's
+/// tungstenite refuses the same, with the same errors.
+fn check_close(payload: &[u8]) -> Result<u16, WsError> {
+    match payload {
+        [] => Ok(1005),
+        [_] => Err(WsError::Protocol(ProtocolError::InvalidCloseSequence)),
+        [hi, lo, reason @ ..] => {
+            let code = u16::from_be_bytes([*hi, *lo]);
+            if !close::is_valid(code) {
+                return Err(WsError::Protocol(ProtocolError::InvalidCloseSequence));
+            }
+            if std::str::from_utf8(reason).is_err() {
+                return Err(WsError::Utf8("invalid UTF-8 in a close reason".into()));
+            }
+            Ok(code)
         }
     }
 }
@@ -723,13 +763,10 @@ impl Pump {
                     Kind::Binary => counters.binary(len as usize),
                 }
             }
+            // Only valid codes pass (see `check_close`).
             Seen::Close { code } => {
-                let sent = match to {
-                    Side::Client => close::client_code(code),
-                    Side::Upstream => code,
-                };
-                *sent_close = Some(sent);
-                metrics.close_sent(upstream, to, sent);
+                *sent_close = Some(code);
+                metrics.close_sent(upstream, to, code);
             }
         })
     }
@@ -1170,6 +1207,9 @@ enum Phase {
     /// until it closes the connection, as a server does).
     Reading,
     ShuttingDown,
+    /// Reading what the side still sends after the broker shut its
+    /// connection down, until it closes its own (see [`Closing::poll`]).
+    Draining,
     Done,
 }
 
@@ -1178,6 +1218,14 @@ struct Closing {
     side: Side,
     frame: Option<CloseFrame>,
     phase: Phase,
+    /// The side was owed the broker's close but is in the middle of a
+    /// frame from the other side: it is shut down without one, at once,
+    /// rather than read for an answer that cannot come (until
+    /// `close_timeout`).
+    unanswerable: bool,
+    /// After shutting the connection down, read until the side closes its
+    /// own (rather than drop it with unread bytes, which resets it).
+    drain: bool,
 }
 
 impl Closing {
@@ -1185,6 +1233,8 @@ impl Closing {
         Closing {
             side,
             frame,
+            unanswerable: false,
+            drain: false,
             phase: if drop {
                 Phase::ShuttingDown
             } else {
@@ -1217,12 +1267,19 @@ impl Closing {
                 Phase::Writing => {
                     if let Some(frame) = self.frame.take() {
                         let code = u16::from(frame.code);
-                        if toward.sent_close.is_none()
-                            && from.scan.closed.is_none()
-                            && toward.inject(Frame::close(Some(frame)))
-                        {
-                            toward.sent_close = Some(code);
-                            metrics.close_sent(upstream, self.side, code);
+                        // A side whose close passed awaits the other
+                        // side's answer; one whose close was refused (or
+                        // came behind a broken rule) gets the broker's.
+                        let owed = from.scan.closed.is_none() || from.scan.poisoned;
+                        if toward.sent_close.is_none() && owed {
+                            if toward.inject(Frame::close(Some(frame))) {
+                                toward.sent_close = Some(code);
+                                metrics.close_sent(upstream, self.side, code);
+                            } else {
+                                // In the middle of a frame toward the side:
+                                // no close can go, so none will be answered.
+                                self.unanswerable = true;
+                            }
                         }
                     }
                     let written = match std::task::ready!(toward.poll_drain(x, cx)) {
@@ -1230,14 +1287,20 @@ impl Closing {
                         Err(e) => Err(e),
                     };
                     self.phase = match written {
-                        Ok(()) => Phase::Reading,
-                        Err(_) => Phase::ShuttingDown,
+                        Ok(()) if !self.unanswerable => Phase::Reading,
+                        _ => Phase::ShuttingDown,
                     };
                 }
                 Phase::Reading => {
                     let answered = from.scan.closed.is_some() && self.side == Side::Client;
-                    if answered {
+                    // A client refused inside a frame of its own cannot
+                    // answer recognisably (its close lands inside that
+                    // frame): the broker, a server, closes first and reads
+                    // on until the client closes too.
+                    let unrecognisable = from.scan.poisoned && !from.scan.between_frames();
+                    if answered || (unrecognisable && self.side == Side::Client) {
                         self.phase = Phase::ShuttingDown;
+                        self.drain = unrecognisable && !answered;
                         continue;
                     }
                     match std::task::ready!(poll_discard(x, from, cx, metrics, upstream)) {
@@ -1250,7 +1313,16 @@ impl Closing {
                         permit.release();
                     }
                     let _ = std::task::ready!(Pin::new(&mut *x).poll_shutdown(cx));
-                    self.phase = Phase::Done;
+                    self.phase = if self.drain {
+                        Phase::Draining
+                    } else {
+                        Phase::Done
+                    };
+                }
+                Phase::Draining => {
+                    if !std::task::ready!(poll_discard(x, from, cx, metrics, upstream)) {
+                        self.phase = Phase::Done;
+                    }
                 }
                 Phase::Done => return Poll::Ready(()),
             }
@@ -1604,26 +1676,77 @@ mod tests {
     }
 
     #[test]
-    fn close_codes_a_client_may_not_receive_are_replaced() {
-        let bad = wire(
-            Frame::close(Some(CloseFrame {
-                code: CloseCode::from(1015),
-                reason: "tls".into(),
-            })),
-            None,
-        );
+    fn a_close_that_breaks_a_rule_is_refused_from_either_side() {
+        let close_with = |payload: &[u8], mask| {
+            let mut frame = wire(Frame::close(None), None);
+            frame[1] = payload.len() as u8;
+            frame.extend_from_slice(payload);
+            if let Some(mask) = mask {
+                frame[1] |= 0x80;
+                frame.splice(2..2, mask);
+                unmask(&mut frame[6..], mask, 0);
+            }
+            frame
+        };
+        let mut bad: Vec<Vec<u8>> = [
+            0u16, 999, 1004, 1005, 1006, 1015, 1016, 1100, 2000, 2999, 5000,
+        ]
+        .iter()
+        .map(|code| code.to_be_bytes().to_vec())
+        .collect();
+        bad.push(vec![0x03]);
+        bad.push(vec![0x03, 0xE8, b'a', 0xff]);
+        for (from, mask) in [(Side::Upstream, None), (Side::Client, MASK)] {
+            for payload in &bad {
+                for step in [1, 3, 64] {
+                    let mut s = Scanner::new(from, 1024);
+                    let (written, seen, r) =
+                        scan_in_steps(&mut s, &close_with(payload, mask), step);
+                    let expected_utf8 = payload.len() > 2;
+                    match r {
+                        Err(WsError::Utf8(_)) if expected_utf8 => {}
+                        Err(WsError::Protocol(ProtocolError::InvalidCloseSequence))
+                            if !expected_utf8 => {}
+                        other => panic!("{from:?} {payload:?}: {other:?}"),
+                    }
+                    assert!(written.is_empty(), "{payload:?} passed");
+                    assert!(seen.is_empty(), "{payload:?} seen");
+                    assert_eq!(s.closed, Some(close::PROTOCOL_ERROR));
+                }
+            }
+            // The codes an endpoint may send pass unchanged, 1014 included.
+            for code in [1000u16, 1003, 1007, 1011, 1012, 1013, 1014, 3000, 4999] {
+                let mut payload = code.to_be_bytes().to_vec();
+                payload.extend_from_slice("é".as_bytes());
+                let frame = close_with(&payload, mask);
+                let mut s = Scanner::new(from, 1024);
+                let (written, seen, r) = scan_in_steps(&mut s, &frame, 3);
+                r.unwrap();
+                assert_eq!(written, frame);
+                assert_eq!(seen, vec![Seen::Close { code }]);
+            }
+        }
+    }
+
+    #[test]
+    fn a_frame_refused_at_its_header_leaves_the_destination_at_a_boundary() {
+        // Header only, payload to come: with RSV1, nothing of it passed.
         let mut s = Scanner::new(Side::Upstream, 1024);
-        let (written, seen, r) = scan_in_steps(&mut s, &bad, 4);
-        r.unwrap();
-        assert_eq!(seen, vec![Seen::Close { code: 1015 }]);
-        let expected = wire(
-            Frame::close(Some(CloseFrame {
-                code: CloseCode::from(1011),
-                reason: "tls".into(),
-            })),
-            None,
-        );
-        assert_eq!(written, expected);
+        let (written, _, r) = scan_in_steps(&mut s, &[0xc1, 10, b'a'], 1);
+        assert!(r.is_err() && written.is_empty());
+        assert!(s.at_boundary());
+        // Refused inside its payload: its start went on.
+        let mut s = Scanner::new(Side::Upstream, 1024);
+        let (written, _, r) = scan_in_steps(&mut s, &[0x81, 10, b'a', 0xff], 64);
+        assert!(matches!(r, Err(WsError::Utf8(_))));
+        assert_eq!(written, [0x81, 10], "the header went on");
+        assert!(!s.at_boundary());
+        // Even once the refused frame has ended.
+        let mut s = Scanner::new(Side::Upstream, 1024);
+        let (written, _, r) = scan_in_steps(&mut s, &[0x81, 2, b'a', 0xff], 64);
+        assert!(matches!(r, Err(WsError::Utf8(_))));
+        assert_eq!(written, [0x81, 2]);
+        assert!(!s.at_boundary());
     }
 
     #[test]

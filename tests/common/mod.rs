@@ -5,6 +5,7 @@
 //! every helper awaits the event it needs, under a timeout.
 #![allow(dead_code)]
 
+pub mod raw;
 pub mod upstream;
 
 use std::future::Future;
