@@ -68,6 +68,10 @@ pub enum ConnCmd {
         code: u16,
         reason: String,
     },
+    /// From the pool: hand every session over to other connections (see
+    /// the module docs). Queued behind the commands already taken, which
+    /// are written first.
+    HandOver,
 }
 
 /// How a connection reaches a session: its inbox, `client_queue` deep
@@ -108,6 +112,13 @@ pub enum ConnEnd {
     HandedOver,
 }
 
+/// What [`MuxConn::poll_io`] stopped for.
+enum Step {
+    End(ConnEnd),
+    /// The pool asked for a hand-over (while serving).
+    HandOver,
+}
+
 /// What the connection is doing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
@@ -144,15 +155,10 @@ struct State {
 
 impl MuxConn {
     /// Runs the connection until it dies, or after `stop` until its last
-    /// session has left, or after `handover` until it has handed its
-    /// sessions over. `withdraw` runs as soon as it stops serving new
+    /// session has left, or after [`ConnCmd::HandOver`] until it has handed
+    /// its sessions over. `withdraw` runs as soon as it stops serving new
     /// sessions, before any of them is told to re-bind.
-    pub async fn run(
-        mut self,
-        stop: CancellationToken,
-        handover: CancellationToken,
-        withdraw: impl FnOnce(),
-    ) -> ConnEnd {
+    pub async fn run(mut self, stop: CancellationToken, withdraw: impl FnOnce()) -> ConnEnd {
         let mut withdraw = Some(withdraw);
         let mut st = State {
             bound: HashMap::new(),
@@ -168,14 +174,16 @@ impl MuxConn {
             tokio::select! {
                 biased;
                 _ = stop.cancelled(), if phase == Phase::Serving => phase = Phase::Draining,
-                _ = handover.cancelled(), if phase == Phase::Serving => {
-                    if let Some(withdraw) = withdraw.take() {
-                        withdraw();
+                step = poll_fn(|cx| self.poll_io(&mut st, &mut phase, cx)) => match step {
+                    Step::End(end) => break end,
+                    Step::HandOver => {
+                        if let Some(withdraw) = withdraw.take() {
+                            withdraw();
+                        }
+                        self.rx.close();
+                        phase = Phase::HandingOver { close_sent: false };
                     }
-                    self.rx.close();
-                    phase = Phase::HandingOver { close_sent: false };
-                }
-                end = poll_fn(|cx| self.poll_io(&mut st, &mut phase, cx)) => break end,
+                },
                 _ = tokio::time::sleep_until(wake) => {
                     let now = Instant::now();
                     if now >= st.last_seen + self.pong_wait {
@@ -209,12 +217,7 @@ impl MuxConn {
     /// once the last session has left and its frames are flushed; when
     /// handing over, closes once the queue is written and ends when the
     /// upstream's close has come.
-    fn poll_io(
-        &mut self,
-        st: &mut State,
-        phase: &mut Phase,
-        cx: &mut Context<'_>,
-    ) -> Poll<ConnEnd> {
+    fn poll_io(&mut self, st: &mut State, phase: &mut Phase, cx: &mut Context<'_>) -> Poll<Step> {
         let closing = matches!(phase, Phase::HandingOver { close_sent: true });
         for round in 0..=BURST {
             if round == BURST {
@@ -236,11 +239,15 @@ impl MuxConn {
                 Poll::Ready(Some(Err(WsError::ConnectionClosed))) | Poll::Ready(None)
                     if closing =>
                 {
-                    return Poll::Ready(ConnEnd::HandedOver)
+                    return Poll::Ready(Step::End(ConnEnd::HandedOver))
                 }
-                Poll::Ready(Some(Err(e))) => return Poll::Ready(ConnEnd::Lost(e.to_string())),
+                Poll::Ready(Some(Err(e))) => {
+                    return Poll::Ready(Step::End(ConnEnd::Lost(e.to_string())))
+                }
                 Poll::Ready(None) => {
-                    return Poll::Ready(ConnEnd::Lost("connection closed by the upstream".into()))
+                    return Poll::Ready(Step::End(ConnEnd::Lost(
+                        "connection closed by the upstream".into(),
+                    )))
                 }
                 Poll::Pending => break,
             }
@@ -252,7 +259,9 @@ impl MuxConn {
                     Poll::Ready(Ok(())) | Poll::Ready(Err(WsError::ConnectionClosed)) => {
                         st.unflushed = false
                     }
-                    Poll::Ready(Err(e)) => return Poll::Ready(ConnEnd::Lost(e.to_string())),
+                    Poll::Ready(Err(e)) => {
+                        return Poll::Ready(Step::End(ConnEnd::Lost(e.to_string())))
+                    }
                     Poll::Pending => {}
                 }
             }
@@ -263,7 +272,9 @@ impl MuxConn {
             if st.pending.is_some() || st.ping_due {
                 match Pin::new(&mut self.ws).poll_ready(cx) {
                     Poll::Pending => break,
-                    Poll::Ready(Err(e)) => return Poll::Ready(ConnEnd::Lost(e.to_string())),
+                    Poll::Ready(Err(e)) => {
+                        return Poll::Ready(Step::End(ConnEnd::Lost(e.to_string())))
+                    }
                     Poll::Ready(Ok(())) => {}
                 }
                 let msg = match st.pending.take() {
@@ -274,7 +285,7 @@ impl MuxConn {
                     }
                 };
                 if let Err(e) = Pin::new(&mut self.ws).start_send(msg) {
-                    return Poll::Ready(ConnEnd::Lost(e.to_string()));
+                    return Poll::Ready(Step::End(ConnEnd::Lost(e.to_string())));
                 }
                 st.unflushed = true;
             }
@@ -284,6 +295,12 @@ impl MuxConn {
             }
             budget -= 1;
             match self.rx.poll_recv(cx) {
+                // Only while serving: a connection already draining or
+                // handing over ignores it.
+                Poll::Ready(Some(ConnCmd::HandOver)) if *phase == Phase::Serving => {
+                    return Poll::Ready(Step::HandOver)
+                }
+                Poll::Ready(Some(ConnCmd::HandOver)) => {}
                 Poll::Ready(Some(cmd)) => {
                     if let ConnCmd::Open { session, link, .. } = &cmd {
                         st.bound.insert(*session, link.clone());
@@ -296,7 +313,7 @@ impl MuxConn {
                         match Pin::new(&mut self.ws).poll_ready(cx) {
                             Poll::Pending => break,
                             Poll::Ready(Err(e)) => {
-                                return Poll::Ready(ConnEnd::Lost(e.to_string()))
+                                return Poll::Ready(Step::End(ConnEnd::Lost(e.to_string())))
                             }
                             Poll::Ready(Ok(())) => {}
                         }
@@ -304,14 +321,14 @@ impl MuxConn {
                         if let Err(e) =
                             Pin::new(&mut self.ws).start_send(Message::Close(Some(frame)))
                         {
-                            return Poll::Ready(ConnEnd::Lost(e.to_string()));
+                            return Poll::Ready(Step::End(ConnEnd::Lost(e.to_string())));
                         }
                         *close_sent = true;
                         st.unflushed = true;
                         break;
                     }
                     // The pool and every session are gone.
-                    _ => return Poll::Ready(ConnEnd::Drained),
+                    _ => return Poll::Ready(Step::End(ConnEnd::Drained)),
                 },
                 Poll::Pending => break,
             }
@@ -321,14 +338,14 @@ impl MuxConn {
             match Pin::new(&mut self.ws).poll_flush(cx) {
                 Poll::Ready(Ok(())) => st.unflushed = false,
                 Poll::Ready(Err(WsError::ConnectionClosed)) => {}
-                Poll::Ready(Err(e)) => return Poll::Ready(ConnEnd::Lost(e.to_string())),
+                Poll::Ready(Err(e)) => return Poll::Ready(Step::End(ConnEnd::Lost(e.to_string()))),
                 Poll::Pending => {}
             }
         }
         let idle =
             st.bound.is_empty() && st.pending.is_none() && !st.unflushed && self.rx.is_empty();
         if *phase == Phase::Draining && idle {
-            return Poll::Ready(ConnEnd::Drained);
+            return Poll::Ready(Step::End(ConnEnd::Drained));
         }
         Poll::Pending
     }
@@ -370,6 +387,7 @@ impl MuxConn {
                     self.encoding,
                 )
             }
+            ConnCmd::HandOver => unreachable!("a hand-over is taken, never written"),
         };
         self.counters.frames_out.inc();
         self.counters.bytes_out.inc_by(msg.len() as u64);
@@ -488,6 +506,7 @@ impl MuxConn {
             ConnCmd::Close { session, .. } => {
                 st.bound.remove(&session);
             }
+            ConnCmd::HandOver => {}
         };
         if let Some(cmd) = st.pending.take() {
             take(cmd, &mut st);

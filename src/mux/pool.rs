@@ -19,7 +19,7 @@ use std::time::Duration;
 use http::header::{HeaderMap, HeaderValue, SEC_WEBSOCKET_PROTOCOL};
 use muxgate_backend::protocol::{self, Encoding, Frame, Hello};
 use tokio::runtime::Handle;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -120,6 +120,12 @@ impl MuxPool {
             }
         }
         pool
+    }
+
+    /// The live connection `id`, if it still is.
+    fn handle(&self, id: Uuid) -> Option<MuxConnHandle> {
+        let live = self.live.read().expect("pool lock");
+        live.iter().find(|c| c.id == id).cloned()
     }
 
     /// Live connections now.
@@ -318,17 +324,17 @@ impl MuxPool {
             id,
             label,
             lease,
-            handover: CancellationToken::new(),
         })
     }
 
     /// Serves `live` and whatever it is moved to, until the connection
-    /// then serving ends. Every [`REBALANCE_PERIOD`] the slot checks
-    /// whether the pool wants its connection elsewhere
-    /// ([`MuxPool::wanted_move`]); if so, and no other slot is moving one,
-    /// it connects to that target
-    /// while the old connection still serves, then has the old one hand
-    /// its sessions over (see [`super::conn`]) as a task of its own.
+    /// then serving ends. Each connection runs as a task of its own, so
+    /// that its wakes (every message) do not poll the slot's timer: every
+    /// [`REBALANCE_PERIOD`] the slot checks whether the pool wants its
+    /// connection elsewhere ([`MuxPool::wanted_move`]); if so, and no other
+    /// slot is moving one, it connects to that target while the old
+    /// connection still serves, then asks the old one to hand its sessions
+    /// over ([`ConnCmd::HandOver`]) and goes on with the new one.
     async fn serve(
         self: &Arc<Self>,
         slot: usize,
@@ -339,26 +345,18 @@ impl MuxPool {
         loop {
             let (from, old) = (live.lease.index(), live.id);
             let from_label = Arc::clone(&live.label);
-            let handover = live.handover.clone();
-            let mut run = Box::pin(Arc::clone(self).run_conn(live, stop.clone()));
+            let mut ended = self.spawn_conn(slot, live, stop);
             let mut check =
                 tokio::time::interval_at(Instant::now() + REBALANCE_PERIOD, REBALANCE_PERIOD);
             check.set_missed_tick_behavior(MissedTickBehavior::Delay);
             let next = loop {
                 tokio::select! {
-                    end = &mut run => return end,
+                    end = &mut ended => return end.unwrap_or(Ok(())),
                     _ = check.tick(), if !stop.is_cancelled() => {
                         let Some(to) = self.wanted_move(old, from) else { continue };
                         let Some(_turn) = MoveTurn::take(&self.moving) else { continue };
-                        let made = tokio::select! {
-                            end = &mut run => return end,
-                            made = self.connect(slot, Some(to)) => made,
-                        };
-                        match made {
-                            Ok(next) => {
-                                handover.cancel();
-                                break next;
-                            }
+                        match self.connect(slot, Some(to)).await {
+                            Ok(next) => break next,
                             Err(failure) => {
                                 warn!(upstream = %name, slot, from = %from_label, cause = %failure, "moving a mux connection failed; it stays");
                             }
@@ -366,18 +364,49 @@ impl MuxPool {
                     }
                 }
             };
+            // The old one may have ended while the new one connected.
+            if let Ok(Err(failure)) = ended.try_recv() {
+                warn!(upstream = %name, slot, cause = %failure, "mux connection failed");
+            }
             self.metrics
                 .mux_connection_moved(name, &from_label, &next.label);
             info!(upstream = %name, slot, from = %from_label, to = %next.label, "mux connection moving to a target back in rotation");
-            let upstream = Arc::clone(name);
-            self.shutdown.spawn(async move {
-                if let Err(failure) = run.await {
-                    warn!(%upstream, slot, cause = %failure, "mux connection failed while handing its sessions over");
-                }
-                debug!(%upstream, slot, connection = %old, "mux connection handed its sessions over");
-            });
+            // Through its queue: the old connection hands over once it has
+            // written what it took before. One that has just left the pool
+            // is ending anyway.
+            if let Some(old) = self.handle(old) {
+                self.shutdown.spawn(async move {
+                    let _ = old.tx.send(ConnCmd::HandOver).await;
+                });
+            }
             live = next;
         }
+    }
+
+    /// Runs `live` as a task of its own, owned by the shutdown tracker;
+    /// the receiver gets its end, unless the slot has moved on, and then
+    /// the task logs a failure itself.
+    fn spawn_conn(
+        self: &Arc<Self>,
+        slot: usize,
+        live: Live,
+        stop: &CancellationToken,
+    ) -> oneshot::Receiver<Result<(), String>> {
+        let (end_tx, ended) = oneshot::channel();
+        let (upstream, connection) = (Arc::clone(&self.upstream.name), live.id);
+        let run = Arc::clone(self).run_conn(live, stop.clone());
+        self.shutdown.spawn(async move {
+            match end_tx.send(run.await) {
+                Ok(()) => {}
+                Err(Ok(())) => {
+                    debug!(%upstream, slot, %connection, "mux connection handed its sessions over")
+                }
+                Err(Err(failure)) => {
+                    warn!(%upstream, slot, %connection, cause = %failure, "mux connection failed while handing its sessions over")
+                }
+            }
+        });
+        ended
     }
 
     /// Runs one connection to its end; a loss counts against its target.
@@ -387,14 +416,11 @@ impl MuxPool {
             id,
             label,
             lease,
-            handover,
         } = live;
         // The handle is withdrawn before the connection tells its sessions
         // to re-bind, so none of them re-binds to it.
         let end = conn
-            .run(stop, handover, || {
-                self.publish(|live| live.retain(|c| c.id != id))
-            })
+            .run(stop, || self.publish(|live| live.retain(|c| c.id != id)))
             .await;
         self.metrics
             .mux_conn_state(&self.upstream.name, &label, "live", -1);
@@ -467,8 +493,6 @@ struct Live {
     label: Arc<str>,
     /// Held for the connection's life: least_connections counts it.
     lease: TargetLease,
-    /// Cancelled when the pool moves the connection elsewhere.
-    handover: CancellationToken,
 }
 
 /// One move at a time in a pool: a slot holds the turn from deciding to
