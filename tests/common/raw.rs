@@ -65,22 +65,11 @@ impl RawPeer {
     /// Accepts one connection on `listener` as a server and answers its
     /// upgrade with 101.
     pub async fn accept(listener: &TcpListener) -> RawPeer {
-        use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
         let (mut tcp, _) = listener.accept().await.expect("accept");
-        let head = read_head(&mut tcp).await.expect("an upgrade request");
-        let key = head
-            .lines()
-            .find_map(|l| {
-                let (name, value) = l.split_once(':')?;
-                name.eq_ignore_ascii_case("sec-websocket-key")
-                    .then(|| value.trim().to_string())
-            })
-            .expect("a Sec-WebSocket-Key");
-        let reply = format!(
-            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n\r\n",
-            derive_accept_key(key.as_bytes())
-        );
-        tcp.write_all(reply.as_bytes()).await.expect("write 101");
+        let reply = super::upstream::switching_protocols(&mut tcp)
+            .await
+            .expect("an upgrade request");
+        tcp.write_all(&reply).await.expect("write 101");
         RawPeer {
             tcp,
             role: Role::Server,
@@ -190,7 +179,7 @@ impl RawPeer {
 
 /// Reads an HTTP head (through the blank line) and nothing behind it, so
 /// that the frames behind it are left to [`RawPeer::read_frame`].
-async fn read_head(tcp: &mut TcpStream) -> Option<String> {
+pub async fn read_head(tcp: &mut TcpStream) -> Option<String> {
     let mut head = Vec::new();
     let mut byte = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {

@@ -298,18 +298,9 @@ pub async fn answers_close_and_holds_listener() -> (
 /// Reads a WebSocket upgrade request from `tcp` and returns the 101
 /// response that accepts it, for hand-written upstreams that then write
 /// frames of their own; `None` if the peer hung up first.
-async fn switching_protocols(tcp: &mut tokio::net::TcpStream) -> Option<Vec<u8>> {
-    use tokio::io::AsyncReadExt;
+pub async fn switching_protocols(tcp: &mut tokio::net::TcpStream) -> Option<Vec<u8>> {
     use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-    let mut request = Vec::new();
-    let mut buf = [0u8; 4096];
-    while !request.windows(4).any(|w| w == b"\r\n\r\n") {
-        match tcp.read(&mut buf).await {
-            Ok(0) | Err(_) => return None,
-            Ok(n) => request.extend_from_slice(&buf[..n]),
-        }
-    }
-    let request = String::from_utf8_lossy(&request).to_string();
+    let request = super::raw::read_head(tcp).await?;
     let key = request
         .lines()
         .find_map(|l| {
