@@ -174,9 +174,7 @@ mod tests {
     async fn two_loops() -> (BalancedListener, BalancedListener, SocketAddr) {
         let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = tcp.local_addr().unwrap();
-        let fd = std::os::fd::AsFd::as_fd(&tcp).try_clone_to_owned().unwrap();
-        let second = std::net::TcpListener::from(fd);
-        second.set_nonblocking(true).unwrap();
+        let second = crate::event_loops::duplicate(&tcp).unwrap();
         let second = TcpListener::from_std(second).unwrap();
         let (turns, mut handed) = Turns::new(2);
         let one = handed.pop().unwrap();

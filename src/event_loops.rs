@@ -219,7 +219,7 @@ fn run_loop(
 /// A second handle on the same listening socket, for another loop's
 /// reactor (each loop registers its own; the kernel hands every new
 /// connection to one of them).
-fn duplicate(listener: &TcpListener) -> io::Result<std::net::TcpListener> {
+pub(crate) fn duplicate(listener: &TcpListener) -> io::Result<std::net::TcpListener> {
     let fd = std::os::fd::AsFd::as_fd(listener)
         .try_clone_to_owned()
         .map_err(|e| context(e, "duplicating the client listener"))?;

@@ -151,16 +151,13 @@ impl MuxPool {
     /// Binds to a live connection, if any: see [`choose`].
     pub fn bind(&self) -> Option<Binding> {
         let live = self.live.read().expect("pool lock");
-        let open: Vec<(usize, usize)> = live
+        // Taken once: a connection may close while the choice is made.
+        let open: Vec<&MuxConnHandle> = live.iter().filter(|c| !c.tx.is_closed()).collect();
+        let loads: Vec<(usize, usize)> = open
             .iter()
-            .filter(|c| !c.tx.is_closed())
             .map(|c| (c.event_loop, c.load.load(Ordering::Relaxed)))
             .collect();
-        let conn = live
-            .iter()
-            .filter(|c| !c.tx.is_closed())
-            .nth(choose(&open, event_loops::current())?)?
-            .clone();
+        let conn = open[choose(&loads, event_loops::current())?].clone();
         conn.load.fetch_add(1, Ordering::Relaxed);
         Some(Binding { conn })
     }
