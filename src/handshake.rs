@@ -1,8 +1,9 @@
-//! The client-facing HTTP handler: everything that happens before a
-//! WebSocket exists. Routing, method and upgrade checks, `Origin`, limits,
-//! and (in direct mode) the upstream connection all run here, so every
-//! refusal is an HTTP status with a clear body rather than an accepted
-//! socket that closes at once.
+//! The client's handshake, the part every mode shares: what the upgrade
+//! request must be, who may make it, and the answer it gets. Everything
+//! here runs before a WebSocket exists, so every refusal is an HTTP status
+//! with a clear body rather than an accepted socket that closes at once.
+//! Which mode then serves the session is the app's choice
+//! (`crate::app::clients`); this module knows neither mode.
 //!
 //! Statuses: unknown path 404, not GET 405, no WebSocket upgrade 426,
 //! malformed upgrade 400, bad `Origin` 403, per-IP limit 429, global limit,
@@ -10,33 +11,24 @@
 //! handshake 502, upstream handshake timed out 504.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::Instant;
 
 use axum::body::Body;
-use axum::extract::{ConnectInfo, Request, State};
+use axum::extract::Request;
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode};
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
-use tokio_tungstenite::WebSocketStream;
-use tracing::debug;
 
-use crate::app::AppState;
-use crate::chunked::ChunkedRead;
-use crate::config::Mode;
-use crate::direct::{self, DirectSession, UpstreamUnavailable};
+use crate::config::Text;
 use crate::limits::LimitRefusal;
-use crate::mux::session::MuxSession;
 use crate::routing::Route;
 use crate::upstream::ConnectError;
-use muxgate_plugins::{HandshakeCtx, Rejection, SessionCtx};
+use muxgate_plugins::Rejection;
 
 /// Why a client's handshake was refused, each variant one HTTP status.
 #[derive(Debug, thiserror::Error)]
-pub enum HandshakeError {
+pub(crate) enum HandshakeError {
     #[error("no route for this path")]
     NotFound,
     #[error("only GET can open a WebSocket")]
@@ -69,7 +61,7 @@ pub enum HandshakeError {
 }
 
 impl HandshakeError {
-    pub fn status(&self) -> StatusCode {
+    pub(crate) fn status(&self) -> StatusCode {
         use HandshakeError::*;
         match self {
             NotFound => StatusCode::NOT_FOUND,
@@ -89,7 +81,7 @@ impl HandshakeError {
     }
 
     /// A bounded label for metrics.
-    pub fn reason(&self) -> &'static str {
+    pub(crate) fn reason(&self) -> &'static str {
         use HandshakeError::*;
         match self {
             NotFound => "not_found",
@@ -115,7 +107,7 @@ impl HandshakeError {
 
     /// The response; `details` adds the underlying error to the body
     /// (`return_error_details`).
-    pub fn into_response_with(self, details: bool) -> Response {
+    pub(crate) fn into_response_with(self, details: bool) -> Response {
         let mut body = self.to_string();
         if details {
             match &self {
@@ -156,29 +148,6 @@ impl HandshakeError {
     }
 }
 
-/// axum handler for every path on the client listener.
-pub async fn handle(
-    State(app): State<Arc<AppState>>,
-    ConnectInfo(remote): ConnectInfo<SocketAddr>,
-    mut request: Request,
-) -> Response {
-    let started = Instant::now();
-    let route = app.routes.lookup(request.uri().path()).cloned();
-    let details = route
-        .as_ref()
-        .is_some_and(|r| r.upstream.config.websocket_config.return_error_details);
-    match accept(&app, route, remote, &mut request, started).await {
-        Ok(response) => response,
-        Err(error) => {
-            let status = error.status();
-            app.metrics
-                .handshake_rejected(status.as_u16(), error.reason());
-            debug!(%remote, path = %request.uri().path(), status = status.as_u16(), %error, "handshake refused");
-            error.into_response_with(details)
-        }
-    }
-}
-
 fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
     headers
         .get_all(name)
@@ -189,7 +158,7 @@ fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
 }
 
 /// Checks the upgrade request itself (RFC 6455 §4.2.1) and returns the key.
-fn check_upgrade(request: &Request) -> Result<HeaderValue, HandshakeError> {
+pub(crate) fn check_upgrade(request: &Request) -> Result<HeaderValue, HandshakeError> {
     if request.method() != Method::GET {
         return Err(HandshakeError::MethodNotAllowed);
     }
@@ -232,7 +201,7 @@ fn check_upgrade(request: &Request) -> Result<HeaderValue, HandshakeError> {
 }
 
 /// Headers the broker sets on the upgrade it sends upstream.
-fn upstream_headers(
+pub(crate) fn upstream_headers(
     route: &Route,
     request: &Request,
     remote: SocketAddr,
@@ -287,92 +256,42 @@ fn upstream_headers(
     out
 }
 
-/// The session's message plugins.
-fn session_hooks(
-    upstream: &crate::upstream::Upstream,
-    guard: &crate::session::SessionGuard,
-    route: &Route,
-    remote: SocketAddr,
-    claims: &Option<serde_json::Value>,
-) -> muxgate_plugins::SessionHooks {
-    upstream.pipeline.session(&SessionCtx {
-        session: guard.handle.id.to_string(),
-        route: route.external_path.to_string(),
-        remote,
-        claims: claims.clone(),
-    })
-}
-
-/// The client's WebSocket, once hyper has handed over the upgraded
-/// connection; reads go through [`ChunkedRead`], so an idle client holds
-/// only a small decoder buffer.
-pub(crate) async fn client_socket(
-    on_upgrade: hyper::upgrade::OnUpgrade,
-    config: WebSocketConfig,
-) -> std::io::Result<WebSocketStream<DecodedClientIo>> {
-    let io = ChunkedRead::new(
-        crate::upgraded::client(on_upgrade).await?,
-        config.read_buffer_size,
-    );
-    let config = config.read_buffer_size(crate::chunked::DECODER_BUFFER);
-    Ok(WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await)
-}
-
-/// A client's upgraded connection, read in chunks.
-pub type DecodedClientIo = ChunkedRead<crate::upgraded::ClientIo>;
-
-async fn accept(
-    app: &Arc<AppState>,
-    route: Option<Route>,
-    remote: SocketAddr,
-    request: &mut Request,
-    started: Instant,
-) -> Result<Response, HandshakeError> {
-    let route = route.ok_or(HandshakeError::NotFound)?;
-    let key = check_upgrade(request)?;
-    if app.shutdown.is_shutting_down() {
-        return Err(HandshakeError::ShuttingDown);
-    }
-    let upstream = Arc::clone(&route.upstream);
-    let allowed = &upstream.config.allowed_origins;
-    if !allowed.is_empty() {
-        let origin = request
-            .headers()
-            .get(header::ORIGIN)
-            .and_then(|o| o.to_str().ok());
-        if !origin.is_some_and(|o| allowed.iter().any(|a| &**a == o)) {
-            return Err(HandshakeError::OriginNotAllowed);
+impl From<LimitRefusal> for HandshakeError {
+    fn from(refusal: LimitRefusal) -> Self {
+        match refusal {
+            LimitRefusal::Global => HandshakeError::AtCapacity,
+            LimitRefusal::PerIp => HandshakeError::TooManyFromIp,
         }
     }
-    let mut plugin_ctx = HandshakeCtx {
-        route: &route.external_path,
-        remote,
-        headers: request.headers(),
-        query: request.uri().query(),
-        claims: None,
-    };
-    upstream
-        .pipeline
-        .on_handshake(&mut plugin_ctx)
-        .map_err(HandshakeError::Plugin)?;
-    let claims = plugin_ctx.claims;
-    let permit = app.limits.try_acquire(remote.ip()).map_err(|r| match r {
-        LimitRefusal::Global => HandshakeError::AtCapacity,
-        LimitRefusal::PerIp => HandshakeError::TooManyFromIp,
-    })?;
-    let request_id = request
-        .headers()
+}
+
+/// Checks `Origin` against `allowed_origins` (empty: any origin).
+pub(crate) fn check_origin(headers: &HeaderMap, allowed: &[Text]) -> Result<(), HandshakeError> {
+    if allowed.is_empty() {
+        return Ok(());
+    }
+    let origin = headers.get(header::ORIGIN).and_then(|o| o.to_str().ok());
+    if origin.is_some_and(|o| allowed.iter().any(|a| &**a == o)) {
+        Ok(())
+    } else {
+        Err(HandshakeError::OriginNotAllowed)
+    }
+}
+
+/// The request's id: the client's `X-Request-Id` when it is usable, else
+/// a new UUID.
+pub(crate) fn request_id(headers: &HeaderMap) -> String {
+    headers
         .get("x-request-id")
         .and_then(|v| v.to_str().ok())
         .filter(|v| !v.is_empty() && v.len() <= 200)
         .map(str::to_owned)
-        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
-    let on_upgrade = request
-        .extensions_mut()
-        .remove::<hyper::upgrade::OnUpgrade>()
-        .ok_or(HandshakeError::NotUpgradable)?;
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
+}
 
-    let path = route.upstream_path(request.uri().query());
+/// The 101 that accepts the upgrade with `key`; the mode adds the
+/// subprotocol, if one was chosen.
+pub(crate) fn switching_protocols(key: &HeaderValue, request_id: &str) -> Response {
     let mut response = Response::new(Body::empty());
     *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     let h = response.headers_mut();
@@ -382,92 +301,8 @@ async fn accept(
         header::SEC_WEBSOCKET_ACCEPT,
         HeaderValue::from_str(&derive_accept_key(key.as_bytes())).expect("base64 accept key"),
     );
-    if let Ok(v) = HeaderValue::from_str(&request_id) {
+    if let Ok(v) = HeaderValue::from_str(request_id) {
         h.insert("x-request-id", v);
     }
-    if upstream.mode() == Mode::Multiplexed {
-        let pool = Arc::clone(
-            app.pools
-                .get(&upstream.name)
-                .expect("a pool per multiplexed upstream"),
-        );
-        if !pool
-            .wait_live(upstream.config.websocket_config.handshake_timeout)
-            .await
-        {
-            return Err(HandshakeError::NoMuxConnection);
-        }
-        let mut open = crate::mux::open_frame(
-            &route.external_path,
-            path,
-            remote,
-            request.headers(),
-            &upstream.config.forward_headers,
-        );
-        open.claims = claims.clone();
-        let guard = app
-            .sessions
-            .open(Arc::clone(&upstream.name), Mode::Multiplexed, remote);
-        let hooks = session_hooks(&upstream, &guard, &route, remote, &claims);
-        let session = Box::new(MuxSession {
-            guard,
-            hooks,
-            permit,
-            upstream: Arc::clone(&upstream),
-            pool,
-            metrics: Arc::clone(&app.metrics),
-            open: Arc::new(open),
-            request_id,
-            remote,
-        });
-        app.metrics
-            .handshake_completed(&upstream.name, started.elapsed());
-        // As for direct sessions: the future holds the box, not copies.
-        app.shutdown
-            .spawn(crate::mux::session::run(session, on_upgrade));
-        return Ok(response);
-    }
-
-    let mut headers = upstream_headers(&route, request, remote, &request_id, app.secure);
-    if let Some(c) = &claims {
-        if let Ok(v) = HeaderValue::from_str(&c.to_string()) {
-            headers.insert(upstream.claims_header.clone(), v);
-        }
-    }
-    let hash_key = upstream
-        .hash_on
-        .as_ref()
-        .map(|h| h.key(request.headers(), request.uri().query(), remote.ip()));
-    let (connected, lease) =
-        direct::connect_upstream(&upstream, hash_key.as_deref(), &path, headers, &app.metrics)
-            .await
-            .map_err(|e| match e {
-                UpstreamUnavailable::NoHealthyTarget => HandshakeError::NoHealthyTarget,
-                UpstreamUnavailable::Connect(e) => HandshakeError::Upstream(e),
-            })?;
-    if let Some(protocol) = &connected.protocol {
-        response
-            .headers_mut()
-            .insert(header::SEC_WEBSOCKET_PROTOCOL, protocol.clone());
-    }
-    app.metrics
-        .handshake_completed(&upstream.name, started.elapsed());
-
-    let guard = app
-        .sessions
-        .open(Arc::clone(&upstream.name), Mode::Direct, remote);
-    let hooks = session_hooks(&upstream, &guard, &route, remote, &claims);
-    let session = Box::new(DirectSession {
-        guard,
-        hooks,
-        permit,
-        lease,
-        upstream: Arc::clone(&upstream),
-        metrics: Arc::clone(&app.metrics),
-        request_id,
-        remote,
-    });
-    app.shutdown
-        .spawn(direct::relay(session, on_upgrade, connected));
-    Ok(response)
+    response
 }

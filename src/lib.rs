@@ -56,26 +56,18 @@
 
 #![forbid(unsafe_code)]
 
-pub mod accept;
-pub mod admin;
-pub mod alarms;
-pub mod app;
-pub mod chunked;
-pub mod close;
+mod app;
+mod close;
 pub mod config;
-pub mod direct;
-pub mod event_loops;
-pub mod handshake;
-pub mod http1;
-pub mod limits;
-pub mod metrics;
-pub mod mux;
-pub mod routing;
-pub mod session;
+mod direct;
+mod handshake;
+mod limits;
+mod metrics;
+mod mux;
+mod routing;
+mod session;
 pub mod shutdown;
-pub mod tls;
-pub mod upgraded;
-pub mod upstream;
-pub mod when_woken;
+mod transport;
+mod upstream;
 
-pub use app::Broker;
+pub use app::{Broker, StartError};

@@ -70,7 +70,8 @@ impl ConnectionLimits {
     }
 
     /// Sessions open from `ip` (0 when per-IP limits are off).
-    pub fn held_by(&self, ip: IpAddr) -> usize {
+    #[cfg(test)]
+    fn held_by(&self, ip: IpAddr) -> usize {
         self.per_ip.get(&ip).map(|c| *c).unwrap_or(0)
     }
 }

@@ -12,45 +12,7 @@ use prometheus::{
     TextEncoder,
 };
 
-/// Which way a message travels.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Direction {
-    ClientToUpstream,
-    UpstreamToClient,
-}
-
-impl Direction {
-    /// The way messages read from `side` travel.
-    pub fn read_from(side: Side) -> Direction {
-        match side {
-            Side::Client => Direction::ClientToUpstream,
-            Side::Upstream => Direction::UpstreamToClient,
-        }
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Direction::ClientToUpstream => "client_to_upstream",
-            Direction::UpstreamToClient => "upstream_to_client",
-        }
-    }
-}
-
-/// One end of a session.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Side {
-    Client,
-    Upstream,
-}
-
-impl Side {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Side::Client => "client",
-            Side::Upstream => "upstream",
-        }
-    }
-}
+use crate::session::side::{Direction, Side};
 
 pub struct Metrics {
     registry: Registry,

@@ -8,6 +8,8 @@
 //! `validate`.
 
 mod load;
+pub(crate) mod parsed;
+mod path;
 mod validate;
 pub use muxgate_plugins::values;
 

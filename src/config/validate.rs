@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 
-use super::load::FieldPath;
+use super::path::FieldPath;
 use super::{Config, LoadBalancing, UpstreamConfig, WebSocketSettings, MAX_WORKERS};
 
 /// One semantic problem.
@@ -64,7 +64,7 @@ pub fn validate(config: &Config) -> Vec<Problem> {
         );
     }
     if let Some(tls) = &config.server.tls {
-        if let Err(e) = crate::tls::server_config(&tls.cert_file, &tls.key_file) {
+        if let Err(e) = crate::transport::tls::server_config(&tls.cert_file, &tls.key_file) {
             out.push(server.key("tls"), e);
         }
     }
@@ -155,7 +155,7 @@ fn check_upstream(out: &mut Problems, at: &FieldPath, upstream: &UpstreamConfig)
     }
     for (k, target) in upstream.targets.iter().enumerate() {
         let tp = at.key("targets").index(k);
-        if let Err(why) = crate::upstream::TargetUrl::parse(&target.url) {
+        if let Err(why) = super::parsed::TargetUrl::parse(&target.url) {
             out.push(tp.key("url"), why);
         }
         if target.weight == 0 {
@@ -168,7 +168,7 @@ fn check_upstream(out: &mut Problems, at: &FieldPath, upstream: &UpstreamConfig)
             "consistent_hash needs hash_on (header:NAME, query:NAME, cookie:NAME or ip)",
         ),
         (_, Some(hash_on)) => {
-            if let Err(why) = crate::upstream::HashOn::parse(hash_on) {
+            if let Err(why) = super::parsed::HashOn::parse(hash_on) {
                 out.push(at.key("hash_on"), why);
             }
         }
@@ -192,7 +192,7 @@ fn check_upstream(out: &mut Problems, at: &FieldPath, upstream: &UpstreamConfig)
     }
     check_websocket(out, &at.key("websocket_config"), &upstream.websocket_config);
     if let Some(ca) = upstream.tls.as_ref().and_then(|t| t.ca_file.as_deref()) {
-        if let Err(e) = crate::tls::client_config(Some(ca)) {
+        if let Err(e) = crate::transport::tls::client_config(Some(ca)) {
             out.push(at.key("tls").key("ca_file"), e);
         }
     }

@@ -15,7 +15,6 @@
 //! frames as bytes, unchanged, and holds no buffer while idle.
 
 use std::future::{poll_fn, Future};
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -29,16 +28,17 @@ use hyper::upgrade::OnUpgrade;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError, ProtocolError};
-use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role};
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 use tracing::{debug, info, warn};
 
-use crate::alarms::{Alarm, Alarms};
-use crate::chunked::ChunkedRead;
 use crate::close;
 use crate::limits::ConnectionPermit;
-use crate::metrics::{Direction, MessageCounters, Metrics, Side};
+use crate::metrics::{MessageCounters, Metrics};
+use crate::session::alarms::{Alarm, Alarms};
+use crate::session::client::client_socket;
+use crate::session::side::{Direction, Side};
 use crate::session::SessionGuard;
 use crate::upstream::{self, ConnectError, Connected, TargetLease, Upstream};
 use muxgate_plugins::{SessionHooks, Verdict};
@@ -130,8 +130,6 @@ pub struct DirectSession {
     pub lease: TargetLease,
     pub upstream: Arc<Upstream>,
     pub metrics: Arc<Metrics>,
-    pub request_id: String,
-    pub remote: SocketAddr,
 }
 
 /// One socket of a session, with the relay's state for it.
@@ -446,14 +444,11 @@ async fn relay_messages_after_upgrade(
     on_upgrade: OnUpgrade,
     upstream: Connected,
 ) {
-    let client = match crate::upgraded::client(on_upgrade).await {
+    let config = session.upstream.socket_config;
+    let client = match client_socket(on_upgrade, config).await {
         Ok(client) => client,
         Err(error) => return abandon(session, upstream, error).await,
     };
-    let config = session.upstream.socket_config;
-    let client = ChunkedRead::new(client, config.read_buffer_size);
-    let decoder = config.read_buffer_size(crate::chunked::DECODER_BUFFER);
-    let client = WebSocketStream::from_raw_socket(client, Role::Server, Some(decoder)).await;
     let upstream_ws = upstream.websocket(config).await;
     relay_messages(session, client, upstream_ws).await
 }
@@ -497,8 +492,8 @@ async fn relay_messages<C>(
         upstream = %name,
         target_url = %session.lease.target().label,
         mode = "direct",
-        remote = %session.remote,
-        request_id = %session.request_id,
+        remote = %session.guard.handle.remote,
+        request_id = %session.guard.handle.request_id,
         "session opened"
     );
 

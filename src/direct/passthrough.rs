@@ -40,12 +40,14 @@ use tracing::{debug, info};
 use hyper::upgrade::OnUpgrade;
 
 use super::{conclude, log_end, DirectSession, LegSummary, Stop};
-use crate::alarms::{Alarm, Alarms};
+use crate::close;
 use crate::limits::ConnectionPermit;
-use crate::metrics::{Direction, MessageCounters, Metrics, Side};
-use crate::upgraded::{self, ClientIo};
+use crate::metrics::{MessageCounters, Metrics};
+use crate::session::alarms::{Alarm, Alarms};
+use crate::session::side::{Direction, Side};
+use crate::transport::chunked;
+use crate::transport::upgraded::{self, ClientIo};
 use crate::upstream::{Connected, Upstream, UpstreamIo};
-use crate::{chunked, close};
 
 /// Reads per direction before yielding, so one busy direction cannot
 /// starve the other or the timers.
@@ -707,7 +709,7 @@ impl Pump {
     /// task's waker with the source again: it is still registered since
     /// the last poll, nothing waits to be written, and the source has
     /// nothing (`source_surely_pending`, see
-    /// [`crate::upgraded::UpgradedIo::read_surely_pending`]). Every wake
+    /// [`crate::transport::upgraded::UpgradedIo::read_surely_pending`]). Every wake
     /// of a session polled both directions, and the one that did not wake
     /// it cost a lock pair and about 150 instructions for nothing.
     fn asleep(&self, source_surely_pending: impl FnOnce() -> bool) -> bool {
@@ -1022,8 +1024,8 @@ pub async fn run(session: Box<DirectSession>, on_upgrade: OnUpgrade, connected: 
             target_url = %session.lease.target().label,
             mode = "direct",
             relay = "frames",
-            remote = %session.remote,
-            request_id = %session.request_id,
+            remote = %session.guard.handle.remote,
+            request_id = %session.guard.handle.request_id,
             "session opened"
         );
         (

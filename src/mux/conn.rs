@@ -35,12 +35,12 @@ use futures_util::{Sink, Stream};
 use muxgate_backend::protocol::{self, Encoding, Frame, Open, Payload};
 use tokio::sync::mpsc;
 
-use super::inbox::SendError;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
+use super::inbox::{Control, SendError, ToClient};
 use crate::close;
 use crate::metrics::{ConnMetrics, Metrics};
 use crate::session::SessionId;
@@ -77,29 +77,6 @@ pub enum ConnCmd {
 /// How a connection reaches a session: its inbox, `client_queue` deep
 /// (full means slow consumer), with signals that pass the queue.
 pub type SessionLink = super::inbox::InboxSender;
-
-/// An item in a session's queue toward its client, in upstream order.
-#[derive(Debug)]
-pub enum ToClient {
-    Message(Payload),
-    /// The upstream closed the session (code already made valid for clients).
-    Close {
-        code: u16,
-        reason: String,
-    },
-}
-
-/// Out-of-band news for a session.
-#[derive(Debug)]
-pub enum Control {
-    /// Its queue toward the client was full (mux-protocol §6).
-    SlowConsumer,
-    /// The upstream closed it while its queue was full.
-    Close { code: u16, reason: String },
-    /// Its mux connection died; these messages were accepted but never
-    /// written, oldest first.
-    ConnLost { unsent: Vec<Payload> },
-}
 
 /// Why a connection ended.
 #[derive(Debug)]

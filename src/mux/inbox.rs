@@ -20,7 +20,30 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::Notify;
 
-use super::conn::{Control, ToClient};
+use muxgate_backend::protocol::Payload;
+
+/// An item in a session's queue toward its client, in upstream order.
+#[derive(Debug)]
+pub enum ToClient {
+    Message(Payload),
+    /// The upstream closed the session (code already made valid for clients).
+    Close {
+        code: u16,
+        reason: String,
+    },
+}
+
+/// Out-of-band news for a session.
+#[derive(Debug)]
+pub enum Control {
+    /// Its queue toward the client was full (mux-protocol §6).
+    SlowConsumer,
+    /// The upstream closed it while its queue was full.
+    Close { code: u16, reason: String },
+    /// Its mux connection died; these messages were accepted but never
+    /// written, oldest first.
+    ConnLost { unsent: Vec<Payload> },
+}
 
 /// Slots a drained queue may keep, so steady one-at-a-time traffic does not
 /// allocate per message.

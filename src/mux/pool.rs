@@ -6,7 +6,7 @@
 //! The slots are spread over the event loops, and a session prefers the
 //! least-loaded live connection on its own loop: every message between a
 //! session and a connection on another loop wakes that loop's thread (see
-//! [`crate::event_loops`]), which made a multiplexed message cost a third
+//! [`crate::transport::event_loops`]), which made a multiplexed message cost a third
 //! more CPU than on one loop. The preference is bounded ([`local_slack`]),
 //! so a loop that took more sessions than the others does not pile them on
 //! its own connection, and with it on one target. A [`Binding`] counts the
@@ -27,9 +27,9 @@ use uuid::Uuid;
 
 use super::conn::{ConnCmd, ConnEnd, MuxConn};
 use crate::config;
-use crate::event_loops;
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
+use crate::transport::event_loops;
 use crate::upstream::{self, Target, TargetLease, Upstream};
 
 /// How often each slot checks whether the pool wants its connection on
@@ -126,11 +126,6 @@ impl MuxPool {
     fn handle(&self, id: Uuid) -> Option<MuxConnHandle> {
         let live = self.live.read().expect("pool lock");
         live.iter().find(|c| c.id == id).cloned()
-    }
-
-    /// Live connections now.
-    pub fn live(&self) -> usize {
-        self.live.read().expect("pool lock").len()
     }
 
     /// Every live connection: its id, target, event loop and sessions bound.

@@ -15,7 +15,6 @@
 
 use std::collections::VecDeque;
 use std::future::Future;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,14 +29,15 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 use tracing::{debug, info};
 
-use super::conn::{ConnCmd, Control, ToClient};
-use super::inbox::{inbox, Inbox, Next};
+use super::conn::ConnCmd;
+use super::inbox::{inbox, Control, Inbox, Next, ToClient};
 use super::pool::{Binding, MuxPool};
-use crate::alarms::{Alarm, Alarms};
 use crate::close;
 use crate::config::WebSocketSettings;
 use crate::limits::ConnectionPermit;
-use crate::metrics::{Direction, Metrics, Side};
+use crate::metrics::Metrics;
+use crate::session::alarms::{Alarm, Alarms};
+use crate::session::side::{Direction, Side};
 use crate::session::SessionGuard;
 use crate::upstream::Upstream;
 use muxgate_plugins::{SessionHooks, Verdict};
@@ -54,13 +54,12 @@ pub struct MuxSession {
     /// Message plugins: `pre_request` on client messages, `post_response`
     /// on upstream ones.
     pub hooks: SessionHooks,
-    pub permit: ConnectionPermit,
+    /// Held for its drop, which frees the session's slot.
+    pub _permit: ConnectionPermit,
     pub upstream: Arc<Upstream>,
     pub pool: Arc<MuxPool>,
     pub metrics: Arc<Metrics>,
     pub open: Arc<Open>,
-    pub request_id: String,
-    pub remote: SocketAddr,
 }
 
 /// Where the session stands with the pool.
@@ -292,7 +291,7 @@ fn on_control(
 /// task's future holds it once.
 pub async fn run(mut session: Box<MuxSession>, on_upgrade: hyper::upgrade::OnUpgrade) {
     let config = session.upstream.socket_config;
-    let mut client = match crate::handshake::client_socket(on_upgrade, config).await {
+    let mut client = match crate::session::client::client_socket(on_upgrade, config).await {
         Ok(client) => client,
         Err(error) => {
             debug!(session = %session.guard.handle.id, %error, "client upgrade failed");
@@ -307,7 +306,7 @@ pub async fn run(mut session: Box<MuxSession>, on_upgrade: hyper::upgrade::OnUpg
     let up_counters = metrics.message_counters(&name, Direction::ClientToUpstream);
     let down_counters = metrics.message_counters(&name, Direction::UpstreamToClient);
     let (link, inbox) = inbox(ws.client_queue);
-    info!(session = %id, upstream = %name, mode = "multiplexed", remote = %session.remote, request_id = %session.request_id, "session opened");
+    info!(session = %id, upstream = %name, mode = "multiplexed", remote = %session.guard.handle.remote, request_id = %session.guard.handle.request_id, "session opened");
 
     let mut bound = Bound::No {
         deadline: Instant::now() + ws.resume_timeout,

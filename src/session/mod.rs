@@ -7,6 +7,11 @@
 //! multiplexed mode will bind sessions to shared mux connections through the
 //! same guard.
 
+pub(crate) mod alarms;
+pub(crate) mod client;
+pub(crate) mod side;
+pub(crate) mod when_woken;
+
 use std::fmt;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -50,6 +55,8 @@ pub struct SessionHandle {
     pub upstream: Arc<str>,
     pub mode: Mode,
     pub remote: SocketAddr,
+    /// The handshake's `X-Request-Id`, the client's or a new one.
+    pub request_id: String,
     pub started: Instant,
     /// Cancelling it ends the session (the client gets 1001).
     pub cancel: CancellationToken,
@@ -77,12 +84,14 @@ impl SessionManager {
         upstream: Arc<str>,
         mode: Mode,
         remote: SocketAddr,
+        request_id: String,
     ) -> SessionGuard {
         let handle = Arc::new(SessionHandle {
             id: SessionId::new(),
             upstream,
             mode,
             remote,
+            request_id,
             started: Instant::now(),
             cancel: self.shutdown.token(),
         });
@@ -94,26 +103,12 @@ impl SessionManager {
         }
     }
 
-    /// The session's handle; never a reference into the map.
-    pub fn lookup(&self, id: SessionId) -> Option<Arc<SessionHandle>> {
-        self.sessions.get(&id).map(|h| h.clone())
-    }
-
     /// Open sessions of `upstream`.
     pub fn count_for(&self, upstream: &str) -> usize {
         self.sessions
             .iter()
             .filter(|s| &*s.upstream == upstream)
             .count()
-    }
-
-    /// Open sessions.
-    pub fn len(&self) -> usize {
-        self.sessions.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.sessions.is_empty()
     }
 }
 

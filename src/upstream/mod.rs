@@ -7,7 +7,6 @@ mod balance;
 mod health;
 pub mod probe;
 
-use std::fmt;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,9 +21,10 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::WebSocketStream;
 
-pub use crate::upgraded::UpstreamIo;
+pub use crate::config::parsed::{HashOn, TargetUrl};
+pub use crate::transport::upgraded::UpstreamIo;
 pub use balance::Balancer;
-pub use health::{PassiveState, TargetHealth};
+pub use health::TargetHealth;
 
 use crate::config::{Mode, UpstreamConfig};
 
@@ -33,125 +33,8 @@ const MUX_ENVELOPE_FACTOR: usize = 6;
 /// Room for the envelope's own fields.
 const MUX_ENVELOPE_SLACK: usize = 64 * 1024;
 
-/// What `consistent_hash` hashes (`hash_on`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum HashOn {
-    Header(http::HeaderName),
-    Query(String),
-    Cookie(String),
-    Ip,
-}
-
-impl HashOn {
-    /// `header:NAME`, `query:NAME`, `cookie:NAME` or `ip`.
-    pub fn parse(raw: &str) -> Result<HashOn, String> {
-        let bad = || format!("{raw:?} is not header:NAME, query:NAME, cookie:NAME or ip");
-        match raw.split_once(':') {
-            None if raw == "ip" => Ok(HashOn::Ip),
-            Some(("header", name)) => http::HeaderName::from_bytes(name.as_bytes())
-                .map(HashOn::Header)
-                .map_err(|_| bad()),
-            Some(("query", name)) if !name.is_empty() => Ok(HashOn::Query(name.to_owned())),
-            Some(("cookie", name)) if !name.is_empty() => Ok(HashOn::Cookie(name.to_owned())),
-            _ => Err(bad()),
-        }
-    }
-
-    /// The key of a request; the client's address when the header, query
-    /// parameter or cookie is absent.
-    pub fn key(&self, headers: &HeaderMap, query: Option<&str>, ip: std::net::IpAddr) -> Vec<u8> {
-        let found: Option<&str> = match self {
-            HashOn::Ip => None,
-            HashOn::Header(name) => headers.get(name).and_then(|v| v.to_str().ok()),
-            HashOn::Query(name) => query.and_then(|q| {
-                q.split('&')
-                    .filter_map(|pair| pair.split_once('=').or(Some((pair, ""))))
-                    .find(|(k, _)| k == name)
-                    .map(|(_, v)| v)
-            }),
-            HashOn::Cookie(name) => headers
-                .get_all(header::COOKIE)
-                .iter()
-                .filter_map(|v| v.to_str().ok())
-                .flat_map(|v| v.split(';'))
-                .filter_map(|c| c.trim().split_once('='))
-                .find(|(k, _)| k == name)
-                .map(|(_, v)| v),
-        };
-        match found {
-            Some(v) => v.as_bytes().to_vec(),
-            None => ip.to_string().into_bytes(),
-        }
-    }
-}
-
 /// A WebSocket to a target.
 pub type UpstreamSocket = WebSocketStream<UpstreamIo>;
-
-/// `ws://host:port` of a target, checked once at load time.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TargetUrl {
-    secure: bool,
-    /// `host:port`, as written (with the default port filled in).
-    authority: String,
-}
-
-impl TargetUrl {
-    /// Parses `ws://host[:port][/]` or `wss://...`; the path comes from the
-    /// route's `internal_path`, so the URL must not carry one of its own.
-    pub fn parse(raw: &str) -> Result<TargetUrl, String> {
-        let uri: http::Uri = raw
-            .parse()
-            .map_err(|e| format!("invalid URL {raw:?}: {e}"))?;
-        let secure = match uri.scheme_str() {
-            Some("ws") => false,
-            Some("wss") => true,
-            _ => return Err(format!("URL {raw:?} must start with ws:// or wss://")),
-        };
-        let authority = uri
-            .authority()
-            .filter(|a| !a.host().is_empty())
-            .ok_or_else(|| format!("URL {raw:?} has no host"))?;
-        if authority.as_str().contains('@') {
-            return Err(format!("URL {raw:?} must not carry credentials"));
-        }
-        if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
-            return Err(format!(
-                "URL {raw:?} must not have a path or query: the route's internal_path is used"
-            ));
-        }
-        let port = uri.port_u16().unwrap_or(if secure { 443 } else { 80 });
-        Ok(TargetUrl {
-            secure,
-            authority: format!("{}:{port}", authority.host()),
-        })
-    }
-
-    pub fn is_secure(&self) -> bool {
-        self.secure
-    }
-
-    /// `host:port`, for connecting and for the `Host` header.
-    pub fn authority(&self) -> &str {
-        &self.authority
-    }
-
-    /// The host, for TLS server-name verification.
-    pub fn host(&self) -> &str {
-        let host = self
-            .authority
-            .rsplit_once(':')
-            .map_or(&*self.authority, |(h, _)| h);
-        host.trim_start_matches('[').trim_end_matches(']')
-    }
-}
-
-impl fmt::Display for TargetUrl {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let scheme = if self.secure { "wss" } else { "ws" };
-        write!(f, "{scheme}://{}", self.authority)
-    }
-}
 
 /// One target of an upstream.
 #[derive(Debug)]
@@ -236,7 +119,7 @@ impl Upstream {
             .any(|t| t.url.starts_with("wss://"))
             .then(|| {
                 let ca = config.tls.as_ref().and_then(|t| t.ca_file.as_deref());
-                crate::tls::client_config(ca).expect("validated TLS settings")
+                crate::transport::tls::client_config(ca).expect("validated TLS settings")
             });
         for plugin in &config.plugins {
             if let muxgate_plugins::PluginConfig::Jwt { settings, .. } = plugin {
@@ -420,7 +303,7 @@ pub async fn connect(
         // Relayed messages are latency-sensitive and already batched by us.
         let _ = tcp.set_nodelay(true);
         let tls = if target.is_secure() { tls } else { None };
-        let stream = crate::tls::UpstreamStream::connect(tcp, target.host(), tls)
+        let stream = crate::transport::tls::UpstreamStream::connect(tcp, target.host(), tls)
             .await
             .map_err(|source| ConnectError::Refused {
                 target: label(),
@@ -445,7 +328,7 @@ pub async fn connect(
 /// Sends the WebSocket upgrade request over `stream` and checks the answer
 /// (RFC 6455 §4.1): status 101, the accept key, an offered subprotocol.
 async fn upgrade(
-    stream: crate::tls::UpstreamStream,
+    stream: crate::transport::tls::UpstreamStream,
     target: &TargetUrl,
     path_and_query: &str,
     headers: HeaderMap,
@@ -507,47 +390,4 @@ async fn upgrade(
         io: UpstreamIo::take(upgraded).map_err(HandshakeFailure::Upgraded)?,
         protocol,
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn target_urls() {
-        let u = TargetUrl::parse("ws://127.0.0.1:3000").unwrap();
-        assert_eq!(u.authority(), "127.0.0.1:3000");
-        assert_eq!(u.to_string(), "ws://127.0.0.1:3000");
-        assert_eq!(
-            TargetUrl::parse("wss://example.com/").unwrap().authority(),
-            "example.com:443"
-        );
-        assert!(TargetUrl::parse("http://x:1")
-            .unwrap_err()
-            .contains("ws:// or wss://"));
-        assert!(TargetUrl::parse("ws://x:1/chat")
-            .unwrap_err()
-            .contains("internal_path"));
-        assert!(TargetUrl::parse("ws:///").is_err());
-    }
-
-    #[test]
-    fn hash_keys_come_from_header_query_cookie_or_ip() {
-        let mut h = HeaderMap::new();
-        h.insert("x-user-id", HeaderValue::from_static("alice"));
-        h.insert(header::COOKIE, HeaderValue::from_static("a=1; sid=xyz"));
-        let ip: std::net::IpAddr = "10.0.0.9".parse().unwrap();
-        let key = |spec: &str, q: Option<&str>| HashOn::parse(spec).unwrap().key(&h, q, ip);
-        assert_eq!(key("header:x-user-id", None), b"alice");
-        assert_eq!(key("query:room", Some("x=1&room=7")), b"7");
-        assert_eq!(key("cookie:sid", None), b"xyz");
-        assert_eq!(key("ip", None), b"10.0.0.9");
-        assert_eq!(
-            key("header:x-absent", None),
-            b"10.0.0.9",
-            "absent: the address"
-        );
-        assert!(HashOn::parse("body:x").is_err());
-        assert!(HashOn::parse("query:").is_err());
-    }
 }

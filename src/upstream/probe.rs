@@ -123,7 +123,7 @@ async fn http_get(upstream: &Upstream, target: &Target) -> Result<(), String> {
     } else {
         None
     };
-    let stream = crate::tls::UpstreamStream::connect(tcp, target.url.host(), tls)
+    let stream = crate::transport::tls::UpstreamStream::connect(tcp, target.url.host(), tls)
         .await
         .map_err(|e| format!("TLS: {e}"))?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))

@@ -1,7 +1,7 @@
 //! Accepting client connections evenly over the event loops.
 //!
 //! Every loop accepts from its own duplicate of the one listening socket
-//! (see [`crate::event_loops`]). Left to the kernel, the loop that wakes
+//! (see [`crate::transport::event_loops`]). Left to the kernel, the loop that wakes
 //! first takes the connection, and a loop that has just served one is
 //! often the first awake again: 200 connections opened one after another
 //! landed 46/154 on two loops. A session stays on the loop that took it,
@@ -174,7 +174,7 @@ mod tests {
     async fn two_loops() -> (BalancedListener, BalancedListener, SocketAddr) {
         let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = tcp.local_addr().unwrap();
-        let second = crate::event_loops::duplicate(&tcp).unwrap();
+        let second = crate::transport::event_loops::duplicate(&tcp).unwrap();
         let second = TcpListener::from_std(second).unwrap();
         let (turns, mut handed) = Turns::new(2);
         let one = handed.pop().unwrap();

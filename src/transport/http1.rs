@@ -9,7 +9,7 @@
 //! relayed session pays for the layers. Clients reach the broker over
 //! HTTP/1 only (WebSockets over HTTP/2 are not served), so this module
 //! serves each connection with hyper's HTTP/1 server directly, on a
-//! [`ClientStream`] that [`crate::upgraded`] takes back out after the 101.
+//! [`ClientStream`] that [`crate::transport::upgraded`] takes back out after the 101.
 //!
 //! It does what `axum::serve` did for the broker: accepts through axum's
 //! [`Listener`] (with its back-off on errors such as running out of file
@@ -35,7 +35,7 @@ use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 use tracing::debug;
 
-use crate::tls::ClientStream;
+use crate::transport::tls::ClientStream;
 
 /// The smallest read buffer hyper takes.
 const MIN_HYPER_BUF: usize = 8192;

@@ -6,7 +6,7 @@
 //! a rewind layer of hyper's and one of the server that read the request.
 //! Together about 8% of the frame relay's user time. The broker made both
 //! kinds of connection itself (it connects to targets, and serves clients
-//! with hyper's HTTP/1 server on its own sockets, see [`crate::http1`]), so
+//! with hyper's HTTP/1 server on its own sockets, see [`crate::transport::http1`]), so
 //! it knows what is inside and takes the socket back out of `Upgraded`,
 //! together with whatever hyper had read past the request or the 101.
 
@@ -19,7 +19,7 @@ use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use crate::tls::{ClientStream, MaybeTls, UpstreamStream};
+use crate::transport::tls::{ClientStream, MaybeTls, UpstreamStream};
 
 /// A connection after its upgrade: `S`, the socket it was made on.
 pub struct UpgradedIo<S> {

@@ -17,7 +17,7 @@ use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
-use crate::when_woken::WhenWoken;
+use crate::session::when_woken::WhenWoken;
 
 /// Which alarm went off.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

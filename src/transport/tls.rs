@@ -22,7 +22,7 @@ use tokio::task::JoinSet;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tracing::debug;
 
-use crate::accept::BalancedListener;
+use crate::transport::accept::BalancedListener;
 
 /// Bound on one client's TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -127,7 +127,7 @@ impl From<tokio_rustls::server::TlsStream<TcpStream>> for ClientStream {
 impl<T> MaybeTls<T> {
     /// The socket has nothing to read and tokio knows it: its read
     /// readiness is clear, so a read would only register the task's waker
-    /// again (see [`crate::upgraded::UpgradedIo::read_surely_pending`]).
+    /// again (see [`crate::transport::upgraded::UpgradedIo::read_surely_pending`]).
     /// Always false over TLS, whose stream may hold decrypted bytes the
     /// socket's readiness says nothing about.
     pub fn read_surely_pending(&self) -> bool {

@@ -9,7 +9,7 @@
 //! first, and each of the others is a thread with a current-thread runtime
 //! of its own. Every loop accepts from its own duplicate of the one
 //! listening socket, and the loops take the accepted connections in turn
-//! ([`crate::accept`]); a session stays on the loop that serves it for its
+//! ([`crate::transport::accept`]); a session stays on the loop that serves it for its
 //! whole life.
 //!
 //! Everything shared (the session registry, pools, limits, metrics, the
@@ -113,10 +113,6 @@ impl ClientLoops {
     /// How many extra loops there are.
     pub fn len(&self) -> usize {
         self.threads.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.threads.is_empty()
     }
 
     /// Has every loop serve its listener with a server made by `make`,

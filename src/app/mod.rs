@@ -6,55 +6,32 @@
 //! This module owns the top-level tasks; session tasks belong to the
 //! [`Shutdown`] handle's tracker.
 
-use std::collections::HashMap;
+pub(crate) mod admin;
+mod clients;
+pub(crate) mod state;
+
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::serve::ListenerExt;
-use axum::Router;
 use tokio::net::TcpListener;
 use tracing::{info, warn};
 
-use crate::accept::{BalancedListener, Turns};
-use crate::admin;
-use crate::config::Config;
-use crate::config::Mode;
-use crate::event_loops::{ClientLoops, ServeFuture};
-use crate::handshake;
-use crate::http1;
+use clients::{serve_clients, ClientLimits};
+use state::AppState;
+
+use crate::config::{Config, Mode};
 use crate::limits::ConnectionLimits;
 use crate::metrics::Metrics;
 use crate::mux::pool::MuxPool;
 use crate::routing::RouteTable;
 use crate::session::SessionManager;
 use crate::shutdown::{DrainOutcome, Shutdown};
+use crate::transport::accept::{BalancedListener, Turns};
+use crate::transport::event_loops::ClientLoops;
 use crate::upstream::Upstream;
-
-/// State shared by every handler.
-pub struct AppState {
-    pub routes: RouteTable,
-    /// The mux pool of each multiplexed upstream, by name.
-    pub pools: HashMap<Arc<str>, Arc<MuxPool>>,
-    pub upstreams: Vec<Arc<Upstream>>,
-    pub limits: Arc<ConnectionLimits>,
-    pub sessions: Arc<SessionManager>,
-    pub metrics: Arc<Metrics>,
-    pub shutdown: Shutdown,
-    /// Clients connect with TLS (`wss://`): `X-Forwarded-Proto: https`.
-    pub secure: bool,
-}
-
-/// `server`'s bounds on a client connection before its upgrade.
-#[derive(Clone, Copy)]
-struct ClientLimits {
-    /// `header_read_timeout`.
-    header_read_timeout: Duration,
-    /// `max_request_head_size`, in bytes.
-    max_request_head: usize,
-}
 
 /// A broker with both listeners bound, not yet serving.
 pub struct Broker {
@@ -107,7 +84,8 @@ impl Broker {
         };
         let tls = match &config.server.tls {
             Some(t) => Some(
-                crate::tls::server_config(&t.cert_file, &t.key_file).map_err(StartError::Tls)?,
+                crate::transport::tls::server_config(&t.cert_file, &t.key_file)
+                    .map_err(StartError::Tls)?,
             ),
             None => None,
         };
@@ -252,41 +230,4 @@ impl Broker {
         let _ = tokio::time::timeout(Duration::from_secs(1), admin_server).await;
         outcome
     }
-}
-
-/// Serves client handshakes on `listener` until shutdown begins; one call
-/// per event loop, `index` being the loop's.
-fn serve_clients(
-    listener: BalancedListener,
-    index: usize,
-    tls: Option<Arc<rustls::ServerConfig>>,
-    client: ClientLimits,
-    state: Arc<AppState>,
-) -> ServeFuture {
-    let accepted = state.metrics.accepted_on(index);
-    let limits = http1::Limits {
-        header_read_timeout: client.header_read_timeout,
-        header_timeouts: state.metrics.header_timeouts_on(index),
-        max_head: client.max_request_head,
-        heads_too_large: state.metrics.heads_too_large(),
-    };
-    let shutdown = state.shutdown.clone();
-    let stopped = async move { shutdown.begun().await };
-    let router = Router::new().fallback(handshake::handle).with_state(state);
-    Box::pin(async move {
-        match tls {
-            None => {
-                let listener = listener.tap_io(move |tcp| {
-                    accepted.inc();
-                    let _ = tcp.set_nodelay(true);
-                });
-                http1::serve(listener, router, limits, stopped).await
-            }
-            Some(config) => {
-                let listener =
-                    crate::tls::TlsListener::new(listener, config).tap_io(move |_| accepted.inc());
-                http1::serve(listener, router, limits, stopped).await
-            }
-        }
-    })
 }

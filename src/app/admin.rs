@@ -12,7 +12,7 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
 
-use crate::app::AppState;
+use super::state::AppState;
 
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()

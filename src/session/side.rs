@@ -1,0 +1,43 @@
+//! The two words every session speaks of: its two ends ([`Side`]) and
+//! the two ways a message travels between them ([`Direction`]). Metrics
+//! label by them, and both modes' loops are written in them.
+
+/// Which way a message travels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    ClientToUpstream,
+    UpstreamToClient,
+}
+
+impl Direction {
+    /// The way messages read from `side` travel.
+    pub fn read_from(side: Side) -> Direction {
+        match side {
+            Side::Client => Direction::ClientToUpstream,
+            Side::Upstream => Direction::UpstreamToClient,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::ClientToUpstream => "client_to_upstream",
+            Direction::UpstreamToClient => "upstream_to_client",
+        }
+    }
+}
+
+/// One end of a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Client,
+    Upstream,
+}
+
+impl Side {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Side::Client => "client",
+            Side::Upstream => "upstream",
+        }
+    }
+}
