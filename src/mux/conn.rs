@@ -43,6 +43,7 @@ use tracing::debug;
 use super::inbox::{Control, SendError, ToClient};
 use crate::close;
 use crate::metrics::{ConnMetrics, Metrics};
+use crate::session::keepalive::{Due, Keepalive, Liveness, Timers};
 use crate::session::SessionId;
 use crate::upstream::UpstreamSocket;
 
@@ -127,7 +128,8 @@ struct State {
     pending: Option<ConnCmd>,
     ping_due: bool,
     unflushed: bool,
-    last_seen: Instant,
+    /// Whether the upstream has been heard from (keepalive).
+    liveness: Liveness,
 }
 
 impl MuxConn {
@@ -142,12 +144,16 @@ impl MuxConn {
             pending: None,
             ping_due: false,
             unflushed: false,
-            last_seen: Instant::now(),
+            liveness: Liveness::new(Instant::now()),
         };
-        let mut next_ping = Instant::now() + self.ping_period;
+        let timers = Timers {
+            ping_period: self.ping_period,
+            pong_wait: self.pong_wait,
+        };
+        let mut keepalive = Keepalive::new(Instant::now(), timers.ping_period);
         let mut phase = Phase::Serving;
         let end = loop {
-            let wake = next_ping.min(st.last_seen + self.pong_wait);
+            let wake = keepalive.deadline([&st.liveness], timers.pong_wait);
             tokio::select! {
                 biased;
                 _ = stop.cancelled(), if phase == Phase::Serving => phase = Phase::Draining,
@@ -162,13 +168,10 @@ impl MuxConn {
                     }
                 },
                 _ = tokio::time::sleep_until(wake) => {
-                    let now = Instant::now();
-                    if now >= st.last_seen + self.pong_wait {
-                        break ConnEnd::Lost("missed its pong".into());
-                    }
-                    if now >= next_ping {
-                        st.ping_due = true;
-                        next_ping = now + self.ping_period;
+                    match keepalive.due(Instant::now(), [&mut st.liveness], timers) {
+                        Due::Silent(_) => break ConnEnd::Lost("missed its pong".into()),
+                        Due::Ping => st.ping_due = true,
+                        Due::Nothing => {}
                     }
                 }
             }
@@ -204,7 +207,7 @@ impl MuxConn {
             }
             match Pin::new(&mut self.ws).poll_next(cx) {
                 Poll::Ready(Some(Ok(msg))) => {
-                    st.last_seen = Instant::now();
+                    st.liveness.heard();
                     match msg {
                         Message::Text(_) | Message::Binary(_) => self.dispatch(st, msg),
                         Message::Close(frame) => {

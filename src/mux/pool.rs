@@ -259,7 +259,7 @@ impl MuxPool {
             Err(e) => {
                 self.metrics
                     .upstream_connect_failed(name, &label, e.reason());
-                return Err(self.target_failed(target, &label, e.to_string()));
+                return Err(self.target_failed(target, e.to_string()));
             }
         };
         if connected.protocol.as_ref().and_then(|p| p.to_str().ok()) != Some(offered) {
@@ -269,7 +269,7 @@ impl MuxPool {
                 "{label} did not select the {offered} subprotocol (selected {:?}); dropping the connection",
                 connected.protocol
             );
-            return Err(self.target_failed(target, &label, why));
+            return Err(self.target_failed(target, why));
         }
         self.metrics.upstream_connected(name, &label);
         self.metrics.target_picked(name, &label);
@@ -286,7 +286,7 @@ impl MuxPool {
         let mut socket = connected.websocket(upstream.mux_socket_config).await;
         if let Err(e) = futures_util::SinkExt::send(&mut socket, hello).await {
             let why = format!("sending hello to {label}: {e}");
-            return Err(self.target_failed(target, &label, why));
+            return Err(self.target_failed(target, why));
         }
         let (tx, rx) = mpsc::channel(MUX_WRITE_QUEUE);
         let handle = MuxConnHandle {
@@ -296,8 +296,7 @@ impl MuxPool {
             event_loop: event_loops::current(),
             load: Arc::new(AtomicUsize::new(0)),
         };
-        target.health.record_success();
-        self.metrics.health_check(name, &label, "passive", true);
+        target.report_passive(name, &self.metrics, Ok(()));
         self.publish(|live| live.push(handle));
         self.metrics.mux_conn_state(name, &label, "live", 1);
         info!(upstream = %name, target_url = %label, slot, connection = %id, encoding = offered, "mux connection live");
@@ -420,18 +419,14 @@ impl MuxPool {
             ConnEnd::Drained | ConnEnd::HandedOver => Ok(()),
             ConnEnd::Lost(why) => {
                 let why = format!("mux connection to {label} lost: {why}");
-                Err(self.target_failed(lease.target(), &label, why))
+                Err(self.target_failed(lease.target(), why))
             }
         }
     }
 
     /// Counts a failure against `target`'s passive health; returns `why`.
-    fn target_failed(&self, target: &Target, label: &str, why: String) -> String {
-        let name = &self.upstream.name;
-        self.metrics.health_check(name, label, "passive", false);
-        if target.health.record_failure(why.clone()) {
-            warn!(upstream = %name, target_url = %label, cause = %why, "target marked unhealthy");
-        }
+    fn target_failed(&self, target: &Target, why: String) -> String {
+        target.report_passive(&self.upstream.name, &self.metrics, Err(&why));
         why
     }
 

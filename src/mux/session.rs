@@ -27,7 +27,7 @@ use tokio::time::{Instant, Sleep};
 use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError, ProtocolError};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
-use tracing::{debug, info};
+use tracing::debug;
 
 use super::conn::ConnCmd;
 use super::inbox::{inbox, Control, Inbox, Next, ToClient};
@@ -37,6 +37,8 @@ use crate::config::WebSocketSettings;
 use crate::limits::ConnectionPermit;
 use crate::metrics::Metrics;
 use crate::session::alarms::{Alarm, Alarms};
+use crate::session::ending::{log_ended, log_opened, plugin_reason, LegSummary};
+use crate::session::keepalive::{Due, Keepalive, Liveness};
 use crate::session::side::{Direction, Side};
 use crate::session::SessionGuard;
 use crate::upstream::Upstream;
@@ -306,7 +308,7 @@ pub async fn run(mut session: Box<MuxSession>, on_upgrade: hyper::upgrade::OnUpg
     let up_counters = metrics.message_counters(&name, Direction::ClientToUpstream);
     let down_counters = metrics.message_counters(&name, Direction::UpstreamToClient);
     let (link, inbox) = inbox(ws.client_queue);
-    info!(session = %id, upstream = %name, mode = "multiplexed", remote = %session.guard.handle.remote, request_id = %session.guard.handle.request_id, "session opened");
+    log_opened(&session.guard.handle, None, None);
 
     let mut bound = Bound::No {
         deadline: Instant::now() + ws.resume_timeout,
@@ -315,17 +317,18 @@ pub async fn run(mut session: Box<MuxSession>, on_upgrade: hyper::upgrade::OnUpg
     // Accepted from the client, not yet in any connection's queue; oldest first.
     let mut carry: VecDeque<Payload> = VecDeque::new();
     let (mut sent_up, mut sent_down) = (0u64, 0u64);
-    // The clock is read and the timer moved only when the timer fires:
-    // `heard` notes that the client was heard from (or not read, so not
-    // to be blamed) since then, and `last_seen` becomes that firing's time.
-    let mut last_seen = Instant::now();
-    let mut heard = false;
-    let mut next_ping = last_seen + ws.ping_period;
+    // `client_liveness` is noted when the client is heard from, or not
+    // read (so not to blame). (`now` in a block: a local in scope is kept
+    // in the future across every await.)
+    let (mut client_liveness, mut keepalive) = {
+        let now = Instant::now();
+        (Liveness::new(now), Keepalive::new(now, ws.ping_period))
+    };
     // Shutdown and the timer are polled only when one of them fires, not on
     // every message (see `Alarms`).
     let alarms = Alarms::new(
         session.guard.handle.cancel.clone(),
-        next_ping.min(last_seen + ws.pong_wait),
+        keepalive.deadline([&client_liveness], ws.pong_wait),
     );
     tokio::pin!(alarms);
 
@@ -336,7 +339,7 @@ pub async fn run(mut session: Box<MuxSession>, on_upgrade: hyper::upgrade::OnUpg
             _ => carry.len() <= ws.resume_buffer,
         };
         if !may_read {
-            heard = true;
+            client_liveness.heard();
         }
         // The select's futures must not borrow `bound`, which its handlers
         // change; they get owned handles, made only on the rare paths.
@@ -354,18 +357,12 @@ pub async fn run(mut session: Box<MuxSession>, on_upgrade: hyper::upgrade::OnUpg
                 if alarm == Alarm::Shutdown {
                     break Ending::Shutdown;
                 }
-                let now = Instant::now();
-                if std::mem::take(&mut heard) {
-                    last_seen = now;
-                }
-                if now >= last_seen + ws.pong_wait {
-                    break Ending::ClientGone { cause: "missed its pong".into(), ping_timeout: true };
-                }
-                let ping_due = now >= next_ping;
-                if ping_due {
-                    next_ping = now + ws.ping_period;
-                }
-                alarms.as_mut().reset(next_ping.min(last_seen + ws.pong_wait));
+                let ping_due = match keepalive.due(Instant::now(), [&mut client_liveness], ws.into()) {
+                    Due::Silent(_) => break Ending::ClientGone { cause: "missed its pong".into(), ping_timeout: true },
+                    Due::Ping => true,
+                    Due::Nothing => false,
+                };
+                alarms.as_mut().reset(keepalive.deadline([&client_liveness], ws.pong_wait));
                 if ping_due {
                     // Boxed: pings are rare. Guarded as every write is: a
                     // client that stopped reading must not hold a ping,
@@ -443,7 +440,7 @@ pub async fn run(mut session: Box<MuxSession>, on_upgrade: hyper::upgrade::OnUpg
                 Err(_) => bound = Bound::AwaitingLost,
             },
             msg = client.next(), if may_read => {
-                heard = true;
+                client_liveness.heard();
                 match client_event(msg, ws.return_error_details) {
                     Err(ending) => break ending,
                     Ok(None) => {}
@@ -564,7 +561,7 @@ async fn finish<C>(
                 (Some((code, reason)), None, "upstream closed".into())
             }
             Ending::PluginClose { code, reason } => {
-                let r = crate::direct::plugin_reason(code, &reason, details);
+                let r = plugin_reason(code, &reason, details);
                 (
                     Some((code, r.clone())),
                     Some((code, r)),
@@ -604,11 +601,12 @@ async fn finish<C>(
         "session_closed",
         dropped_down,
     );
+    let dropped_up = carry.len() as u64;
     metrics.messages_dropped(
         &name,
         Direction::ClientToUpstream,
         "session_closed",
-        carry.len() as u64,
+        dropped_up,
     );
     let closing = async {
         let tell_upstream = async {
@@ -641,19 +639,20 @@ async fn finish<C>(
             metrics.close_sent(&name, Side::Upstream, *code);
         }
     }
+    let client_summary = LegSummary {
+        side: Side::Client,
+        messages_read: sent_up,
+        messages_dropped: dropped_up,
+        sent_close: to_client_frame.as_ref().map(|c| c.0),
+    };
+    let upstream_summary = LegSummary {
+        side: Side::Upstream,
+        messages_read: sent_down,
+        messages_dropped: dropped_down,
+        sent_close: to_upstream.as_ref().map(|c| c.0),
+    };
     let handle = &session.guard.handle;
-    info!(
-        session = %id,
-        upstream = %name,
-        mode = "multiplexed",
-        duration_ms = handle.started.elapsed().as_millis() as u64,
-        client_messages = sent_up,
-        upstream_messages = sent_down,
-        client_close_code = to_client_frame.as_ref().map(|c| c.0),
-        upstream_close_code = to_upstream.as_ref().map(|c| c.0),
-        %cause,
-        "session ended"
-    );
+    log_ended(handle, None, &cause, client_summary, upstream_summary);
     // Free the slot before the client sees its connection end.
     drop(bound);
     drop(session);

@@ -9,6 +9,8 @@
 
 pub(crate) mod alarms;
 pub(crate) mod client;
+pub(crate) mod ending;
+pub(crate) mod keepalive;
 pub(crate) mod side;
 pub(crate) mod when_woken;
 

@@ -27,6 +27,8 @@ pub use balance::Balancer;
 pub use health::TargetHealth;
 
 use crate::config::{Mode, UpstreamConfig};
+use crate::metrics::Metrics;
+use tracing::warn;
 
 /// Worst-case growth of a message inside a JSON mux frame (`\u0000` escapes).
 const MUX_ENVELOPE_FACTOR: usize = 6;
@@ -51,6 +53,22 @@ pub struct Target {
 impl Target {
     pub fn active(&self) -> usize {
         self.active.load(Ordering::Relaxed)
+    }
+
+    /// Reports what a real connection to this target showed (passive
+    /// health): counts it in `muxgate_health_checks_total`, records it in
+    /// the target's health, and warns when a failure (`Err(cause)`) takes
+    /// the target out of rotation.
+    pub fn report_passive(&self, upstream: &str, metrics: &Metrics, outcome: Result<(), &str>) {
+        metrics.health_check(upstream, &self.label, "passive", outcome.is_ok());
+        match outcome {
+            Ok(()) => self.health.record_success(),
+            Err(cause) => {
+                if self.health.record_failure(cause) {
+                    warn!(upstream, target_url = %self.label, cause, "target marked unhealthy");
+                }
+            }
+        }
     }
 }
 
