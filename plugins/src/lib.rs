@@ -19,6 +19,8 @@
 //! field, and [`Pipeline::build`] checks what serde cannot (regexes, key
 //! files) when the config loads.
 
+#![forbid(unsafe_code)]
+
 pub mod values;
 
 mod api_key;
