@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Direct-mode measurements for the issue notes (the full side-by-side
-# benchmark with NGINX and HAProxy is bench/run.sh):
+# Quick direct-mode measurements (the full side-by-side benchmark with
+# NGINX and HAProxy is bench/run.sh):
 #   1. echo round trips/s, 100 connections, 64-byte messages: straight to the
 #      upstream, then through muxgate in direct mode, and the ratio;
 #   2. broker RSS holding 1,000 idle direct sessions.

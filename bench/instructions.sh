@@ -6,7 +6,7 @@
 # Rates and CPU times on this machine move by several percent from one run
 # to the next; an instruction count is the same twice for the same binary
 # and load. It shows what a change to the relay costs or saves in user
-# space, which at saturation is about a sixth of the broker's CPU (the rest
+# space, which at saturation is the smaller part of the broker's CPU (most
 # is the kernel's, and level with NGINX's: the same system calls per
 # message). Each proxy runs under callgrind with two loads, each twice (for
 # a short and a long time): paced, 10 connections at 500 messages/s (every
@@ -16,10 +16,10 @@
 # by the round trips between them, leaves out start-up and the handshakes.
 # The two loads can disagree: a change that saves work per wake may cost
 # more per message when wakes are shared. And instructions are not cycles:
-# an atomic read-modify-write or a cache miss counts as one. Per-direction
-# wakers in the frame relay cut 8% of its instructions here yet saved no
-# CPU at full speed (atomics for the polls they spared), so confirm a gain
-# in CPU per round trip at saturation before keeping it.
+# an atomic read-modify-write or a cache miss counts as one, so a change
+# can cut instructions here yet save no CPU at full speed (atomics in place
+# of the work it spared): confirm a gain in CPU per round trip at
+# saturation before keeping it.
 #
 # Usage: bench/instructions.sh   (installs valgrind from apt if missing;
 # about a minute). BENCH_BIN and BENCH_PORT_BASE as for bench/run.sh.

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Multiplexed-mode measurements for the issue notes:
+# Quick multiplexed-mode measurements (the full side-by-side benchmark is
+# bench/run.sh):
 #   1. echo round trips/s, 100 connections, 64-byte messages, multiplexed
 #      (pool_size 2, both envelopes) over direct, through the same broker to
 #      the same demo upstream, and the ratios;

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Side-by-side benchmark (issue 6): the demo echo upstream reached with no
+# Side-by-side benchmark: the demo echo upstream reached with no
 # proxy, through NGINX, HAProxy, muxgate direct and muxgate multiplexed
 # (binary envelope, pool_size 2), all in one run on this machine. Measures,
 # in this order:
@@ -14,7 +14,7 @@
 #      scheduled send time, and each proxy's CPU time per message meanwhile;
 #   3. echo throughput (round trips/s) with 100 connections at 64 B and 4 KiB.
 # Writes BENCHMARKS.md (tables as ratios against NGINX and against no proxy,
-# each target of the issue met or not), bench/results.tsv (one
+# each target met or not), bench/results.tsv (one
 # `measure path value` row per number) and PNG charts in bench/charts/.
 # Installs nginx, haproxy and a font from apt if missing (bench/deps.sh).
 #
@@ -108,9 +108,10 @@ for name in "${proxies[@]}"; do
 done
 
 # Runs 2 and 3 go round the paths $rounds times, interleaved, and keep
-# each number's median: this machine's speed drifts by 20-30% within
-# minutes (other tenants), so one run per path would rank the drift. Each
-# round starts one path later, so no path always follows the same one.
+# each number's median: this machine's speed drifts within minutes (other
+# tenants) by more than the paths differ, so one run per path would rank
+# the drift. Each round starts one path later, so no path always follows
+# the same one.
 declare -A runs
 # rotated ROUND: the paths in the order of that round.
 rotated() { local k=$(( ($1 - 1) % ${#order[@]} )); echo "${order[@]:k}" "${order[@]:0:k}"; }

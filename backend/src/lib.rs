@@ -7,6 +7,8 @@
 //! - [`demo`]: the bundled demo upstream the README's run command starts next
 //!   to the broker: an echo for direct mode, echo and a chat room over mux.
 
+#![forbid(unsafe_code)]
+
 pub mod demo;
 pub mod mux;
 pub mod protocol;

@@ -1,5 +1,7 @@
 //! The demo upstream over a real socket: echo, subprotocol, close.
 
+#![forbid(unsafe_code)]
+
 use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;

@@ -13,6 +13,8 @@
 //! when missing (`.ci/run` does so up front), and the test fails, never
 //! skips, when they cannot be had.
 
+#![forbid(unsafe_code)]
+
 use std::collections::HashMap;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};

@@ -19,6 +19,8 @@
 //! field, and [`Pipeline::build`] checks what serde cannot (regexes, key
 //! files) when the config loads.
 
+#![forbid(unsafe_code)]
+
 pub mod values;
 
 mod api_key;
@@ -102,12 +104,13 @@ pub enum PluginConfig {
 
 /// Reading a [`PluginConfig`]. serde's internally tagged enums buffer the
 /// whole entry before they know its variant, and an error found in the
-/// buffer names no path below the list: a misspelt setting was reported as
-/// `upstreams[0].plugins: unknown field ...`. Here `settings` is read
-/// straight from the file once `name` is known, so its errors carry their
-/// whole path (`plugins[0].settings.messages_per_secnd`) and so their
-/// line; `settings` written before `name` is read as a YAML-neutral value
-/// first, and its errors then name the setting in their message.
+/// buffer names no path below the list: a misspelt setting would be
+/// reported as `upstreams[0].plugins: unknown field ...`. Here `settings`
+/// is read straight from the file once `name` is known, so its errors
+/// carry their whole path (`plugins[0].settings.messages_per_secnd`) and
+/// so their line; `settings` written before `name` is read as a
+/// YAML-neutral value first, and its errors then name the setting in
+/// their message.
 mod plugin_config {
     use std::fmt;
 

@@ -8,11 +8,11 @@
 //! one signal of each kind before forgetting it, so that lane needs no
 //! bound of its own.
 //!
-//! Why not two tokio channels, as before: a tokio mpsc channel allocates
-//! its first block of 32 slots when it is made, and the two came to 2.2 KB
-//! per session, most of what an idle multiplexed session cost. Here the
-//! queues allocate on first use and give their memory back when drained
-//! (past a few slots), so an idle session holds about 150 bytes. The lock
+//! Why not two tokio channels: a tokio mpsc channel allocates its first
+//! block of 32 slots when it is made, so two of them would be most of
+//! what an idle multiplexed session costs. Here the queues
+//! allocate on first use and give their memory back when drained (past a
+//! few slots), so an idle session's inbox holds no queue memory. The lock
 //! is held only to push or pop, never across an await.
 
 use std::collections::VecDeque;

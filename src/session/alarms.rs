@@ -6,8 +6,8 @@
 //! its `select!`; a timer polled that way re-registers the task's waker
 //! with the timer wheel each time (tokio's `Sleep`), and a shutdown future
 //! takes two mutexes. [`Alarms`] holds both behind one [`WhenWoken`] gate,
-//! so a wake by a socket costs them one atomic load, and both together
-//! take no more room in the session than they did apart.
+//! so a wake by a socket costs them one atomic load, and the pair takes no
+//! more room in the session than the two futures would apart.
 
 use std::future::Future;
 use std::pin::Pin;

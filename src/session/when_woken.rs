@@ -4,12 +4,13 @@
 //! wake of the task polls all of them. In a session that is one wake per
 //! read, while its shutdown branch (a `CancellationToken` future) fires at
 //! most once in the session's life, yet takes two mutexes on each poll
-//! (tokio-util's `is_cancelled` and tokio's `Notified`): 6.6% of the frame
-//! relay's user time in a profile. [`WhenWoken`] hands the inner future a
-//! waker of its own, and skips polling it until that waker has fired, at
-//! the cost of one atomic load per poll (and a registration of the task's
-//! waker when it changes, which on the broker's single-threaded event
-//! loops is never, and after each wake of the inner future).
+//! (tokio-util's `is_cancelled` and tokio's `Notified`), a cost paid on
+//! every read for an event that almost never comes. [`WhenWoken`] hands
+//! the inner future a waker of its own, and skips polling it until that
+//! waker has fired, at the cost of one atomic load per poll (and a
+//! registration of the task's waker when it changes, which on the
+//! broker's single-threaded event loops is never, and after each wake of
+//! the inner future).
 
 use std::future::Future;
 use std::pin::Pin;

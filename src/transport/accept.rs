@@ -1,12 +1,12 @@
 //! Accepting client connections evenly over the event loops.
 //!
 //! Every loop accepts from its own duplicate of the one listening socket
-//! (see [`crate::transport::event_loops`]). Left to the kernel, the loop that wakes
-//! first takes the connection, and a loop that has just served one is
-//! often the first awake again: 200 connections opened one after another
-//! landed 46/154 on two loops. A session stays on the loop that took it,
+//! (see [`crate::transport::event_loops`]). Left to the kernel, the loop
+//! that wakes first takes the connection, and a loop that has just served
+//! one is often the first awake again, so connections opened one after
+//! another pile up on one loop. A session stays on the loop that took it,
 //! and a multiplexed session prefers the pool connection on its loop, so
-//! one core did three quarters of the work.
+//! one core would do most of the work.
 //!
 //! So the loops take turns: one counter, shared by all, gives every
 //! accepted connection to the next loop in line. A loop that accepts a
@@ -20,10 +20,10 @@
 //!
 //! Why not one `SO_REUSEPORT` listener per loop: the kernel then spreads
 //! connections by a hash of their addresses, which is even only on
-//! average (200 connections split worse than 40/60 about once in a
-//! hundred tries), a connection waiting in a busy loop's queue cannot be
-//! taken by an idle one, and closing one loop's listener resets the
-//! connections in its queue.
+//! average (a few hundred connections can split far from evenly), a
+//! connection waiting in a busy loop's queue cannot be taken by an idle
+//! one, and closing one loop's listener resets the connections in its
+//! queue.
 
 use std::io;
 use std::net::SocketAddr;

@@ -3,18 +3,19 @@
 //!
 //! tungstenite allocates its read buffer, `read_buffer_size` bytes, when a
 //! socket is wrapped and keeps it for the socket's life: 4 KiB per idle
-//! client at the default, as much as the rest of a multiplexed session. So
-//! client sockets that tungstenite decodes are wrapped in [`ChunkedRead`]
-//! and given a small tungstenite buffer ([`DECODER_BUFFER`]): each read
-//! system call still takes up to [`read_chunk`] bytes, into the loop's
-//! buffer ([`with_read_buffer`]), and what tungstenite has no room for yet
-//! waits in a spill buffer that is freed once it has been handed over.
+//! client at the default, about as much again as the rest of an idle
+//! multiplexed session. So client sockets that tungstenite decodes are
+//! wrapped in [`ChunkedRead`] and given a small tungstenite buffer
+//! ([`DECODER_BUFFER`]): each read system call still takes up to
+//! [`read_chunk`] bytes, into the loop's buffer ([`with_read_buffer`]),
+//! and what tungstenite has no room for yet waits in a spill buffer that
+//! is freed once it has been handed over.
 //!
 //! The loop's buffer is a thread-local: each event loop is one thread and a
 //! read is done with the buffer before the task yields, so one buffer
-//! serves all of a loop's sessions. (A stack array did the same job, but a
-//! 64 KiB frame has its every page probed on each call: about half of the
-//! frame relay pump's own time at 64-byte messages.)
+//! serves all of a loop's sessions. (Not a stack array: a 64 KiB stack
+//! frame has its every page probed on each call, a cost paid per read
+//! however small the read.)
 
 use std::cell::RefCell;
 use std::io;

@@ -141,8 +141,8 @@ impl<T> MaybeTls<T> {
 
 impl<T: AsyncRead + Unpin> AsyncRead for MaybeTls<T> {
     // Always: a match over the two kinds, on every read and write of a
-    // relay, which LLVM otherwise leaves as a call (about 40 instructions
-    // per 64-byte round trip, bench/instructions.sh).
+    // relay, which LLVM otherwise leaves as a call (bench/instructions.sh
+    // shows what the call costs).
     #[inline(always)]
     fn poll_read(
         self: Pin<&mut Self>,

@@ -3,12 +3,13 @@
 //! hyper hands an upgraded connection over as `Upgraded`: the socket
 //! behind a box, a `dyn` call and two conversions between tokio's and
 //! hyper's read buffers on every read and write, plus, on the client side,
-//! a rewind layer of hyper's and one of the server that read the request.
-//! Together about 8% of the frame relay's user time. The broker made both
-//! kinds of connection itself (it connects to targets, and serves clients
-//! with hyper's HTTP/1 server on its own sockets, see [`crate::transport::http1`]), so
-//! it knows what is inside and takes the socket back out of `Upgraded`,
-//! together with whatever hyper had read past the request or the 101.
+//! a rewind layer of hyper's and one of the server that read the request:
+//! work a relay would pay per read and write for nothing. The broker makes
+//! both kinds of connection itself (it connects to targets, and serves
+//! clients with hyper's HTTP/1 server on its own sockets, see
+//! [`crate::transport::http1`]), so it knows what is inside and takes the
+//! socket back out of `Upgraded`, together with whatever hyper had read
+//! past the request or the 101.
 
 use std::io;
 use std::pin::Pin;

@@ -2,6 +2,8 @@
 //! (default 127.0.0.1:3000). Benchmarks run it apart from the broker so the
 //! two do not share a runtime.
 
+#![forbid(unsafe_code)]
+
 use tokio_util::sync::CancellationToken;
 
 #[tokio::main]

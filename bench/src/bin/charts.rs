@@ -8,6 +8,8 @@
 //! Text needs a TTF file, read at run time: `BENCH_FONT` if set, else DejaVu
 //! Sans (Debian's `fonts-dejavu-core`, which run.sh installs if missing).
 
+#![forbid(unsafe_code)]
+
 use std::collections::HashMap;
 use std::error::Error;
 use std::path::Path;

@@ -14,6 +14,8 @@
 //! Connections are spread over source addresses 127.0.0.1-127.0.0.254 so a
 //! run is not limited by one address's ephemeral ports.
 
+#![forbid(unsafe_code)]
+
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;

@@ -10,6 +10,8 @@
 //! system calls, which any tokio-based relay pays. `bench/paired.sh` puts
 //! it beside NGINX and muxgate direct.
 
+#![forbid(unsafe_code)]
+
 use std::net::SocketAddr;
 
 use clap::Parser;
