@@ -298,6 +298,9 @@ elapsed=$SECONDS
   echo
   echo "The numbers behind the tables and charts are in [bench/results.tsv](bench/results.tsv); the charts"
   echo "are redrawn from it by \`target/release/charts bench/results.tsv bench/charts\`."
+  echo
+  # The reasons behind the relay's shape, kept by hand.
+  cat "$(dirname "$0")/why.md"
 } > "$out/BENCHMARKS.md"
 cat "$out/BENCHMARKS.md"
 echo "bench/run.sh: done in $((elapsed / 60)) min $((elapsed % 60)) s"
