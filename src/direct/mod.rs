@@ -43,7 +43,7 @@ use crate::session::SessionGuard;
 use crate::upstream::{self, ConnectError, Connected, TargetLease, Upstream};
 use muxgate_plugins::{SessionHooks, Verdict};
 
-mod passthrough;
+mod frames;
 
 /// Messages relayed per direction before yielding, so one busy direction
 /// cannot starve the other or the timers.
@@ -435,7 +435,7 @@ pub fn relay(
             session, on_upgrade, upstream,
         )))
     } else {
-        Either::Left(passthrough::run(session, on_upgrade, Box::new(upstream)))
+        Either::Left(frames::run(session, on_upgrade, Box::new(upstream)))
     }
 }
 

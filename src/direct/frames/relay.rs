@@ -1,24 +1,6 @@
-//! The frame relay of direct mode, for sessions with no message plugin.
-//!
-//! Nothing in such a session needs a message's payload, so each socket's
-//! bytes are read into the event loop's buffer and written on unchanged: a
-//! client's frames keep the client's own masking key (valid toward the
-//! upstream) and an upstream's frames stay unmasked (valid toward the
-//! client). Only frame headers are read, with tungstenite's parser, to
-//! enforce masking and `max_message_size`, count messages, and know where
-//! frames begin, which is where the broker may put frames of its own (its
-//! pings, and the closes [`super::decide`] chooses). Text is checked to be
-//! UTF-8 as it passes, so bad input gets the same 1007 as in the message
-//! relay. Close and pong frames are held whole: a close that breaks a rule
-//! (a code no endpoint may send, a one-byte payload, a reason that is not
-//! UTF-8) fails the session as any bad frame does, valid close codes reach
-//! the metrics, and the pongs that answer the broker's own pings go no
-//! further.
-//!
-//! An idle session owns no buffer. Bytes the destination cannot take at
-//! once go to that direction's spill buffer, which is freed once written;
-//! while it holds anything the source is not read, so a slow reader pushes
-//! back on the fast writer through TCP, as `copy_bidirectional` does.
+//! The relay loop of a frame-relay session: it opens the session, pumps
+//! both directions and runs the ping and silence timers until the session
+//! stops, then hands the ending to the close sequence.
 
 use std::cell::RefCell;
 use std::future::poll_fn;
@@ -39,7 +21,7 @@ use tracing::{debug, info};
 
 use hyper::upgrade::OnUpgrade;
 
-use super::{conclude, log_end, DirectSession, LegSummary, Stop};
+use super::super::{conclude, log_end, DirectSession, LegSummary, Stop};
 use crate::close;
 use crate::limits::ConnectionPermit;
 use crate::metrics::{MessageCounters, Metrics};
@@ -995,16 +977,20 @@ fn stop_of(end: PumpEnd, from: Side, to: Side, closed: bool) -> Stop {
 }
 
 /// Relays between `client` and `upstream` frame by frame until the session
-/// ends, then closes both sides as [`super::decide`] says.
+/// ends, then closes both sides as [`super::super::decide`] says.
 ///
 /// This future is most of an idle session's memory, so what it holds
 /// across awaits is kept small: the upstream connection comes boxed (an
 /// async fn keeps its arguments for its whole life, and copies them once
 /// more into locals), and the rare ending is a boxed future of its own.
-pub async fn run(session: Box<DirectSession>, on_upgrade: OnUpgrade, connected: Box<Connected>) {
+pub(in crate::direct) async fn run(
+    session: Box<DirectSession>,
+    on_upgrade: OnUpgrade,
+    connected: Box<Connected>,
+) {
     let mut client = match upgraded::client(on_upgrade).await {
         Ok(client) => client,
-        Err(error) => return Box::pin(super::abandon(session, *connected, error)).await,
+        Err(error) => return Box::pin(super::super::abandon(session, *connected, error)).await,
     };
     // Out of its box, which is freed here rather than when this future ends.
     let mut upstream = unbox(connected).io;
