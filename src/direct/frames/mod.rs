@@ -21,5 +21,8 @@
 //! back on the fast writer through TCP, as `copy_bidirectional` does.
 
 mod relay;
+mod scan;
+#[cfg(test)]
+mod testing;
 
 pub(super) use relay::run;
