@@ -20,6 +20,7 @@
 //! while it holds anything the source is not read, so a slow reader pushes
 //! back on the fast writer through TCP, as `copy_bidirectional` does.
 
+mod pump;
 mod relay;
 mod scan;
 #[cfg(test)]
