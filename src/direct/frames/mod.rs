@@ -19,7 +19,23 @@
 //! once go to that direction's spill buffer, which is freed once written;
 //! while it holds anything the source is not read, so a slow reader pushes
 //! back on the fast writer through TCP, as `copy_bidirectional` does.
+//!
+//! The relay holds four ideas, one to a file, with the unit tests beside
+//! the code they exercise; a file uses only those listed above it:
+//!
+//! - `scan`: the frame scanner, which follows one direction's bytes frame by
+//!   frame, enforces the rules above and says what to write on; also the
+//!   broker's own frames (its pings' payload, masking toward the upstream).
+//! - `pump`: one direction, read through its scanner and written on, with
+//!   its spill buffer and its message counts, and the stop its end means.
+//! - `closing`: the close sequence once the relay has stopped: the broker's
+//!   closes, reading for the answers, shutting down, logging the end.
+//! - `relay`: [`run`], the loop that pumps both directions and keeps the
+//!   ping and silence timers, then hands over to `closing`.
+//!
+//! `testing` holds what the tests of `scan` and `pump` share.
 
+mod closing;
 mod pump;
 mod relay;
 mod scan;
