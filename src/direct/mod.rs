@@ -29,8 +29,8 @@ use crate::upstream::{Connected, TargetLease, Upstream};
 use muxgate_plugins::SessionHooks;
 
 mod connect;
+mod frames;
 mod messages;
-mod passthrough;
 
 pub(crate) use connect::{connect_upstream, UpstreamUnavailable};
 
@@ -62,7 +62,7 @@ pub(crate) fn relay(
     if hooks.has_pre_request() || hooks.has_post_response() {
         Either::Right(Box::pin(messages::run(session, on_upgrade, upstream)))
     } else {
-        Either::Left(passthrough::run(session, on_upgrade, Box::new(upstream)))
+        Either::Left(frames::run(session, on_upgrade, Box::new(upstream)))
     }
 }
 
