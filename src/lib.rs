@@ -7,25 +7,73 @@
 //!
 //! # Layout
 //!
-//! - [`config`]: the YAML model of `shared/config.md`, loading and validation.
-//! - [`app`]: binds the listeners, owns the top-level tasks, serves and drains.
-//! - [`event_loops`]: thread-per-core; the `server.workers` loops that serve clients.
-//! - [`accept`]: the loops take accepted connections in turn.
-//! - [`shutdown`]: the signal, the root cancellation token and the session tracker.
-//! - [`routing`]: `external_path` to upstream and `internal_path`.
-//! - [`http1`]: the client listeners' HTTP/1 server (hyper, on the broker's own sockets).
-//! - [`handshake`]: the client HTTP handler; every refusal is an HTTP status.
-//! - [`upgraded`]: client and upstream sockets taken back out of hyper after the upgrade.
-//! - [`limits`]: `max_connections` and per-IP permits, released when a session ends.
-//! - [`session`]: session ids and the registry both modes share.
-//! - [`direct`]: direct mode, the connect-first handshake and the relay.
-//! - [`mux`]: multiplexed mode: the pool, the mux connection task, sessions
-//!   and their re-binding (the frame codec is `muxgate_backend::protocol`).
-//! - [`upstream`]: targets, passive health, balancing, connecting.
-//! - [`close`]: the close-code policy.
-//! - [`tls`]: the `wss://` listener and `wss://` targets (rustls).
-//! - [`metrics`]: every Prometheus collector, one method per event.
-//! - [`admin`]: `/metrics`, `/healthz`, `/readyz`, `/admin/upstreams`.
+//! One line per file, layer by layer from the bottom. A file imports only
+//! from its own layer and those below, the two modes never import each
+//! other, and no file imports one that imports it back (`tests/layers.rs`
+//! checks all three, and that this map names every file).
+//!
+//! Foundation, used everywhere:
+//! - `close.rs`: the close-code policy.
+//! - `limits.rs`: `max_connections` and per-IP permits, released when a session ends.
+//! - `shutdown.rs`: the signal, the root cancellation token and the task tracker.
+//! - `metrics.rs`: every Prometheus collector, one method per event.
+//! - `session/side.rs`: a session's two sides and two directions, which metrics label by.
+//!
+//! Transport (`transport/`), sockets and nothing above them:
+//! - `transport/mod.rs`: the room's map.
+//! - `transport/event_loops.rs`: thread-per-core; the `server.workers` loops that serve clients.
+//! - `transport/accept.rs`: the loops take accepted connections in turn.
+//! - `transport/tls.rs`: the `wss://` listener and `wss://` upstream streams (rustls).
+//! - `transport/http1.rs`: the client listeners' HTTP/1 server (hyper, on the broker's own sockets).
+//! - `transport/upgraded.rs`: client and upstream sockets taken back out of hyper after the upgrade.
+//! - `transport/chunked.rs`: reads through one buffer per event loop.
+//!
+//! Configuration (`config/`):
+//! - `config/mod.rs`: the YAML model of `shared/config.md`.
+//! - `config/load.rs`: reading a file: `${NAME}` expansion, parsing, errors with path and line.
+//! - `config/path.rs`: field paths and where they stand in the text.
+//! - `config/validate.rs`: the checks serde cannot make, every problem at once.
+//! - `config/parsed.rs`: target URLs and `hash_on`, parsed once.
+//!
+//! Upstreams:
+//! - `upstream/mod.rs`: targets, leases, connecting to a target, passive-health reports.
+//! - `upstream/health.rs`: one target's health, passive and active.
+//! - `upstream/balance.rs`: `round_robin`, `least_connections`, `consistent_hash`.
+//! - `upstream/probe.rs`: active health checks.
+//! - `routing.rs`: `external_path` to upstream and `internal_path`.
+//!
+//! Handshake and sessions, what both modes share:
+//! - `handshake.rs`: the upgrade checks and answers; every refusal is an HTTP status.
+//! - `session/mod.rs`: session ids and the registry.
+//! - `session/client.rs`: the client's WebSocket, built one way.
+//! - `session/keepalive.rs`: ping/pong supervision for every socket.
+//! - `session/ending.rs`: how a session ends, plugin close reasons, the two log lines.
+//! - `session/alarms.rs`: shutdown and the timer, polled only when one fired.
+//! - `session/when_woken.rs`: a future polled only after it woke its task.
+//!
+//! Direct mode (`direct/`):
+//! - `direct/mod.rs`: a direct session and the choice of relay.
+//! - `direct/connect.rs`: connecting the upstream before the client's 101.
+//! - `direct/messages.rs`: the message relay, for routes with message plugins.
+//! - `direct/frames/mod.rs`: the frame relay's map.
+//! - `direct/frames/scan.rs`: following and checking frames in a byte stream.
+//! - `direct/frames/pump.rs`: one direction: read, scan, write, spill.
+//! - `direct/frames/relay.rs`: the relay loop and its timers.
+//! - `direct/frames/closing.rs`: the close sequence.
+//! - `direct/frames/testing.rs`: what the frame relay's tests share.
+//!
+//! Multiplexed mode (`mux/`; the frame codec is `muxgate_backend::protocol`):
+//! - `mux/mod.rs`: the `open` frame of a new session.
+//! - `mux/pool.rs`: `pool_size` connections per upstream, binding, moves between targets.
+//! - `mux/conn.rs`: one mux connection's reader, writer and dispatch.
+//! - `mux/inbox.rs`: what a connection hands a session, queue and signals.
+//! - `mux/session.rs`: one client, its backpressure and re-binding.
+//!
+//! The app (`app/`):
+//! - `app/mod.rs`: binds the listeners, owns the top-level tasks, serves and drains.
+//! - `app/state.rs`: what every handler shares.
+//! - `app/clients.rs`: the client handler: checks, then the upstream's mode.
+//! - `app/admin.rs`: `/metrics`, `/healthz`, `/readyz`, `/admin/upstreams`.
 //!
 //! Plugins (handshake, pre_request, post_response) live in the
 //! `muxgate-plugins` crate; each upstream holds its built `Pipeline`.

@@ -1,5 +1,7 @@
 //! The `muxgate` command: run the broker, or check a config file.
 
+#![forbid(unsafe_code)]
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 

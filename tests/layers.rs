@@ -363,3 +363,29 @@ fn the_checker_sees_imports_groups_and_cycles() {
     let looped = BTreeMap::from([edge("x.rs", "y.rs"), edge("y.rs", "x.rs")]);
     assert_eq!(cycles(&looped).len(), 1);
 }
+
+#[test]
+fn the_module_map_in_lib_rs_names_every_file_and_only_files_that_exist() {
+    let (names, _) = graph();
+    let lib = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("src/lib.rs"))
+        .expect("read lib.rs");
+    // The map's entries: "//! - `path.rs`: ...".
+    let listed: BTreeSet<PathBuf> = lib
+        .lines()
+        .filter_map(|l| l.strip_prefix("//! - `"))
+        .filter_map(|l| l.split_once('`'))
+        .map(|(path, _)| PathBuf::from(path))
+        .filter(|p| p.extension().is_some_and(|e| e == "rs"))
+        .collect();
+    let files: BTreeSet<PathBuf> = names
+        .keys()
+        .filter(|f| **f != Path::new("lib.rs"))
+        .cloned()
+        .collect();
+    let unlisted: Vec<_> = files.difference(&listed).collect();
+    let gone: Vec<_> = listed.difference(&files).collect();
+    assert!(
+        unlisted.is_empty() && gone.is_empty(),
+        "src/lib.rs's map misses {unlisted:?} and names files that do not exist: {gone:?}"
+    );
+}

@@ -525,7 +525,8 @@ async fn burst_through_a_replying_plugin(
 /// A `rate_limit` that replies, by messages or by bytes (4-byte messages,
 /// 40 B a second), under bursts of 30, 300 and 3,000 messages: the burst's
 /// worth is echoed, the rest answered, none lost, and the session goes on
-/// (the direct message relay used to stop for good here).
+/// (a reply left waiting for the other direction would stop it for good:
+/// see `direct::messages::poll_direction`).
 #[tokio::test]
 async fn a_replying_rate_limit_answers_every_message_of_a_burst() {
     let limits = [

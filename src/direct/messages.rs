@@ -180,9 +180,9 @@ fn close_code_of(frame: &Option<CloseFrame>) -> u16 {
 /// first, and `from` is not read while it waits), and a plugin's reply to
 /// `from` itself (written before `from` is read on). Every write is then
 /// flushed here. So no message ever waits for the other direction to be
-/// polled, which nothing might wake: a reply set last in a turn used to
-/// wait until the upstream sent something, and with the client unread
-/// meanwhile the session stopped for good, its close unanswered.
+/// polled, which nothing might wake: otherwise a reply set last in a turn
+/// would wait until the upstream sent something, and with the client
+/// unread meanwhile the session would stop for good, its close unanswered.
 fn poll_direction<A, B>(
     from: &mut Leg<A>,
     to: &mut Leg<B>,

@@ -23,7 +23,6 @@ use tracing::debug;
 use crate::close;
 use crate::limits::ConnectionPermit;
 use crate::metrics::Metrics;
-use crate::session::ending::{self, Ending, LegSummary, Stop};
 use crate::session::SessionGuard;
 use crate::upstream::{Connected, TargetLease, Upstream};
 use muxgate_plugins::SessionHooks;
@@ -74,22 +73,4 @@ async fn abandon(session: Box<DirectSession>, upstream: Connected, error: std::i
     let close = close::frame(close::GOING_AWAY, "client went away");
     let timeout = session.upstream.config.websocket_config.close_timeout;
     let _ = tokio::time::timeout(timeout, socket.close(Some(close))).await;
-}
-
-/// The frame relay's way to [`ending::conclude`], until it calls that
-/// itself.
-fn conclude(session: &DirectSession, stop: &Stop) -> Ending {
-    ending::conclude(
-        stop,
-        &session.upstream,
-        session.lease.target(),
-        &session.metrics,
-    )
-}
-
-/// The frame relay's way to [`ending::log_ended`], until it calls that
-/// itself.
-fn log_end(session: &DirectSession, cause: &str, client: LegSummary, upstream: LegSummary) {
-    let target = Some(session.lease.target());
-    ending::log_ended(&session.guard.handle, target, cause, client, upstream);
 }

@@ -733,9 +733,9 @@ mod tests {
     fn a_sessions_future_does_not_grow_unnoticed() {
         // tokio allocates a task in 128-byte steps, and this future is most
         // of an idle session's memory. In release builds it is 1,752 B, in a
-        // task of 1,920 B; at 1,904 B the task took 2,048 B, and idle
-        // sessions 600 B more RSS each. Debug builds lay it out a little
-        // larger. Before raising the bound, check the release task's size:
+        // task of 1,920 B; a future that takes the task over a step costs
+        // every idle session more RSS than the step itself. Debug builds lay
+        // it out a little larger. Before raising the bound, check the release task's size:
         // `RUSTC_BOOTSTRAP=1 cargo rustc --release --lib -- -Zprint-type-sizes`,
         // the `Cell<TrackedFuture<{async fn body of mux::session::run()}>, ..>`.
         fn size<A, B, F: Future>(_: fn(A, B) -> F) -> usize {

@@ -4,8 +4,8 @@
 //! session its id, its cancellation token and its registry entry, keeps the
 //! per-upstream gauges, and forgets the session when its [`SessionGuard`]
 //! drops. Direct mode (`crate::direct`) owns two sockets per session;
-//! multiplexed mode will bind sessions to shared mux connections through the
-//! same guard.
+//! multiplexed mode (`crate::mux`) binds each session to a shared mux
+//! connection. Both hold the session's [`SessionGuard`] for its life.
 
 pub(crate) mod alarms;
 pub(crate) mod client;

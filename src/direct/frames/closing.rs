@@ -13,11 +13,12 @@ use tokio_tungstenite::tungstenite::protocol::frame::Frame;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tracing::debug;
 
-use super::super::{conclude, log_end, DirectSession, LegSummary, Stop};
+use super::super::DirectSession;
 use super::pump::Pump;
 use super::scan::{Out, Seen};
 use crate::limits::ConnectionPermit;
 use crate::metrics::Metrics;
+use crate::session::ending::{conclude, log_ended, LegSummary, Stop};
 use crate::session::side::Side;
 use crate::transport::chunked;
 use crate::transport::upgraded::ClientIo;
@@ -33,7 +34,12 @@ pub(super) async fn end(
     mut down: Pump,
     stop: Stop,
 ) {
-    let ending = conclude(&session, &stop);
+    let ending = conclude(
+        &stop,
+        &session.upstream,
+        session.lease.target(),
+        &session.metrics,
+    );
     let DirectSession {
         permit,
         upstream: config,
@@ -79,8 +85,15 @@ pub(super) async fn end(
         messages_dropped: down.messages_dropped,
         sent_close: up.sent_close,
     };
-    log_end(&session, &ending.cause, client_summary, upstream_summary);
-    // Before the sockets (see `log_end`).
+    let target = Some(session.lease.target());
+    log_ended(
+        &session.guard.handle,
+        target,
+        &ending.cause,
+        client_summary,
+        upstream_summary,
+    );
+    // Before the sockets (see `log_ended`).
     drop(session);
 }
 

@@ -17,9 +17,10 @@ use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::error::{Error as WsError, ProtocolError};
 use tokio_tungstenite::tungstenite::protocol::frame::Frame;
 
-use super::super::Stop;
 use super::scan::{own_frame, ping_payload, Kind, Out, Scanner, Seen};
 use crate::metrics::{MessageCounters, Metrics};
+use crate::session::ending::Stop;
+use crate::session::keepalive::Liveness;
 use crate::session::side::{Direction, Side};
 use crate::upstream::Upstream;
 
@@ -63,11 +64,9 @@ pub(super) struct Pump {
     /// with the task's waker registered on the socket (not for want of
     /// coop budget); see [`Pump::asleep`].
     armed: bool,
-    /// When a timer wake last found that something had arrived from the
-    /// source (set lazily: a clock read per read costs 5% of user time).
-    pub(super) last_seen: Instant,
-    /// Something arrived since the last timer wake.
-    pub(super) heard: bool,
+    /// Whether the source has been heard from (keepalive; noted with a
+    /// store, not a clock read, on the relay's hottest path).
+    pub(super) liveness: Liveness,
     counters: Arc<MessageCounters>,
     pub(super) messages_read: u64,
     /// Messages read from the source that the session's end kept from the
@@ -91,8 +90,7 @@ impl Pump {
             chunk,
             unflushed: false,
             armed: false,
-            last_seen: Instant::now(),
-            heard: false,
+            liveness: Liveness::new(Instant::now()),
             counters,
             messages_read: 0,
             messages_dropped: 0,
@@ -104,9 +102,9 @@ impl Pump {
     /// task's waker with the source again: it is still registered since
     /// the last poll, nothing waits to be written, and the source has
     /// nothing (`source_surely_pending`, see
-    /// [`crate::transport::upgraded::UpgradedIo::read_surely_pending`]). Every wake
-    /// of a session polled both directions, and the one that did not wake
-    /// it cost a lock pair and about 150 instructions for nothing.
+    /// [`crate::transport::upgraded::UpgradedIo::read_surely_pending`]).
+    /// Each wake is caused by one direction; polling the other as well
+    /// would take tokio's waiters lock for nothing.
     pub(super) fn asleep(&self, source_surely_pending: impl FnOnce() -> bool) -> bool {
         self.armed && self.spill.is_empty() && !self.unflushed && source_surely_pending()
     }
@@ -345,7 +343,7 @@ impl Pump {
                 }
                 Poll::Ready(Ok(())) => {}
             }
-            self.heard = true;
+            self.liveness.heard();
             let chunk = read.filled();
             let mut out = Out::default();
             let (scanned, written) = MESSAGE_ENDS.with_borrow_mut(|ends| {

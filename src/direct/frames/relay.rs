@@ -6,21 +6,22 @@ use std::future::poll_fn;
 use std::task::Poll;
 
 use tokio::time::Instant;
-use tracing::info;
 
 use hyper::upgrade::OnUpgrade;
 
-use super::super::{DirectSession, Stop};
+use super::super::DirectSession;
 use super::closing::end;
 use super::pump::{stop_of, Pump};
 use crate::session::alarms::{Alarm, Alarms};
+use crate::session::ending::{log_opened, Stop};
+use crate::session::keepalive::{Due, Keepalive};
 use crate::session::side::{Direction, Side};
 use crate::transport::chunked;
 use crate::transport::upgraded;
 use crate::upstream::Connected;
 
 /// Relays between `client` and `upstream` frame by frame until the session
-/// ends, then closes both sides as [`super::super::decide`] says.
+/// ends, then closes both sides as [`crate::session::ending::decide`] says.
 ///
 /// This future is most of an idle session's memory, so what it holds
 /// across awaits is kept small: the upstream connection comes boxed (an
@@ -47,15 +48,10 @@ pub(in crate::direct) async fn run(
         let max = ws.max_message_size.bytes() as u64;
         let chunk = chunked::read_chunk(ws.read_buffer_size.bytes());
         let counters = |direction| metrics.message_counters(name, direction);
-        info!(
-            session = %session.guard.handle.id,
-            upstream = %name,
-            target_url = %session.lease.target().label,
-            mode = "direct",
-            relay = "frames",
-            remote = %session.guard.handle.remote,
-            request_id = %session.guard.handle.request_id,
-            "session opened"
+        log_opened(
+            &session.guard.handle,
+            Some(session.lease.target()),
+            Some("frames"),
         );
         (
             Pump::new(
@@ -72,13 +68,15 @@ pub(in crate::direct) async fn run(
             ),
         )
     };
-    // When both sides are next pinged.
-    let mut next_ping = Instant::now() + session.upstream.config.websocket_config.ping_period;
-    // The timer is the next ping, or the moment a silent side will have gone
-    // unheard for pong_wait; it is moved only when it fires.
+    // Both sides are pinged together.
+    let mut keepalive = Keepalive::new(
+        Instant::now(),
+        session.upstream.config.websocket_config.ping_period,
+    );
+    // The timer is moved only when it fires.
     let alarms = Alarms::new(
         session.guard.handle.cancel.clone(),
-        timer_deadline(&session, &up, &down, next_ping),
+        timer_deadline(&session, &keepalive, &up, &down),
     );
     tokio::pin!(alarms);
     let stop = loop {
@@ -89,26 +87,23 @@ pub(in crate::direct) async fn run(
                     break Stop::Shutdown;
                 }
                 let ws = &session.upstream.config.websocket_config;
-                let now = Instant::now();
                 // A side left unread because the other is backed up cannot
                 // be blamed for silence.
                 for pump in [&mut up, &mut down] {
-                    if std::mem::take(&mut pump.heard) || !pump.spill.is_empty() {
-                        pump.last_seen = now;
+                    if !pump.spill.is_empty() {
+                        pump.liveness.heard();
                     }
                 }
-                if now >= up.last_seen + ws.pong_wait {
-                    break Stop::PingTimeout { side: Side::Client };
+                match keepalive.due(Instant::now(), [&mut up.liveness, &mut down.liveness], ws.into()) {
+                    Due::Silent(0) => break Stop::PingTimeout { side: Side::Client },
+                    Due::Silent(_) => break Stop::PingTimeout { side: Side::Upstream },
+                    Due::Ping => {
+                        down.ping();
+                        up.ping();
+                    }
+                    Due::Nothing => {}
                 }
-                if now >= down.last_seen + ws.pong_wait {
-                    break Stop::PingTimeout { side: Side::Upstream };
-                }
-                if now >= next_ping {
-                    down.ping();
-                    up.ping();
-                    next_ping = now + ws.ping_period;
-                }
-                alarms.as_mut().reset(timer_deadline(&session, &up, &down, next_ping));
+                alarms.as_mut().reset(timer_deadline(&session, &keepalive, &up, &down));
             }
             // Both directions read into the loop's one buffer.
             // A direction whose source did not wake the task is skipped.
@@ -152,13 +147,15 @@ fn handshake_done(up: &Pump, down: &Pump) -> bool {
     up.scan.closed.is_some() && down.scan.closed.is_some()
 }
 
-/// When a relay's timer is next due: the next ping, or the moment a side
-/// last heard at `last_seen` has been silent for `pong_wait`.
-fn timer_deadline(session: &DirectSession, up: &Pump, down: &Pump, next_ping: Instant) -> Instant {
+/// When a relay's timer is next due (see [`Keepalive::deadline`]).
+fn timer_deadline(
+    session: &DirectSession,
+    keepalive: &Keepalive,
+    up: &Pump,
+    down: &Pump,
+) -> Instant {
     let pong_wait = session.upstream.config.websocket_config.pong_wait;
-    next_ping
-        .min(up.last_seen + pong_wait)
-        .min(down.last_seen + pong_wait)
+    keepalive.deadline([&up.liveness, &down.liveness], pong_wait)
 }
 
 /// The value in `boxed`, freeing the box now (moving out with `*boxed`
@@ -180,7 +177,7 @@ mod tests {
         // raising the bound, check the release task's size:
         // `RUSTC_BOOTSTRAP=1 cargo rustc --release --lib -- -Zprint-type-sizes`,
         // the `Cell<TrackedFuture<Either<{async fn body of
-        // direct::passthrough::run()}, ..>>, ..>`.
+        // direct::frames::relay::run()}, ..>>, ..>`.
         fn size<A, B, C, F: std::future::Future>(_: fn(A, B, C) -> F) -> usize {
             std::mem::size_of::<F>()
         }

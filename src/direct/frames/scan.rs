@@ -21,7 +21,8 @@ const MAX_HEADER: usize = 14;
 const MAX_CONTROL_PAYLOAD: u64 = 125;
 /// The payload of the broker's pings, by which their pongs are known and
 /// kept from the other side. Random per process, so that no peer's own
-/// ping can carry it by chance and lose its pong (a fixed `muxgate` did).
+/// ping can carry it by chance and lose its pong, as a fixed payload
+/// could.
 pub(super) fn ping_payload() -> &'static [u8] {
     static PAYLOAD: OnceLock<String> = OnceLock::new();
     PAYLOAD
