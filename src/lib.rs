@@ -11,7 +11,7 @@
 //! - [`app`]: binds the listeners, owns the top-level tasks, serves and drains.
 //! - [`event_loops`]: thread-per-core; the `server.workers` loops that serve clients.
 //! - [`accept`]: the loops take accepted connections in turn.
-//! - [`shutdown`]: the signal, the root cancellation token and the session tracker.
+//! - [`shutdown`]: the signal, the one tree of cancellation tokens and the one task tracker.
 //! - [`routing`]: `external_path` to upstream and `internal_path`.
 //! - [`http1`]: the client listeners' HTTP/1 server (hyper, on the broker's own sockets).
 //! - [`handshake`]: the client HTTP handler; every refusal is an HTTP status.

@@ -4,7 +4,8 @@
 //!
 //! The listener completes TLS handshakes concurrently in its own bounded
 //! set of tasks (so one slow client cannot hold up accepting the next), each
-//! under a timeout; the set belongs to the listener and ends with it.
+//! under a timeout; the set belongs to the listener and ends with it, and
+//! each of its tasks is counted by the shutdown tracker's listeners group.
 
 use std::io;
 use std::net::SocketAddr;
@@ -22,6 +23,7 @@ use tokio::task::JoinSet;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tracing::debug;
 
+use crate::shutdown::TaskGroup;
 use crate::transport::accept::BalancedListener;
 
 /// Bound on one client's TLS handshake.
@@ -188,14 +190,17 @@ pub struct TlsListener {
     tcp: BalancedListener,
     acceptor: TlsAcceptor,
     handshakes: JoinSet<Option<(tokio_rustls::server::TlsStream<TcpStream>, SocketAddr)>>,
+    /// Counts the handshakes in progress with the listeners' other tasks.
+    group: TaskGroup,
 }
 
 impl TlsListener {
-    pub fn new(tcp: BalancedListener, config: Arc<ServerConfig>) -> TlsListener {
+    pub fn new(tcp: BalancedListener, config: Arc<ServerConfig>, group: TaskGroup) -> TlsListener {
         TlsListener {
             tcp,
             acceptor: TlsAcceptor::from(config),
             handshakes: JoinSet::new(),
+            group,
         }
     }
 }
@@ -210,7 +215,7 @@ impl axum::serve::Listener for TlsListener {
                 (tcp, addr) = self.tcp.accept(), if self.handshakes.len() < MAX_HANDSHAKES => {
                     let _ = tcp.set_nodelay(true);
                     let acceptor = self.acceptor.clone();
-                    self.handshakes.spawn(async move {
+                    self.handshakes.spawn(self.group.track_future(async move {
                         match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                             Ok(Ok(tls)) => Some((tls, addr)),
                             Ok(Err(error)) => {
@@ -222,7 +227,7 @@ impl axum::serve::Listener for TlsListener {
                                 None
                             }
                         }
-                    });
+                    }));
                 }
                 Some(done) = self.handshakes.join_next(), if !self.handshakes.is_empty() => {
                     if let Ok(Some(ready)) = done {

@@ -2,8 +2,9 @@
 //! `health_checks.path`, probing every `active_interval` with an HTTP GET
 //! (hyper's client; 2xx is healthy) or, with `active_probe: websocket`, a
 //! WebSocket handshake (101 is healthy), each bounded by `timeout`. Results
-//! feed the target's [`super::TargetHealth`]. The tasks are owned by the
-//! broker's shutdown tracker and end with it.
+//! feed the target's [`super::TargetHealth`]. The tasks, and the polite
+//! close of each WebSocket probe's socket, are owned by the broker's
+//! shutdown tracker and end when shutdown begins.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -31,17 +32,13 @@ pub fn start(upstream: &Arc<Upstream>, metrics: &Arc<Metrics>, shutdown: &Shutdo
             Arc::clone(upstream),
             index,
             Arc::clone(metrics),
-            shutdown.token(),
+            shutdown.clone(),
         ));
     }
 }
 
-async fn run(
-    upstream: Arc<Upstream>,
-    index: usize,
-    metrics: Arc<Metrics>,
-    stop: CancellationToken,
-) {
+async fn run(upstream: Arc<Upstream>, index: usize, metrics: Arc<Metrics>, shutdown: Shutdown) {
+    let stop = shutdown.token();
     let hc = &upstream.config.health_checks;
     let target = &upstream.targets[index];
     let mut ticks = tokio::time::interval(hc.active_interval);
@@ -53,7 +50,7 @@ async fn run(
         }
         let result = tokio::select! {
             _ = stop.cancelled() => return,
-            r = tokio::time::timeout(hc.timeout, probe(&upstream, target)) => match r {
+            r = tokio::time::timeout(hc.timeout, probe(&upstream, target, &shutdown, &stop)) => match r {
                 Ok(r) => r,
                 Err(_) => Err(format!("no answer within {}", humantime::format_duration(hc.timeout))),
             },
@@ -87,7 +84,14 @@ fn probe_headers(upstream: &Upstream) -> HeaderMap {
     headers
 }
 
-async fn probe(upstream: &Upstream, target: &Target) -> Result<(), String> {
+/// One probe of `target`; a WebSocket probe's socket is closed by a task
+/// of its own on `shutdown`, given up when `stop` is cancelled.
+async fn probe(
+    upstream: &Upstream,
+    target: &Target,
+    shutdown: &Shutdown,
+    stop: &CancellationToken,
+) -> Result<(), String> {
     let hc = &upstream.config.health_checks;
     match hc.active_probe {
         ActiveProbe::Websocket => connect(
@@ -101,9 +105,14 @@ async fn probe(upstream: &Upstream, target: &Target) -> Result<(), String> {
         .map(|c| {
             // Close politely; the verdict is already in.
             let config = upstream.socket_config;
-            tokio::spawn(async move {
+            let stop = stop.clone();
+            shutdown.spawn(async move {
                 let mut socket = c.websocket(config).await;
-                let _ = tokio::time::timeout(Duration::from_secs(1), socket.close(None)).await;
+                let close = tokio::time::timeout(Duration::from_secs(1), socket.close(None));
+                tokio::select! {
+                    _ = close => {}
+                    _ = stop.cancelled() => {}
+                }
             });
         })
         .map_err(|e| e.to_string()),
