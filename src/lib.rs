@@ -71,3 +71,4 @@ mod transport;
 mod upstream;
 
 pub use app::{Broker, StartError};
+pub use transport::tls::TlsError;

@@ -35,6 +35,7 @@ use crate::session::SessionManager;
 use crate::shutdown::{DrainOutcome, Shutdown};
 use crate::transport::accept::{BalancedListener, Turns};
 use crate::transport::event_loops::ClientLoops;
+use crate::transport::tls::TlsError;
 use crate::upstream::Upstream;
 
 /// A broker with both listeners bound, not yet serving.
@@ -53,6 +54,7 @@ pub struct Broker {
 /// Why the broker could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
+    /// The client or the admin listener could not be bound.
     #[error("binding {which} listener {addr}: {source}")]
     Bind {
         which: &'static str,
@@ -60,8 +62,10 @@ pub enum StartError {
         #[source]
         source: io::Error,
     },
+    /// The listener's TLS settings could not be built from its PEM files.
     #[error("server.tls: {0}")]
-    Tls(String),
+    Tls(#[source] TlsError),
+    /// An event loop's thread, runtime or listener could not be had.
     #[error("server.workers: {0}")]
     Loops(#[source] io::Error),
 }
