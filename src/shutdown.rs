@@ -81,9 +81,9 @@ pub struct Shutdown {
 /// How a drain ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DrainOutcome {
-    /// Every task finished within the grace period.
+    /// Every session, pool and probe task finished within the grace period.
     Drained,
-    /// The grace period ran out with tasks still running.
+    /// The grace period ran out with some of them still running.
     TimedOut { remaining: usize },
 }
 
