@@ -15,7 +15,7 @@
 //! Foundation, used everywhere:
 //! - `close.rs`: the close-code policy.
 //! - `limits.rs`: `max_connections` and per-IP permits, released when a session ends.
-//! - `shutdown.rs`: the signal, the root cancellation token and the task tracker.
+//! - `shutdown.rs`: the signal, the one tree of cancellation tokens and the one task tracker.
 //! - `metrics.rs`: every Prometheus collector, one method per event.
 //! - `session/side.rs`: a session's two sides and two directions, which metrics label by.
 //!
@@ -119,3 +119,4 @@ mod transport;
 mod upstream;
 
 pub use app::{Broker, StartError};
+pub use transport::tls::TlsError;

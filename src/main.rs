@@ -80,6 +80,8 @@ fn main() -> ExitCode {
         .build()
         .expect("tokio runtime");
     runtime.block_on(async move {
+        // Not one of the broker's tasks: the demo upstream outlives the
+        // broker's drain, and is stopped and joined after it.
         let demo_stop = tokio_util::sync::CancellationToken::new();
         let demo = match cli.demo {
             Some(addr) => match tokio::net::TcpListener::bind(addr).await {

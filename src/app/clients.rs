@@ -56,7 +56,6 @@ pub(super) fn serve_clients(
         heads_too_large: state.metrics.heads_too_large(),
     };
     let shutdown = state.shutdown.clone();
-    let stopped = async move { shutdown.begun().await };
     let router = Router::new().fallback(handle).with_state(state);
     Box::pin(async move {
         match tls {
@@ -65,12 +64,13 @@ pub(super) fn serve_clients(
                     accepted.inc();
                     let _ = tcp.set_nodelay(true);
                 });
-                http1::serve(listener, router, limits, stopped).await
+                http1::serve(listener, router, limits, shutdown).await
             }
             Some(config) => {
-                let listener =
-                    tls::TlsListener::new(listener, config).tap_io(move |_| accepted.inc());
-                http1::serve(listener, router, limits, stopped).await
+                let handshakes = shutdown.listeners().clone();
+                let listener = tls::TlsListener::new(listener, config, handshakes)
+                    .tap_io(move |_| accepted.inc());
+                http1::serve(listener, router, limits, shutdown).await
             }
         }
     })

@@ -3,8 +3,12 @@
 //! learn the real addresses of port-0 binds before connecting), and
 //! [`Broker::run`] serves until the shutdown signal, then drains.
 //!
-//! This module owns the top-level tasks; session tasks belong to the
-//! [`Shutdown`] handle's tracker.
+//! Every task runs on the [`Shutdown`] handle's one tracker and stops
+//! through its one tree of tokens; this module spawns the top-level ones
+//! (the client servers, the admin listener) and runs the shutdown in order:
+//! stop accepting and turn `/readyz` 503, close every session with 1001 and
+//! drain them up to `shutdown_grace`, then stop the listeners and the event
+//! loops, and the admin listener last.
 
 pub(crate) mod admin;
 mod clients;
@@ -31,6 +35,7 @@ use crate::session::SessionManager;
 use crate::shutdown::{DrainOutcome, Shutdown};
 use crate::transport::accept::{BalancedListener, Turns};
 use crate::transport::event_loops::ClientLoops;
+use crate::transport::tls::TlsError;
 use crate::upstream::Upstream;
 
 /// A broker with both listeners bound, not yet serving.
@@ -49,6 +54,7 @@ pub struct Broker {
 /// Why the broker could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
+    /// The client or the admin listener could not be bound.
     #[error("binding {which} listener {addr}: {source}")]
     Bind {
         which: &'static str,
@@ -56,8 +62,10 @@ pub enum StartError {
         #[source]
         source: io::Error,
     },
+    /// The listener's TLS settings could not be built from its PEM files.
     #[error("server.tls: {0}")]
-    Tls(String),
+    Tls(#[source] TlsError),
+    /// An event loop's thread, runtime or listener could not be had.
     #[error("server.workers: {0}")]
     Loops(#[source] io::Error),
 }
@@ -91,7 +99,7 @@ impl Broker {
         };
         let client = bind("client", config.server.listen).await?;
         let admin = bind("admin", config.server.admin_listen).await?;
-        let loops = ClientLoops::spawn(&client, config.server.event_loops().get() - 1)
+        let loops = ClientLoops::spawn(&client, config.server.event_loops().get() - 1, &shutdown)
             .await
             .map_err(StartError::Loops)?;
         // Identifies this broker process in every mux `hello`.
@@ -179,7 +187,9 @@ impl Broker {
             serve_clients(listener, index, tls, client_limits, state)
         };
         let first = BalancedListener::new(client, 0, Arc::clone(&turns), queue());
-        let client_server = tokio::spawn(serve(first, 0, tls.clone(), Arc::clone(&state)));
+        shutdown
+            .listeners()
+            .spawn(serve(first, 0, tls.clone(), Arc::clone(&state)));
         loops.serve(|index| {
             let (tls, state, turns, queue) =
                 (tls.clone(), Arc::clone(&state), Arc::clone(&turns), queue());
@@ -189,12 +199,12 @@ impl Broker {
                 serve(listener, index, tls, state)
             })
         });
-        let (admin_stop, admin_stopped) = tokio::sync::oneshot::channel::<()>();
-        let admin_server = tokio::spawn(async move {
+        // Serves through the drain (`/readyz` says 503 meanwhile), until
+        // the root is cancelled.
+        let admin_stop = shutdown.root_token();
+        let admin_server = shutdown.spawn_last(async move {
             axum::serve(admin, admin::router(state))
-                .with_graceful_shutdown(async move {
-                    let _ = admin_stopped.await;
-                })
+                .with_graceful_shutdown(admin_stop.cancelled_owned())
                 .await
         });
         info!(%client_addr, %admin_addr, event_loops = loops.len() + 1, "muxgate listening");
@@ -220,13 +230,13 @@ impl Broker {
         }
         // Idle HTTP connections are closed by the graceful shutdown; give
         // a stuck one no longer than what is left of the budget.
-        let _ = tokio::time::timeout(Duration::from_secs(1), async {
-            let _ = client_server.await;
-            loops.accepting_stopped().await;
-        })
-        .await;
+        shutdown.listeners_stopped(Duration::from_secs(1)).await;
+        // Then the loops end, and with them whatever they still hold; a
+        // client connection still open on this runtime is dropped too.
+        shutdown.release();
         loops.stop().await;
-        let _ = admin_stop.send(());
+        // The admin listener last.
+        shutdown.stop();
         let _ = tokio::time::timeout(Duration::from_secs(1), admin_server).await;
         outcome
     }

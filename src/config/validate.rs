@@ -65,7 +65,7 @@ pub fn validate(config: &Config) -> Vec<Problem> {
     }
     if let Some(tls) = &config.server.tls {
         if let Err(e) = crate::transport::tls::server_config(&tls.cert_file, &tls.key_file) {
-            out.push(server.key("tls"), e);
+            out.push(server.key("tls"), e.to_string());
         }
     }
     if let Some(jwt) = &config.jwt {
@@ -193,7 +193,7 @@ fn check_upstream(out: &mut Problems, at: &FieldPath, upstream: &UpstreamConfig)
     check_websocket(out, &at.key("websocket_config"), &upstream.websocket_config);
     if let Some(ca) = upstream.tls.as_ref().and_then(|t| t.ca_file.as_deref()) {
         if let Err(e) = crate::transport::tls::client_config(Some(ca)) {
-            out.push(at.key("tls").key("ca_file"), e);
+            out.push(at.key("tls").key("ca_file"), e.to_string());
         }
     }
 

@@ -21,6 +21,7 @@ use muxgate_backend::protocol::{self, Encoding, Frame, Hello};
 use tokio::runtime::Handle;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::{Instant, MissedTickBehavior};
+use tokio_tungstenite::tungstenite;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 use uuid::Uuid;
@@ -30,7 +31,7 @@ use crate::config;
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
 use crate::transport::event_loops;
-use crate::upstream::{self, Target, TargetLease, Upstream};
+use crate::upstream::{self, ConnectError, Target, TargetLease, Upstream};
 
 /// How often each slot checks whether the pool wants its connection on
 /// another target (one that came back into rotation).
@@ -42,6 +43,37 @@ const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// A connection that lived this long resets the backoff.
 const STABLE: Duration = Duration::from_secs(5);
+
+/// Why a pool slot has no mux connection, or lost the one it had. The
+/// texts go to the slot's log lines and, but for [`PoolError::NoHealthyTarget`],
+/// to the target's passive health as its last failure.
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    /// Every target is out of rotation; nothing was tried.
+    #[error("no healthy target")]
+    NoHealthyTarget,
+    /// Connecting to the target or the WebSocket handshake failed (the
+    /// text names the target).
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    /// The target answered the upgrade without the offered subprotocol.
+    #[error("{target} did not select the {offered} subprotocol (selected {selected:?}); dropping the connection")]
+    Subprotocol {
+        target: Arc<str>,
+        offered: &'static str,
+        selected: Option<HeaderValue>,
+    },
+    /// The connection's first frame, `hello`, could not be written.
+    #[error("sending hello to {target}: {source}")]
+    Hello {
+        target: Arc<str>,
+        #[source]
+        source: tungstenite::Error,
+    },
+    /// A live connection failed, closed or missed its pong.
+    #[error("mux connection to {target} lost: {cause}")]
+    Lost { target: Arc<str>, cause: String },
+}
 
 /// A live mux connection, as sessions see it.
 #[derive(Clone)]
@@ -190,6 +222,12 @@ impl MuxPool {
         self.live_count.send_replace(n);
     }
 
+    /// Counts `error` against `target`'s passive health; returns it.
+    fn failed(&self, target: &Target, error: PoolError) -> PoolError {
+        target.report_passive(&self.upstream.name, &self.metrics, Err(&error.to_string()));
+        error
+    }
+
     /// Keeps one connection up until shutdown.
     async fn run_slot(self: Arc<Self>, slot: usize, stop: CancellationToken) {
         let name = Arc::clone(&self.upstream.name);
@@ -222,7 +260,7 @@ impl MuxPool {
 
     /// Connects to a target (`to`, or one picked by weight), sends hello
     /// and offers the connection to sessions.
-    async fn connect(&self, slot: usize, to: Option<usize>) -> Result<Live, String> {
+    async fn connect(&self, slot: usize, to: Option<usize>) -> Result<Live, PoolError> {
         let upstream = &self.upstream;
         let name = &upstream.name;
         let ws = &upstream.config.websocket_config;
@@ -232,7 +270,7 @@ impl MuxPool {
             None => upstream.pick(None),
             Some(index) => upstream.lease(index),
         }
-        .ok_or("no healthy target")?;
+        .ok_or(PoolError::NoHealthyTarget)?;
         let target = lease.target();
         let label: Arc<str> = Arc::from(target.label.as_str());
         let offered = self.encoding.subprotocol();
@@ -259,17 +297,18 @@ impl MuxPool {
             Err(e) => {
                 self.metrics
                     .upstream_connect_failed(name, &label, e.reason());
-                return Err(self.target_failed(target, e.to_string()));
+                return Err(self.failed(target, PoolError::Connect(e)));
             }
         };
         if connected.protocol.as_ref().and_then(|p| p.to_str().ok()) != Some(offered) {
             self.metrics
                 .upstream_connect_failed(name, &label, "subprotocol");
-            let why = format!(
-                "{label} did not select the {offered} subprotocol (selected {:?}); dropping the connection",
-                connected.protocol
-            );
-            return Err(self.target_failed(target, why));
+            let why = PoolError::Subprotocol {
+                target: Arc::clone(&label),
+                offered,
+                selected: connected.protocol,
+            };
+            return Err(self.failed(target, why));
         }
         self.metrics.upstream_connected(name, &label);
         self.metrics.target_picked(name, &label);
@@ -285,8 +324,11 @@ impl MuxPool {
         );
         let mut socket = connected.websocket(upstream.mux_socket_config).await;
         if let Err(e) = futures_util::SinkExt::send(&mut socket, hello).await {
-            let why = format!("sending hello to {label}: {e}");
-            return Err(self.target_failed(target, why));
+            let why = PoolError::Hello {
+                target: Arc::clone(&label),
+                source: e,
+            };
+            return Err(self.failed(target, why));
         }
         let (tx, rx) = mpsc::channel(MUX_WRITE_QUEUE);
         let handle = MuxConnHandle {
@@ -331,7 +373,7 @@ impl MuxPool {
         slot: usize,
         mut live: Live,
         stop: &CancellationToken,
-    ) -> Result<(), String> {
+    ) -> Result<(), PoolError> {
         let name = &self.upstream.name;
         loop {
             let (from, old) = (live.lease.index(), live.id);
@@ -382,7 +424,7 @@ impl MuxPool {
         slot: usize,
         live: Live,
         stop: &CancellationToken,
-    ) -> oneshot::Receiver<Result<(), String>> {
+    ) -> oneshot::Receiver<Result<(), PoolError>> {
         let (end_tx, ended) = oneshot::channel();
         let (upstream, connection) = (Arc::clone(&self.upstream.name), live.id);
         let run = Arc::clone(self).run_conn(live, stop.clone());
@@ -401,7 +443,11 @@ impl MuxPool {
     }
 
     /// Runs one connection to its end; a loss counts against its target.
-    async fn run_conn(self: Arc<Self>, live: Live, stop: CancellationToken) -> Result<(), String> {
+    async fn run_conn(
+        self: Arc<Self>,
+        live: Live,
+        stop: CancellationToken,
+    ) -> Result<(), PoolError> {
         let Live {
             conn,
             id,
@@ -417,17 +463,14 @@ impl MuxPool {
             .mux_conn_state(&self.upstream.name, &label, "live", -1);
         match end {
             ConnEnd::Drained | ConnEnd::HandedOver => Ok(()),
-            ConnEnd::Lost(why) => {
-                let why = format!("mux connection to {label} lost: {why}");
-                Err(self.target_failed(lease.target(), why))
+            ConnEnd::Lost(cause) => {
+                let why = PoolError::Lost {
+                    target: Arc::clone(&label),
+                    cause,
+                };
+                Err(self.failed(lease.target(), why))
             }
         }
-    }
-
-    /// Counts a failure against `target`'s passive health; returns `why`.
-    fn target_failed(&self, target: &Target, why: String) -> String {
-        target.report_passive(&self.upstream.name, &self.metrics, Err(&why));
-        why
     }
 
     /// The target connection `id`, on target `from`, should move to now,
@@ -552,7 +595,32 @@ fn choose(conns: &[(usize, usize)], here: usize) -> Option<usize> {
 
 #[cfg(test)]
 mod tests {
-    use super::{choose, move_to};
+    use super::{choose, move_to, PoolError};
+    use http::HeaderValue;
+
+    /// The texts a slot logs and records as the target's last failure are
+    /// those it wrote before its errors were typed.
+    #[test]
+    fn pool_errors_read_as_before() {
+        let subprotocol = PoolError::Subprotocol {
+            target: "ws://10.0.0.1:9000".into(),
+            offered: "muxgate.v1.json",
+            selected: Some(HeaderValue::from_static("chat")),
+        };
+        assert_eq!(
+            subprotocol.to_string(),
+            "ws://10.0.0.1:9000 did not select the muxgate.v1.json subprotocol (selected Some(\"chat\")); dropping the connection"
+        );
+        let lost = PoolError::Lost {
+            target: "ws://10.0.0.1:9000".into(),
+            cause: "missed its pong".into(),
+        };
+        assert_eq!(
+            lost.to_string(),
+            "mux connection to ws://10.0.0.1:9000 lost: missed its pong"
+        );
+        assert_eq!(PoolError::NoHealthyTarget.to_string(), "no healthy target");
+    }
 
     /// The loop the i-th session arrives on.
     type Arrival = Box<dyn Fn(usize) -> usize>;

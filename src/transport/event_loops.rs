@@ -16,7 +16,10 @@
 //! shutdown tracker) is already thread-safe and runtime-agnostic; only the
 //! sockets and timers of a session belong to the loop that accepted it.
 //! A loop keeps driving its sessions after accepting stops, until the
-//! broker has drained and [`ClientLoops::stop`] releases it.
+//! broker has drained and [`ClientLoops::stop`] releases it. Each loop's
+//! server is counted by the shutdown tracker's listeners group while it
+//! accepts, and each loop watches a child of the shutdown's released token;
+//! the threads are the loops' own, joined by [`ClientLoops::stop`].
 //!
 //! A message that crosses from one loop to another (a multiplexed session
 //! handing it to a pool connection on another loop) costs a wake of that
@@ -35,9 +38,9 @@ use tokio::net::TcpListener;
 use tokio::runtime::Handle;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::task_tracker::TaskTrackerToken;
-use tokio_util::task::TaskTracker;
 use tracing::{error, warn};
+
+use crate::shutdown::{GroupToken, Shutdown};
 
 /// What a loop runs on its listener: serving until shutdown begins.
 pub type Serve = Box<dyn FnOnce(TcpListener) -> ServeFuture + Send>;
@@ -64,29 +67,32 @@ pub struct ClientLoops {
     threads: Vec<JoinHandle<()>>,
     /// Every loop's runtime, by index: the caller's first.
     handles: Vec<Handle>,
-    /// Counts the loops still accepting; [`ClientLoops::accepting_stopped`]
-    /// waits for none.
-    accepting: TaskTracker,
+    /// A child of the shutdown's released token: ends every loop.
     release: CancellationToken,
 }
 
 impl ClientLoops {
     /// Starts `count` loop threads, each registering a duplicate of
-    /// `listener`. Fails if a thread, runtime or duplicate cannot be had.
-    pub async fn spawn(listener: &TcpListener, count: usize) -> io::Result<ClientLoops> {
+    /// `listener`, counted by `shutdown`'s listeners group until it stops
+    /// accepting. Fails if a thread, runtime or duplicate cannot be had.
+    pub async fn spawn(
+        listener: &TcpListener,
+        count: usize,
+        shutdown: &Shutdown,
+    ) -> io::Result<ClientLoops> {
         let mut loops = ClientLoops {
             starts: Vec::with_capacity(count),
             threads: Vec::with_capacity(count),
             handles: vec![Handle::current()],
-            accepting: TaskTracker::new(),
-            release: CancellationToken::new(),
+            release: shutdown.released_token(),
         };
         for index in FIRST_THREAD_LOOP..FIRST_THREAD_LOOP + count {
             let duplicate = duplicate(listener)?;
             let (start, started) = oneshot::channel::<Serve>();
             let (ready, is_ready) = oneshot::channel::<io::Result<Handle>>();
             let release = loops.release.clone();
-            let accepting = loops.accepting.token();
+            let accepting = shutdown.listeners().token();
+            // An OS thread, not a task: the loop's own, joined by `stop`.
             let thread = std::thread::Builder::new()
                 .name(format!("muxgate-loop-{index}"))
                 .spawn(move || run_loop(index, duplicate, started, ready, accepting, release))
@@ -122,13 +128,6 @@ impl ClientLoops {
             // A loop that is gone has logged why; the others still serve.
             let _ = start.send(make(index));
         }
-    }
-
-    /// Resolves once no loop accepts any more (after shutdown began, each
-    /// loop's server finishes its open HTTP exchanges first).
-    pub async fn accepting_stopped(&self) {
-        self.accepting.close();
-        self.accepting.wait().await;
     }
 
     /// Ends every loop, dropping whatever sessions they still hold, and
@@ -167,7 +166,7 @@ fn run_loop(
     listener: std::net::TcpListener,
     started: oneshot::Receiver<Serve>,
     ready: oneshot::Sender<io::Result<Handle>>,
-    accepting: TaskTrackerToken,
+    accepting: GroupToken,
     release: CancellationToken,
 ) {
     let runtime = match tokio::runtime::Builder::new_current_thread()

@@ -14,11 +14,21 @@
 //! It does what `axum::serve` did for the broker: accepts through axum's
 //! [`Listener`] (with its back-off on errors such as running out of file
 //! descriptors), gives each request its peer's address as [`ConnectInfo`],
-//! serves upgrades, and on `stop` stops accepting, lets each connection
-//! finish the request it is serving and close, and returns once all have.
-//! The connections' tasks belong to it.
+//! and serves upgrades. When shutdown begins it stops accepting, and each
+//! connection finishes the request it is serving and closes (an idle
+//! keep-alive connection closes at once). The connections' tasks belong to
+//! the shutdown tracker's listeners group, which the broker waits for after
+//! the drain; one still open once the drain is over is dropped.
+//!
+//! Why not hyper-util's `GracefulShutdown`, which does this signal-and-wait
+//! for a set of connections: it watches only connections that implement
+//! its sealed `GracefulConnection` trait, and hyper-util 0.1.21 implements
+//! that for `http1::Connection` but not for the `UpgradeableConnection`
+//! that `with_upgrades` makes (only for the automatic server's, whose
+//! rewind layers this module exists to avoid). So each connection calls
+//! hyper's own `graceful_shutdown` when the shutdown token fires, and the
+//! tracker's group does the waiting.
 
-use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -31,10 +41,10 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use prometheus::IntCounter;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 use tracing::debug;
 
+use crate::shutdown::Shutdown;
 use crate::transport::tls::ClientStream;
 
 /// The smallest read buffer hyper takes.
@@ -57,25 +67,22 @@ pub struct Limits {
     pub heads_too_large: IntCounter,
 }
 
-/// Serves `router` to every connection `listener` accepts until `stop`
-/// resolves; returns once the connections it was serving have closed
-/// (upgraded ones are no longer its own: they belong to their sessions).
-pub async fn serve<L>(
-    mut listener: L,
-    router: Router,
-    limits: Limits,
-    stop: impl Future<Output = ()>,
-) where
+/// Serves `router` to every connection `listener` accepts until shutdown
+/// begins; each connection runs on `shutdown`'s listeners group until it
+/// closes or is upgraded (an upgraded one belongs to its session).
+pub async fn serve<L>(mut listener: L, router: Router, limits: Limits, shutdown: Shutdown)
+where
     L: Listener<Addr = SocketAddr>,
     L::Io: Into<ClientStream>,
 {
-    let connections = TaskTracker::new();
-    let stopping = CancellationToken::new();
-    tokio::pin!(stop);
+    // One token of each for all connections: clones, not a child apiece.
+    let stopping = shutdown.token();
+    let released = shutdown.released_token();
+    let connections = shutdown.listeners();
     loop {
         let (io, remote) = tokio::select! {
             accepted = listener.accept() => accepted,
-            () = &mut stop => break,
+            () = stopping.cancelled() => break,
         };
         connections.spawn(connection(
             io.into(),
@@ -83,22 +90,21 @@ pub async fn serve<L>(
             router.clone(),
             limits.clone(),
             stopping.clone(),
+            released.clone(),
         ));
     }
-    drop(listener);
-    stopping.cancel();
-    connections.close();
-    connections.wait().await;
 }
 
 /// Serves one client connection until it closes, is upgraded, or (after
-/// `stopping`) has answered the request in progress.
+/// `stopping`) has answered the request in progress; drops it if that
+/// takes until `released`.
 async fn connection(
     io: ClientStream,
     remote: SocketAddr,
     router: Router,
     limits: Limits,
     stopping: CancellationToken,
+    released: CancellationToken,
 ) {
     let service = router.map_request(move |mut request: Request<Incoming>| {
         request.extensions_mut().insert(ConnectInfo(remote));
@@ -118,7 +124,11 @@ async fn connection(
         result = served.as_mut() => result,
         () = stopping.cancelled() => {
             served.as_mut().graceful_shutdown();
-            served.await
+            tokio::select! {
+                result = served.as_mut() => result,
+                // As the other loops' connections are, with their runtimes.
+                () = released.cancelled() => return,
+            }
         }
     };
     match result {
@@ -132,5 +142,55 @@ async fn connection(
             debug!(%remote, timeout = ?limits.header_read_timeout, "client sent no request head in time; closed");
         }
         Err(error) => debug!(%remote, %error, "client connection failed"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+
+    fn limits() -> Limits {
+        Limits {
+            header_read_timeout: Duration::from_secs(30),
+            header_timeouts: IntCounter::new("header_timeouts", "test").unwrap(),
+            max_head: 16 * 1024,
+            heads_too_large: IntCounter::new("heads_too_large", "test").unwrap(),
+        }
+    }
+
+    /// A keep-alive connection idle between requests is closed as soon as
+    /// shutdown begins, and the listeners' group is then empty, while the
+    /// drain has not ended.
+    #[tokio::test]
+    async fn an_idle_keep_alive_connection_closes_when_shutdown_begins() {
+        let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = tcp.local_addr().unwrap();
+        let shutdown = Shutdown::new();
+        let router = Router::new().fallback(|| async { "ok" });
+        let server = shutdown
+            .listeners()
+            .spawn(serve(tcp, router, limits(), shutdown.clone()));
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        client
+            .write_all(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = Vec::new();
+        let mut chunk = [0u8; 1024];
+        while !answer.ends_with(b"ok") {
+            let n = client.read(&mut chunk).await.unwrap();
+            assert_ne!(n, 0, "closed before answering");
+            answer.extend_from_slice(&chunk[..n]);
+        }
+        assert!(answer.starts_with(b"HTTP/1.1 200"));
+
+        shutdown.begin();
+        let closed = tokio::time::timeout(Duration::from_secs(5), client.read(&mut chunk)).await;
+        assert!(matches!(closed, Ok(Ok(0))), "{closed:?}");
+        server.await.unwrap();
+        assert!(shutdown.listeners_stopped(Duration::from_secs(5)).await);
+        assert!(TcpStream::connect(addr).await.is_err(), "still accepting");
     }
 }

@@ -4,7 +4,8 @@
 //!
 //! The listener completes TLS handshakes concurrently in its own bounded
 //! set of tasks (so one slow client cannot hold up accepting the next), each
-//! under a timeout; the set belongs to the listener and ends with it.
+//! under a timeout; the set belongs to the listener and ends with it, and
+//! each of its tasks is counted by the shutdown tracker's listeners group.
 
 use std::io;
 use std::net::SocketAddr;
@@ -22,6 +23,7 @@ use tokio::task::JoinSet;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tracing::debug;
 
+use crate::shutdown::TaskGroup;
 use crate::transport::accept::BalancedListener;
 
 /// Bound on one client's TLS handshake.
@@ -33,37 +35,105 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// Why TLS settings could not be built from the configured PEM files.
+///
+/// Each text starts with the file it is about; the caller names the
+/// setting in front of it (`server.tls: …`, `upstreams[0].tls.ca_file: …`),
+/// and the config fixtures pin the texts as they are.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A PEM file of certificates (the listener's chain, or a CA file)
+    /// could not be read or parsed.
+    #[error("{path}: {source}")]
+    ReadCertificates {
+        path: String,
+        #[source]
+        source: rustls::pki_types::pem::Error,
+    },
+    /// A PEM file holds no certificate at all.
+    #[error("{path}: no certificate in PEM")]
+    NoCertificate { path: String },
+    /// The listener's private key could not be read or parsed.
+    #[error("{path}: {source}")]
+    ReadKey {
+        path: String,
+        #[source]
+        source: rustls::pki_types::pem::Error,
+    },
+    /// A certificate of a CA file cannot be a trust anchor.
+    #[error("{path}: {source}")]
+    BadCa {
+        path: String,
+        #[source]
+        source: rustls::Error,
+    },
+    /// The listener's certificate chain and key do not go together.
+    #[error("{cert_file} with {key_file}: {source}")]
+    CertifiedKey {
+        cert_file: String,
+        key_file: String,
+        #[source]
+        source: rustls::Error,
+    },
+    /// The crypto provider supports none of the safe protocol versions.
+    #[error("choosing the TLS protocol versions: {0}")]
+    ProtocolVersions(#[source] rustls::Error),
+}
+
+/// The certificates of the PEM file at `path`, one by one.
+fn read_certificates(
+    path: &str,
+) -> Result<impl Iterator<Item = Result<CertificateDer<'static>, TlsError>> + '_, TlsError> {
+    let failed = move |source| TlsError::ReadCertificates {
+        path: path.to_owned(),
+        source,
+    };
+    let certs = CertificateDer::pem_file_iter(path).map_err(failed)?;
+    Ok(certs.map(move |cert| cert.map_err(failed)))
+}
+
 /// The listener's TLS settings from PEM files.
-pub fn server_config(cert_file: &str, key_file: &str) -> Result<Arc<ServerConfig>, String> {
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert_file)
-        .map_err(|e| format!("{cert_file}: {e}"))?
-        .collect::<Result<_, _>>()
-        .map_err(|e| format!("{cert_file}: {e}"))?;
+pub fn server_config(cert_file: &str, key_file: &str) -> Result<Arc<ServerConfig>, TlsError> {
+    let certs: Vec<CertificateDer<'static>> =
+        read_certificates(cert_file)?.collect::<Result<_, _>>()?;
     if certs.is_empty() {
-        return Err(format!("{cert_file}: no certificate in PEM"));
+        return Err(TlsError::NoCertificate {
+            path: cert_file.to_owned(),
+        });
     }
-    let key = PrivateKeyDer::from_pem_file(key_file).map_err(|e| format!("{key_file}: {e}"))?;
+    let key = PrivateKeyDer::from_pem_file(key_file).map_err(|source| TlsError::ReadKey {
+        path: key_file.to_owned(),
+        source,
+    })?;
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
+        .map_err(TlsError::ProtocolVersions)?
         .with_no_client_auth()
         .with_single_cert(certs, key)
-        .map_err(|e| format!("{cert_file} with {key_file}: {e}"))?;
+        .map_err(|source| TlsError::CertifiedKey {
+            cert_file: cert_file.to_owned(),
+            key_file: key_file.to_owned(),
+            source,
+        })?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(config))
 }
 
 /// TLS settings for `wss://` targets: the system roots, or only `ca_file`.
-pub fn client_config(ca_file: Option<&str>) -> Result<Arc<ClientConfig>, String> {
+pub fn client_config(ca_file: Option<&str>) -> Result<Arc<ClientConfig>, TlsError> {
     let mut roots = RootCertStore::empty();
     match ca_file {
         Some(file) => {
-            for cert in CertificateDer::pem_file_iter(file).map_err(|e| format!("{file}: {e}"))? {
-                let cert = cert.map_err(|e| format!("{file}: {e}"))?;
-                roots.add(cert).map_err(|e| format!("{file}: {e}"))?;
+            for cert in read_certificates(file)? {
+                roots.add(cert?).map_err(|source| TlsError::BadCa {
+                    path: file.to_owned(),
+                    source,
+                })?;
             }
             if roots.is_empty() {
-                return Err(format!("{file}: no certificate in PEM"));
+                return Err(TlsError::NoCertificate {
+                    path: file.to_owned(),
+                });
             }
         }
         None => {
@@ -75,7 +145,7 @@ pub fn client_config(ca_file: Option<&str>) -> Result<Arc<ClientConfig>, String>
     }
     let config = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
+        .map_err(TlsError::ProtocolVersions)?
         .with_root_certificates(roots)
         .with_no_client_auth();
     Ok(Arc::new(config))
@@ -188,14 +258,17 @@ pub struct TlsListener {
     tcp: BalancedListener,
     acceptor: TlsAcceptor,
     handshakes: JoinSet<Option<(tokio_rustls::server::TlsStream<TcpStream>, SocketAddr)>>,
+    /// Counts the handshakes in progress with the listeners' other tasks.
+    group: TaskGroup,
 }
 
 impl TlsListener {
-    pub fn new(tcp: BalancedListener, config: Arc<ServerConfig>) -> TlsListener {
+    pub fn new(tcp: BalancedListener, config: Arc<ServerConfig>, group: TaskGroup) -> TlsListener {
         TlsListener {
             tcp,
             acceptor: TlsAcceptor::from(config),
             handshakes: JoinSet::new(),
+            group,
         }
     }
 }
@@ -210,7 +283,7 @@ impl axum::serve::Listener for TlsListener {
                 (tcp, addr) = self.tcp.accept(), if self.handshakes.len() < MAX_HANDSHAKES => {
                     let _ = tcp.set_nodelay(true);
                     let acceptor = self.acceptor.clone();
-                    self.handshakes.spawn(async move {
+                    self.handshakes.spawn(self.group.track_future(async move {
                         match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                             Ok(Ok(tls)) => Some((tls, addr)),
                             Ok(Err(error)) => {
@@ -222,7 +295,7 @@ impl axum::serve::Listener for TlsListener {
                                 None
                             }
                         }
-                    });
+                    }));
                 }
                 Some(done) = self.handshakes.join_next(), if !self.handshakes.is_empty() => {
                     if let Ok(Some(ready)) = done {
@@ -253,6 +326,37 @@ mod tests {
             .unwrap();
         let (accepted, _) = listener.accept().await.unwrap();
         (MaybeTls::Plain(accepted), peer)
+    }
+
+    /// The texts config validation shows for PEM files without a
+    /// certificate, and for a key that does not go with its certificate.
+    #[test]
+    fn tls_errors_name_the_file_they_are_about() {
+        let dir = std::env::temp_dir().join(format!("muxgate-tls-unit-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let empty = dir.join("empty.pem");
+        std::fs::write(&empty, "not PEM\n").unwrap();
+        let empty = empty.to_str().unwrap();
+        let error = client_config(Some(empty)).unwrap_err();
+        assert_eq!(error.to_string(), format!("{empty}: no certificate in PEM"));
+        let error = server_config(empty, empty).unwrap_err();
+        assert_eq!(error.to_string(), format!("{empty}: no certificate in PEM"));
+
+        let one = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        let other = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+        std::fs::write(&cert, one.cert.pem()).unwrap();
+        std::fs::write(&key, other.signing_key.serialize_pem()).unwrap();
+        let (cert, key) = (cert.to_str().unwrap(), key.to_str().unwrap());
+        let error = server_config(cert, key).unwrap_err();
+        assert!(matches!(error, TlsError::CertifiedKey { .. }), "{error:?}");
+        assert!(
+            error
+                .to_string()
+                .starts_with(&format!("{cert} with {key}: ")),
+            "{error}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[tokio::test]
