@@ -1,9 +1,10 @@
 //! Shutdown: the signal that starts it, and the handle that owns every task
 //! the broker spawns, so that each can be told to stop and waited for.
 //!
-//! axum's graceful shutdown does not reach upgraded WebSockets (their
-//! tasks are detached, tokio-rs/axum#3003), so each session runs on this
-//! handle's tracker and watches a child of its tokens.
+//! An HTTP server's graceful shutdown does not reach upgraded WebSockets
+//! (their tasks are detached from the server's, see tokio-rs/axum#3003),
+//! so each session runs on this handle's tracker and watches a child of
+//! its tokens.
 //!
 //! # One tree of cancellation
 //!

@@ -6,8 +6,8 @@
 //! The slots are spread over the event loops, and a session prefers the
 //! least-loaded live connection on its own loop: every message between a
 //! session and a connection on another loop wakes that loop's thread (see
-//! [`crate::transport::event_loops`]), which made a multiplexed message cost a third
-//! more CPU than on one loop. The preference is bounded ([`local_slack`]),
+//! [`crate::transport::event_loops`]), a system call and often a context
+//! switch per message. The preference is bounded ([`local_slack`]),
 //! so a loop that took more sessions than the others does not pile them on
 //! its own connection, and with it on one target. A [`Binding`] counts the
 //! session on its connection until dropped.

@@ -11,7 +11,7 @@
 //! serves each connection with hyper's HTTP/1 server directly, on a
 //! [`ClientStream`] that [`crate::transport::upgraded`] takes back out after the 101.
 //!
-//! It does what `axum::serve` did for the broker: accepts through axum's
+//! It does what `axum::serve` would: accepts through axum's
 //! [`Listener`] (with its back-off on errors such as running out of file
 //! descriptors), gives each request its peer's address as [`ConnectInfo`],
 //! and serves upgrades. When shutdown begins it stops accepting, and each
