@@ -6,37 +6,37 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 
 /// Normal closure.
-pub const NORMAL: u16 = 1000;
+pub(crate) const NORMAL: u16 = 1000;
 /// Broker shutting down, or the other side of the session went away.
-pub const GOING_AWAY: u16 = 1001;
+pub(crate) const GOING_AWAY: u16 = 1001;
 /// Protocol error in the peer's frames.
-pub const PROTOCOL_ERROR: u16 = 1002;
+pub(crate) const PROTOCOL_ERROR: u16 = 1002;
 /// Invalid UTF-8 in a text message.
-pub const INVALID_PAYLOAD: u16 = 1007;
+pub(crate) const INVALID_PAYLOAD: u16 = 1007;
 /// Policy violation (plugins, slow consumers).
-pub const POLICY_VIOLATION: u16 = 1008;
+pub(crate) const POLICY_VIOLATION: u16 = 1008;
 /// A message over `max_message_size`.
-pub const MESSAGE_TOO_BIG: u16 = 1009;
+pub(crate) const MESSAGE_TOO_BIG: u16 = 1009;
 /// Internal error; also replaces codes a client may not receive.
-pub const INTERNAL_ERROR: u16 = 1011;
+pub(crate) const INTERNAL_ERROR: u16 = 1011;
 /// Try again later (no mux connection within `resume_timeout`).
-pub const TRY_AGAIN_LATER: u16 = 1013;
+pub(crate) const TRY_AGAIN_LATER: u16 = 1013;
 /// The upstream failed: lost without a close handshake, or missed its pong.
-pub const BAD_GATEWAY: u16 = 1014;
+pub(crate) const BAD_GATEWAY: u16 = 1014;
 
 /// The most bytes a close reason may have (a control frame's 125 less the code).
-pub const MAX_REASON_BYTES: usize = 123;
+pub(crate) const MAX_REASON_BYTES: usize = 123;
 
 /// A close frame may carry `code`: 1000-1003, 1007-1014 (RFC 6455 §7.4.1
 /// and the IANA registry) or 3000-4999. No endpoint may send any other
 /// (1005, 1006 and 1015 stand for no close frame at all), and the receiver
 /// of one fails the connection with 1002 (§7.4.1, §5.5.1).
-pub fn is_valid(code: u16) -> bool {
+pub(crate) fn is_valid(code: u16) -> bool {
     matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
 }
 
 /// `code` if a client may receive it (see [`is_valid`]), else 1011.
-pub fn client_code(code: u16) -> u16 {
+pub(crate) fn client_code(code: u16) -> u16 {
     if is_valid(code) {
         code
     } else {
@@ -45,7 +45,7 @@ pub fn client_code(code: u16) -> u16 {
 }
 
 /// `reason` cut to at most 123 bytes on a character boundary.
-pub fn truncate_reason(reason: &str) -> &str {
+pub(crate) fn truncate_reason(reason: &str) -> &str {
     if reason.len() <= MAX_REASON_BYTES {
         return reason;
     }
@@ -57,7 +57,7 @@ pub fn truncate_reason(reason: &str) -> &str {
 }
 
 /// A close frame with `code` and `reason` (truncated to fit).
-pub fn frame(code: u16, reason: &str) -> CloseFrame {
+pub(crate) fn frame(code: u16, reason: &str) -> CloseFrame {
     CloseFrame {
         code: CloseCode::from(code),
         reason: truncate_reason(reason).to_owned().into(),
@@ -66,7 +66,11 @@ pub fn frame(code: u16, reason: &str) -> CloseFrame {
 
 /// The reason the broker puts in a close it originates: the generic text,
 /// plus the underlying error when `return_error_details` is on.
-pub fn reason(generic: &str, detail: Option<&dyn std::fmt::Display>, details: bool) -> String {
+pub(crate) fn reason(
+    generic: &str,
+    detail: Option<&dyn std::fmt::Display>,
+    details: bool,
+) -> String {
     match detail {
         Some(d) if details => format!("{generic}: {d}"),
         _ => generic.to_string(),

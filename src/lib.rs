@@ -103,6 +103,7 @@
 //! sessions, which re-bind elsewhere and resend them after a resumed `open`.
 
 #![forbid(unsafe_code)]
+#![warn(unreachable_pub)]
 
 mod app;
 mod close;

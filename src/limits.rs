@@ -10,7 +10,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// Why a new session was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LimitRefusal {
+pub(crate) enum LimitRefusal {
     /// `max_connections` sessions are open: HTTP 503.
     Global,
     /// This address holds `max_connections_per_ip` sessions: HTTP 429.
@@ -18,7 +18,7 @@ pub enum LimitRefusal {
 }
 
 #[derive(Debug)]
-pub struct ConnectionLimits {
+pub(crate) struct ConnectionLimits {
     global: Arc<Semaphore>,
     per_ip_max: usize,
     per_ip: DashMap<IpAddr, usize>,
@@ -26,7 +26,7 @@ pub struct ConnectionLimits {
 
 impl ConnectionLimits {
     /// `per_ip_max` 0 means no per-address limit.
-    pub fn new(max: usize, per_ip_max: usize) -> Arc<ConnectionLimits> {
+    pub(crate) fn new(max: usize, per_ip_max: usize) -> Arc<ConnectionLimits> {
         Arc::new(ConnectionLimits {
             global: Arc::new(Semaphore::new(max.min(Semaphore::MAX_PERMITS))),
             per_ip_max,
@@ -34,7 +34,10 @@ impl ConnectionLimits {
         })
     }
 
-    pub fn try_acquire(self: &Arc<Self>, ip: IpAddr) -> Result<ConnectionPermit, LimitRefusal> {
+    pub(crate) fn try_acquire(
+        self: &Arc<Self>,
+        ip: IpAddr,
+    ) -> Result<ConnectionPermit, LimitRefusal> {
         if self.per_ip_max > 0 {
             // The entry guard locks a shard: it must be gone before
             // `release_ip` below touches the map again.
@@ -79,7 +82,7 @@ impl ConnectionLimits {
 /// One session's slot; dropping it frees the slot, unless
 /// [`ConnectionPermit::release`] already did.
 #[derive(Debug)]
-pub struct ConnectionPermit {
+pub(crate) struct ConnectionPermit {
     limits: Arc<ConnectionLimits>,
     ip: IpAddr,
     /// `None` once released.
@@ -89,7 +92,7 @@ pub struct ConnectionPermit {
 impl ConnectionPermit {
     /// Frees the slot now: the client's connection is over, though the
     /// session may still be closing its upstream. Idempotent.
-    pub fn release(&mut self) {
+    pub(crate) fn release(&mut self) {
         if self.global.take().is_some() {
             self.limits.release_ip(self.ip);
         }

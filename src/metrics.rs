@@ -14,7 +14,7 @@ use prometheus::{
 
 use crate::session::side::{Direction, Side};
 
-pub struct Metrics {
+pub(crate) struct Metrics {
     registry: Registry,
     sessions_active: IntGaugeVec,
     sessions_total: IntCounterVec,
@@ -53,7 +53,7 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    pub fn new() -> Metrics {
+    pub(crate) fn new() -> Metrics {
         let registry = Registry::new_custom(Some("muxgate".into()), None).expect("registry");
         let counter = |name: &str, help: &str, labels: &[&str]| {
             let c = IntCounterVec::new(Opts::new(name, help), labels).expect("counter");
@@ -226,7 +226,7 @@ impl Metrics {
     }
 
     /// The text exposition format served on `/metrics`.
-    pub fn render(&self) -> String {
+    pub(crate) fn render(&self) -> String {
         for cache in &self.message_counters {
             for counters in cache.iter() {
                 counters.flush();
@@ -239,7 +239,7 @@ impl Metrics {
         String::from_utf8(buf).expect("exposition is UTF-8")
     }
 
-    pub fn session_opened(&self, upstream: &str, mode: &str) {
+    pub(crate) fn session_opened(&self, upstream: &str, mode: &str) {
         self.sessions_total
             .with_label_values(&[upstream, mode])
             .inc();
@@ -248,7 +248,7 @@ impl Metrics {
             .inc();
     }
 
-    pub fn session_closed(&self, upstream: &str, mode: &str) {
+    pub(crate) fn session_closed(&self, upstream: &str, mode: &str) {
         self.sessions_active
             .with_label_values(&[upstream, mode])
             .dec();
@@ -257,7 +257,11 @@ impl Metrics {
     /// Counter handles for the messages of `upstream`'s sessions in one
     /// direction, resolved on first use and shared, so the per-message
     /// path is two atomic adds into the calling thread's shard.
-    pub fn message_counters(&self, upstream: &str, direction: Direction) -> Arc<MessageCounters> {
+    pub(crate) fn message_counters(
+        &self,
+        upstream: &str,
+        direction: Direction,
+    ) -> Arc<MessageCounters> {
         let cache = &self.message_counters[direction as usize];
         if let Some(counters) = cache.get(upstream) {
             return Arc::clone(&counters);
@@ -285,7 +289,13 @@ impl Metrics {
         }
     }
 
-    pub fn messages_dropped(&self, upstream: &str, direction: Direction, reason: &str, n: u64) {
+    pub(crate) fn messages_dropped(
+        &self,
+        upstream: &str,
+        direction: Direction,
+        reason: &str,
+        n: u64,
+    ) {
         if n > 0 {
             self.messages_dropped_total
                 .with_label_values(&[upstream, direction.as_str(), reason])
@@ -293,89 +303,89 @@ impl Metrics {
         }
     }
 
-    pub fn upstream_connected(&self, upstream: &str, target: &str) {
+    pub(crate) fn upstream_connected(&self, upstream: &str, target: &str) {
         self.upstream_connects_total
             .with_label_values(&[upstream, target])
             .inc();
     }
 
     /// A client handshake answered with 101, `took` after it arrived.
-    pub fn handshake_completed(&self, upstream: &str, took: std::time::Duration) {
+    pub(crate) fn handshake_completed(&self, upstream: &str, took: std::time::Duration) {
         self.handshake_duration_seconds
             .with_label_values(&[upstream])
             .observe(took.as_secs_f64());
     }
 
-    pub fn upstream_connect_failed(&self, upstream: &str, target: &str, reason: &str) {
+    pub(crate) fn upstream_connect_failed(&self, upstream: &str, target: &str, reason: &str) {
         self.upstream_connect_failures_total
             .with_label_values(&[upstream, target, reason])
             .inc();
     }
 
-    pub fn ping_timeout(&self, upstream: &str, side: Side) {
+    pub(crate) fn ping_timeout(&self, upstream: &str, side: Side) {
         self.ping_timeouts_total
             .with_label_values(&[upstream, side.as_str()])
             .inc();
     }
 
-    pub fn close_sent(&self, upstream: &str, side: Side, code: u16) {
+    pub(crate) fn close_sent(&self, upstream: &str, side: Side, code: u16) {
         self.close_codes_sent_total
             .with_label_values(&[upstream, side.as_str(), &code.to_string()])
             .inc();
     }
 
-    pub fn health_check(&self, upstream: &str, target: &str, kind: &str, ok: bool) {
+    pub(crate) fn health_check(&self, upstream: &str, target: &str, kind: &str, ok: bool) {
         let outcome = if ok { "success" } else { "failure" };
         self.health_checks_total
             .with_label_values(&[upstream, target, kind, outcome])
             .inc();
     }
 
-    pub fn target_picked(&self, upstream: &str, target: &str) {
+    pub(crate) fn target_picked(&self, upstream: &str, target: &str) {
         self.target_picks_total
             .with_label_values(&[upstream, target])
             .inc();
     }
 
     /// Sets the health gauge (refreshed on every scrape).
-    pub fn set_target_healthy(&self, upstream: &str, target: &str, healthy: bool) {
+    pub(crate) fn set_target_healthy(&self, upstream: &str, target: &str, healthy: bool) {
         self.target_healthy
             .with_label_values(&[upstream, target])
             .set(i64::from(healthy));
     }
 
-    pub fn mux_conn_state(&self, upstream: &str, target: &str, state: &str, delta: i64) {
+    pub(crate) fn mux_conn_state(&self, upstream: &str, target: &str, state: &str, delta: i64) {
         self.mux_connections
             .with_label_values(&[upstream, target, state])
             .add(delta);
     }
 
-    pub fn mux_frame_dropped(&self, upstream: &str, reason: &str) {
+    pub(crate) fn mux_frame_dropped(&self, upstream: &str, reason: &str) {
         self.mux_frames_dropped_total
             .with_label_values(&[upstream, reason])
             .inc();
     }
 
-    pub fn session_rebound(&self, upstream: &str) {
+    pub(crate) fn session_rebound(&self, upstream: &str) {
         self.sessions_rebound_total
             .with_label_values(&[upstream])
             .inc();
     }
 
-    pub fn mux_connection_moved(&self, upstream: &str, from: &str, to: &str) {
+    pub(crate) fn mux_connection_moved(&self, upstream: &str, from: &str, to: &str) {
         self.mux_connections_moved_total
             .with_label_values(&[upstream, from, to])
             .inc();
     }
 
-    pub fn slow_consumer_closed(&self, upstream: &str) {
+    pub(crate) fn slow_consumer_closed(&self, upstream: &str) {
         self.slow_consumer_closes_total
             .with_label_values(&[upstream])
             .inc();
     }
 
     /// Counters for one mux connection in pool slot `slot`.
-    pub fn conn_counters(&self, upstream: &str, slot: usize) -> ConnMetrics {
+    pub(crate) fn conn_counters(&self, upstream: &str, slot: usize) -> ConnMetrics {
         let slot = slot.to_string();
         ConnMetrics {
             frames_out: self
@@ -398,25 +408,25 @@ impl Metrics {
 
     /// The counter of connections accepted by event loop `index`, resolved
     /// once per loop.
-    pub fn accepted_on(&self, index: usize) -> IntCounter {
+    pub(crate) fn accepted_on(&self, index: usize) -> IntCounter {
         self.connections_accepted_total
             .with_label_values(&[&index.to_string()])
     }
 
     /// The counter of event loop `index`'s header read timeouts.
-    pub fn header_timeouts_on(&self, index: usize) -> IntCounter {
+    pub(crate) fn header_timeouts_on(&self, index: usize) -> IntCounter {
         self.client_header_timeouts_total
             .with_label_values(&[&index.to_string()])
     }
 
     /// The rejection counter of request heads over
     /// `server.max_request_head_size` (answered 431 by the HTTP server).
-    pub fn heads_too_large(&self) -> IntCounter {
+    pub(crate) fn heads_too_large(&self) -> IntCounter {
         self.handshakes_rejected_total
             .with_label_values(&["431", "request_head_too_large"])
     }
 
-    pub fn handshake_rejected(&self, status: u16, reason: &str) {
+    pub(crate) fn handshake_rejected(&self, status: u16, reason: &str) {
         self.handshakes_rejected_total
             .with_label_values(&[&status.to_string(), reason])
             .inc();
@@ -424,7 +434,7 @@ impl Metrics {
 }
 
 /// Counters of one mux connection, resolved once.
-pub struct ConnMetrics {
+pub(crate) struct ConnMetrics {
     pub frames_out: IntCounter,
     pub bytes_out: IntCounter,
     pub frames_in: IntCounter,
@@ -440,7 +450,7 @@ pub struct ConnMetrics {
 /// owning the same cache lines, once per message; instead each thread adds
 /// into a shard of its own (see `shard_index`), and [`Metrics::render`]
 /// moves the shards' sums into the counters before every scrape.
-pub struct MessageCounters {
+pub(crate) struct MessageCounters {
     text: IntCounter,
     text_bytes: IntCounter,
     binary: IntCounter,
@@ -474,12 +484,12 @@ fn shard_index() -> usize {
 }
 
 impl MessageCounters {
-    pub fn text(&self, bytes: usize) {
+    pub(crate) fn text(&self, bytes: usize) {
         let shard = &self.shards[shard_index()];
         shard.text.fetch_add(1, Ordering::Relaxed);
         shard.text_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
     }
-    pub fn binary(&self, bytes: usize) {
+    pub(crate) fn binary(&self, bytes: usize) {
         let shard = &self.shards[shard_index()];
         shard.binary.fetch_add(1, Ordering::Relaxed);
         shard

@@ -9,7 +9,7 @@ use crate::upstream::Upstream;
 
 /// Where one external path leads.
 #[derive(Debug, Clone)]
-pub struct Route {
+pub(crate) struct Route {
     pub external_path: Arc<str>,
     pub internal_path: Arc<str>,
     pub upstream: Arc<Upstream>,
@@ -18,7 +18,7 @@ pub struct Route {
 impl Route {
     /// The path and query to request from the target: `internal_path`
     /// with the client's query string kept.
-    pub fn upstream_path(&self, query: Option<&str>) -> String {
+    pub(crate) fn upstream_path(&self, query: Option<&str>) -> String {
         match query {
             Some(q) => format!("{}?{q}", self.internal_path),
             None => self.internal_path.to_string(),
@@ -27,12 +27,12 @@ impl Route {
 }
 
 #[derive(Debug, Default)]
-pub struct RouteTable {
+pub(crate) struct RouteTable {
     routes: HashMap<Arc<str>, Route>,
 }
 
 impl RouteTable {
-    pub fn new(upstreams: &[Arc<Upstream>]) -> RouteTable {
+    pub(crate) fn new(upstreams: &[Arc<Upstream>]) -> RouteTable {
         let mut routes = HashMap::new();
         for upstream in upstreams {
             for r in &upstream.config.routes {
@@ -50,7 +50,7 @@ impl RouteTable {
         RouteTable { routes }
     }
 
-    pub fn lookup(&self, path: &str) -> Option<&Route> {
+    pub(crate) fn lookup(&self, path: &str) -> Option<&Route> {
         self.routes.get(path)
     }
 }

@@ -8,7 +8,7 @@ use http::header::{self, HeaderMap};
 
 /// What `consistent_hash` hashes (`hash_on`).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum HashOn {
+pub(crate) enum HashOn {
     Header(http::HeaderName),
     Query(String),
     Cookie(String),
@@ -17,7 +17,7 @@ pub enum HashOn {
 
 impl HashOn {
     /// `header:NAME`, `query:NAME`, `cookie:NAME` or `ip`.
-    pub fn parse(raw: &str) -> Result<HashOn, String> {
+    pub(crate) fn parse(raw: &str) -> Result<HashOn, String> {
         let bad = || format!("{raw:?} is not header:NAME, query:NAME, cookie:NAME or ip");
         match raw.split_once(':') {
             None if raw == "ip" => Ok(HashOn::Ip),
@@ -32,7 +32,12 @@ impl HashOn {
 
     /// The key of a request; the client's address when the header, query
     /// parameter or cookie is absent.
-    pub fn key(&self, headers: &HeaderMap, query: Option<&str>, ip: std::net::IpAddr) -> Vec<u8> {
+    pub(crate) fn key(
+        &self,
+        headers: &HeaderMap,
+        query: Option<&str>,
+        ip: std::net::IpAddr,
+    ) -> Vec<u8> {
         let found: Option<&str> = match self {
             HashOn::Ip => None,
             HashOn::Header(name) => headers.get(name).and_then(|v| v.to_str().ok()),
@@ -60,7 +65,7 @@ impl HashOn {
 
 /// `ws://host:port` of a target, checked once at load time.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TargetUrl {
+pub(crate) struct TargetUrl {
     secure: bool,
     /// `host:port`, as written (with the default port filled in).
     authority: String,
@@ -69,7 +74,7 @@ pub struct TargetUrl {
 impl TargetUrl {
     /// Parses `ws://host[:port][/]` or `wss://...`; the path comes from the
     /// route's `internal_path`, so the URL must not carry one of its own.
-    pub fn parse(raw: &str) -> Result<TargetUrl, String> {
+    pub(crate) fn parse(raw: &str) -> Result<TargetUrl, String> {
         let uri: http::Uri = raw
             .parse()
             .map_err(|e| format!("invalid URL {raw:?}: {e}"))?;
@@ -97,17 +102,17 @@ impl TargetUrl {
         })
     }
 
-    pub fn is_secure(&self) -> bool {
+    pub(crate) fn is_secure(&self) -> bool {
         self.secure
     }
 
     /// `host:port`, for connecting and for the `Host` header.
-    pub fn authority(&self) -> &str {
+    pub(crate) fn authority(&self) -> &str {
         &self.authority
     }
 
     /// The host, for TLS server-name verification.
-    pub fn host(&self) -> &str {
+    pub(crate) fn host(&self) -> &str {
         let host = self
             .authority
             .rsplit_once(':')

@@ -8,22 +8,22 @@ use serde::Deserializer;
 
 /// One step of a field path.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Segment {
+pub(super) enum Segment {
     Key(String),
     Index(usize),
 }
 
 /// A field path such as `upstreams[1].websocket_config.pong_wait`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct FieldPath(pub(super) Vec<Segment>);
+pub(super) struct FieldPath(pub(super) Vec<Segment>);
 
 impl FieldPath {
-    pub fn key(&self, k: &str) -> FieldPath {
+    pub(super) fn key(&self, k: &str) -> FieldPath {
         let mut p = self.clone();
         p.0.push(Segment::Key(k.to_string()));
         p
     }
-    pub fn index(&self, i: usize) -> FieldPath {
+    pub(super) fn index(&self, i: usize) -> FieldPath {
         let mut p = self.clone();
         p.0.push(Segment::Index(i));
         p
@@ -49,7 +49,7 @@ impl fmt::Display for FieldPath {
 /// off the path and fails on arrival; serde_yaml stamps that failure with the
 /// position of the node it was reading. A path that is absent from the text
 /// (a defaulted field) falls back to its nearest present parent.
-pub fn locate(text: &str, path: &FieldPath) -> Option<(usize, usize)> {
+pub(super) fn locate(text: &str, path: &FieldPath) -> Option<(usize, usize)> {
     const HERE: &str = "muxgate-locate-here";
     let mut segments = path.0.as_slice();
     loop {

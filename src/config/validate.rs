@@ -13,7 +13,7 @@ use super::{Config, LoadBalancing, UpstreamConfig, WebSocketSettings, MAX_WORKER
 
 /// One semantic problem.
 #[derive(Debug)]
-pub struct Problem {
+pub(super) struct Problem {
     pub path: FieldPath,
     pub message: String,
 }
@@ -29,7 +29,7 @@ impl Problems {
     }
 }
 
-pub fn validate(config: &Config) -> Vec<Problem> {
+pub(super) fn validate(config: &Config) -> Vec<Problem> {
     let mut out = Problems(Vec::new());
     let root = FieldPath::default();
     let server = root.key("server");

@@ -51,7 +51,7 @@ use crate::upstream::UpstreamSocket;
 const BURST: usize = 128;
 
 /// What a session asks of its mux connection.
-pub enum ConnCmd {
+pub(crate) enum ConnCmd {
     /// Bind the session here and send `open`.
     Open {
         session: SessionId,
@@ -77,11 +77,11 @@ pub enum ConnCmd {
 
 /// How a connection reaches a session: its inbox, `client_queue` deep
 /// (full means slow consumer), with signals that pass the queue.
-pub type SessionLink = super::inbox::InboxSender;
+pub(crate) type SessionLink = super::inbox::InboxSender;
 
 /// Why a connection ended.
 #[derive(Debug)]
-pub enum ConnEnd {
+pub(crate) enum ConnEnd {
     /// The socket failed, closed or missed its pong.
     Lost(String),
     /// Shutdown: every session had left.
@@ -110,7 +110,7 @@ enum Phase {
     },
 }
 
-pub struct MuxConn {
+pub(crate) struct MuxConn {
     pub upstream: Arc<str>,
     pub encoding: Encoding,
     pub ws: UpstreamSocket,
@@ -137,7 +137,7 @@ impl MuxConn {
     /// session has left, or after [`ConnCmd::HandOver`] until it has handed
     /// its sessions over. `withdraw` runs as soon as it stops serving new
     /// sessions, before any of them is told to re-bind.
-    pub async fn run(mut self, stop: CancellationToken, withdraw: impl FnOnce()) -> ConnEnd {
+    pub(crate) async fn run(mut self, stop: CancellationToken, withdraw: impl FnOnce()) -> ConnEnd {
         let mut withdraw = Some(withdraw);
         let mut st = State {
             bound: HashMap::new(),

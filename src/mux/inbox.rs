@@ -24,7 +24,7 @@ use muxgate_backend::protocol::Payload;
 
 /// An item in a session's queue toward its client, in upstream order.
 #[derive(Debug)]
-pub enum ToClient {
+pub(crate) enum ToClient {
     Message(Payload),
     /// The upstream closed the session (code already made valid for clients).
     Close {
@@ -35,7 +35,7 @@ pub enum ToClient {
 
 /// Out-of-band news for a session.
 #[derive(Debug)]
-pub enum Control {
+pub(crate) enum Control {
     /// Its queue toward the client was full (mux-protocol §6).
     SlowConsumer,
     /// The upstream closed it while its queue was full.
@@ -73,19 +73,19 @@ impl Shared {
 }
 
 /// The session's end of the inbox.
-pub struct Inbox {
+pub(crate) struct Inbox {
     shared: Arc<Shared>,
 }
 
 /// The connection's end of a session's inbox.
 #[derive(Clone)]
-pub struct InboxSender {
+pub(crate) struct InboxSender {
     shared: Arc<Shared>,
 }
 
 /// Why an item was not queued; it comes back.
 #[derive(Debug)]
-pub enum SendError<T> {
+pub(crate) enum SendError<T> {
     /// `client_queue` items wait already.
     Full(T),
     /// The session has ended.
@@ -93,13 +93,13 @@ pub enum SendError<T> {
 }
 
 /// What [`Inbox::recv`] found.
-pub enum Next {
+pub(crate) enum Next {
     Signal(Control),
     Item(ToClient),
 }
 
 /// A new inbox holding up to `capacity` items (at least one).
-pub fn inbox(capacity: usize) -> (InboxSender, Inbox) {
+pub(crate) fn inbox(capacity: usize) -> (InboxSender, Inbox) {
     let shared = Arc::new(Shared {
         state: Mutex::new(State::default()),
         wake: Notify::new(),
@@ -116,7 +116,7 @@ pub fn inbox(capacity: usize) -> (InboxSender, Inbox) {
 impl InboxSender {
     /// Queues `item` for the client, unless the queue is full or the
     /// session has ended.
-    pub fn try_send(&self, item: ToClient) -> Result<(), SendError<ToClient>> {
+    pub(crate) fn try_send(&self, item: ToClient) -> Result<(), SendError<ToClient>> {
         let mut st = self.shared.lock();
         if st.closed {
             return Err(SendError::Closed(item));
@@ -131,7 +131,7 @@ impl InboxSender {
     }
 
     /// Sends a signal past the queue; false when the session has ended.
-    pub fn signal(&self, signal: Control) -> bool {
+    pub(crate) fn signal(&self, signal: Control) -> bool {
         let mut st = self.shared.lock();
         if st.closed {
             return false;
@@ -145,7 +145,7 @@ impl InboxSender {
 
 impl Inbox {
     /// The next signal, or else the next item, waiting for one.
-    pub async fn recv(&self) -> Next {
+    pub(crate) async fn recv(&self) -> Next {
         loop {
             {
                 let mut st = self.shared.lock();
@@ -163,7 +163,7 @@ impl Inbox {
     }
 
     /// The next signal, waiting for one; items stay queued.
-    pub async fn signal(&self) -> Control {
+    pub(crate) async fn signal(&self) -> Control {
         loop {
             if let Some(signal) = self.shared.lock().signals.pop_front() {
                 return signal;
@@ -173,13 +173,13 @@ impl Inbox {
     }
 
     /// The next item, if one is queued.
-    pub fn try_item(&self) -> Option<ToClient> {
+    pub(crate) fn try_item(&self) -> Option<ToClient> {
         pop_item(&mut self.shared.lock())
     }
 
     /// Ends the inbox: senders are refused from now on. Returns how many
     /// items were still queued (they are dropped).
-    pub fn close(&self) -> usize {
+    pub(crate) fn close(&self) -> usize {
         let mut st = self.shared.lock();
         st.closed = true;
         st.signals.clear();

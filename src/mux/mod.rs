@@ -10,10 +10,10 @@
 //! - [`session`]: one client, its backpressure and re-binding (§2, §5, §6);
 //! - [`inbox`]: what a connection hands a session, queue and signals.
 
-pub mod conn;
-pub mod inbox;
-pub mod pool;
-pub mod session;
+pub(crate) mod conn;
+pub(crate) mod inbox;
+pub(crate) mod pool;
+pub(crate) mod session;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -24,7 +24,7 @@ use muxgate_backend::protocol::Open;
 /// The `open` frame of a new session: route, path with query, remote
 /// address, the upstream's `forward_headers` (lower-case names, repeated
 /// values joined with ", ") and the client's offered subprotocols.
-pub fn open_frame(
+pub(crate) fn open_frame(
     route: &str,
     path_and_query: String,
     remote: SocketAddr,

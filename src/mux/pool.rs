@@ -37,7 +37,7 @@ use crate::upstream::{self, ConnectError, Target, TargetLease, Upstream};
 /// another target (one that came back into rotation).
 const REBALANCE_PERIOD: Duration = Duration::from_secs(1);
 /// Commands a mux connection's write queue holds before sessions wait.
-pub const MUX_WRITE_QUEUE: usize = 1024;
+pub(crate) const MUX_WRITE_QUEUE: usize = 1024;
 /// First reconnect delay; doubles per failure up to [`BACKOFF_MAX`].
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
@@ -48,7 +48,7 @@ const STABLE: Duration = Duration::from_secs(5);
 /// texts go to the slot's log lines and, but for [`PoolError::NoHealthyTarget`],
 /// to the target's passive health as its last failure.
 #[derive(Debug, thiserror::Error)]
-pub enum PoolError {
+pub(crate) enum PoolError {
     /// Every target is out of rotation; nothing was tried.
     #[error("no healthy target")]
     NoHealthyTarget,
@@ -77,7 +77,7 @@ pub enum PoolError {
 
 /// A live mux connection, as sessions see it.
 #[derive(Clone)]
-pub struct MuxConnHandle {
+pub(crate) struct MuxConnHandle {
     pub id: Uuid,
     pub target: Arc<str>,
     pub tx: mpsc::Sender<ConnCmd>,
@@ -88,7 +88,7 @@ pub struct MuxConnHandle {
 
 /// A live connection, as the admin API shows it.
 #[derive(Debug, Clone)]
-pub struct ConnInfo {
+pub(crate) struct ConnInfo {
     pub id: Uuid,
     pub target: Arc<str>,
     pub event_loop: usize,
@@ -96,7 +96,7 @@ pub struct ConnInfo {
 }
 
 /// A session's claim on a connection; dropping it lowers the load.
-pub struct Binding {
+pub(crate) struct Binding {
     pub conn: MuxConnHandle,
 }
 
@@ -106,7 +106,7 @@ impl Drop for Binding {
     }
 }
 
-pub struct MuxPool {
+pub(crate) struct MuxPool {
     upstream: Arc<Upstream>,
     metrics: Arc<Metrics>,
     instance: Uuid,
@@ -123,7 +123,7 @@ pub struct MuxPool {
 impl MuxPool {
     /// Starts `pool_size` slot tasks on `shutdown`'s tracker, slot `i` on
     /// the event loop `loops[i % loops.len()]`.
-    pub fn start(
+    pub(crate) fn start(
         upstream: Arc<Upstream>,
         metrics: Arc<Metrics>,
         instance: Uuid,
@@ -161,7 +161,7 @@ impl MuxPool {
     }
 
     /// Every live connection: its id, target, event loop and sessions bound.
-    pub fn connections(&self) -> Vec<ConnInfo> {
+    pub(crate) fn connections(&self) -> Vec<ConnInfo> {
         self.live
             .read()
             .expect("pool lock")
@@ -176,7 +176,7 @@ impl MuxPool {
     }
 
     /// Binds to a live connection, if any: see [`choose`].
-    pub fn bind(&self) -> Option<Binding> {
+    pub(crate) fn bind(&self) -> Option<Binding> {
         let live = self.live.read().expect("pool lock");
         // Taken once: a connection may close while the choice is made.
         let open: Vec<&MuxConnHandle> = live.iter().filter(|c| !c.tx.is_closed()).collect();
@@ -190,7 +190,7 @@ impl MuxPool {
     }
 
     /// Binds as soon as a connection is live, or `None` at `deadline`.
-    pub async fn bind_by(&self, deadline: Instant) -> Option<Binding> {
+    pub(crate) async fn bind_by(&self, deadline: Instant) -> Option<Binding> {
         let mut changes = self.live_count.subscribe();
         loop {
             if let Some(b) = self.bind() {
@@ -206,7 +206,7 @@ impl MuxPool {
     }
 
     /// Waits until some connection is live (for the handshake's 503 rule).
-    pub async fn wait_live(&self, timeout: Duration) -> bool {
+    pub(crate) async fn wait_live(&self, timeout: Duration) -> bool {
         let mut changes = self.live_count.subscribe();
         tokio::time::timeout(timeout, changes.wait_for(|n| *n > 0))
             .await

@@ -51,7 +51,7 @@ type CloseCode = (u16, String);
 const WRITE_BURST: usize = 64;
 
 /// Everything a multiplexed session owns.
-pub struct MuxSession {
+pub(crate) struct MuxSession {
     pub guard: SessionGuard,
     /// Message plugins: `pre_request` on client messages, `post_response`
     /// on upstream ones.
@@ -291,7 +291,7 @@ fn on_control(
 /// Takes the client's upgraded connection and runs the session until it
 /// ends. The client's socket is made here, not passed in, so that the
 /// task's future holds it once.
-pub async fn run(mut session: Box<MuxSession>, on_upgrade: hyper::upgrade::OnUpgrade) {
+pub(crate) async fn run(mut session: Box<MuxSession>, on_upgrade: hyper::upgrade::OnUpgrade) {
     let config = session.upstream.socket_config;
     let mut client = match crate::session::client::client_socket(on_upgrade, config).await {
         Ok(client) => client,

@@ -21,7 +21,7 @@ use crate::session::when_woken::WhenWoken;
 
 /// Which alarm went off.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Alarm {
+pub(crate) enum Alarm {
     /// The broker is shutting down (or the session was cancelled).
     Shutdown,
     /// The timer reached its deadline; it stays fired until
@@ -32,7 +32,7 @@ pub enum Alarm {
 pin_project! {
     /// A session's shutdown signal and timer, polled only when one of them
     /// woke the task.
-    pub struct Alarms {
+    pub(crate) struct Alarms {
         #[pin]
         gated: WhenWoken<Both>,
     }
@@ -50,7 +50,7 @@ pin_project! {
 impl Alarms {
     /// Alarms for a session cancelled through `cancel`, its timer first
     /// set to `deadline`.
-    pub fn new(cancel: CancellationToken, deadline: Instant) -> Alarms {
+    pub(crate) fn new(cancel: CancellationToken, deadline: Instant) -> Alarms {
         Alarms {
             gated: WhenWoken::new(Both {
                 shutdown: cancel.cancelled_owned(),
@@ -60,7 +60,7 @@ impl Alarms {
     }
 
     /// Moves the timer to `deadline` (re-arming it if it fired).
-    pub fn reset(self: Pin<&mut Self>, deadline: Instant) {
+    pub(crate) fn reset(self: Pin<&mut Self>, deadline: Instant) {
         self.project()
             .gated
             .inner_mut()

@@ -29,10 +29,10 @@ use crate::shutdown::Shutdown;
 
 /// A session's id: a random UUID, logged as the field `session`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct SessionId(pub Uuid);
+pub(crate) struct SessionId(pub Uuid);
 
 impl SessionId {
-    pub fn new() -> SessionId {
+    pub(crate) fn new() -> SessionId {
         SessionId(Uuid::new_v4())
     }
 }
@@ -52,7 +52,7 @@ impl fmt::Display for SessionId {
 /// What the registry knows of an open session; shared (one allocation)
 /// between the registry and the session's guard.
 #[derive(Debug)]
-pub struct SessionHandle {
+pub(crate) struct SessionHandle {
     pub id: SessionId,
     pub upstream: Arc<str>,
     pub mode: Mode,
@@ -65,14 +65,14 @@ pub struct SessionHandle {
 }
 
 /// The registry of open sessions.
-pub struct SessionManager {
+pub(crate) struct SessionManager {
     sessions: DashMap<SessionId, Arc<SessionHandle>>,
     metrics: Arc<Metrics>,
     shutdown: Shutdown,
 }
 
 impl SessionManager {
-    pub fn new(metrics: Arc<Metrics>, shutdown: Shutdown) -> Arc<SessionManager> {
+    pub(crate) fn new(metrics: Arc<Metrics>, shutdown: Shutdown) -> Arc<SessionManager> {
         Arc::new(SessionManager {
             sessions: DashMap::new(),
             metrics,
@@ -81,7 +81,7 @@ impl SessionManager {
     }
 
     /// Registers a new session; it stays registered while the guard lives.
-    pub fn open(
+    pub(crate) fn open(
         self: &Arc<Self>,
         upstream: Arc<str>,
         mode: Mode,
@@ -106,7 +106,7 @@ impl SessionManager {
     }
 
     /// Open sessions of `upstream`.
-    pub fn count_for(&self, upstream: &str) -> usize {
+    pub(crate) fn count_for(&self, upstream: &str) -> usize {
         self.sessions
             .iter()
             .filter(|s| &*s.upstream == upstream)
@@ -115,7 +115,7 @@ impl SessionManager {
 }
 
 /// A registered session; dropping it unregisters the session.
-pub struct SessionGuard {
+pub(crate) struct SessionGuard {
     manager: Arc<SessionManager>,
     pub handle: Arc<SessionHandle>,
 }

@@ -4,21 +4,21 @@
 
 /// Which way a message travels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Direction {
+pub(crate) enum Direction {
     ClientToUpstream,
     UpstreamToClient,
 }
 
 impl Direction {
     /// The way messages read from `side` travel.
-    pub fn read_from(side: Side) -> Direction {
+    pub(crate) fn read_from(side: Side) -> Direction {
         match side {
             Side::Client => Direction::ClientToUpstream,
             Side::Upstream => Direction::UpstreamToClient,
         }
     }
 
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Direction::ClientToUpstream => "client_to_upstream",
             Direction::UpstreamToClient => "upstream_to_client",
@@ -28,13 +28,13 @@ impl Direction {
 
 /// One end of a session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Side {
+pub(crate) enum Side {
     Client,
     Upstream,
 }
 
 impl Side {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Side::Client => "client",
             Side::Upstream => "upstream",

@@ -24,7 +24,7 @@ use pin_project_lite::pin_project;
 pin_project! {
     /// `inner`, polled only when the waker it was last given has fired
     /// (and on the first poll).
-    pub struct WhenWoken<F> {
+    pub(crate) struct WhenWoken<F> {
         #[pin]
         inner: F,
         gate: Arc<Gate>,
@@ -55,7 +55,7 @@ impl Wake for Gate {
 }
 
 impl<F: Future> WhenWoken<F> {
-    pub fn new(inner: F) -> Self {
+    pub(crate) fn new(inner: F) -> Self {
         let gate = Arc::new(Gate {
             woken: AtomicBool::new(true),
             task: AtomicWaker::new(),
@@ -70,7 +70,7 @@ impl<F: Future> WhenWoken<F> {
     /// The inner future, to change (a timer's deadline, say); it is polled
     /// on the next poll whether or not it was woken, so that it can
     /// register what the change needs.
-    pub fn inner_mut(self: Pin<&mut Self>) -> Pin<&mut F> {
+    pub(crate) fn inner_mut(self: Pin<&mut Self>) -> Pin<&mut F> {
         let this = self.project();
         this.gate.woken.store(true, Ordering::Release);
         this.inner

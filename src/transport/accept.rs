@@ -36,25 +36,25 @@ use tracing::debug;
 
 /// Connections a loop's hand-off queue holds; past that, the loop that
 /// accepted a connection keeps it.
-pub const HAND_OFF_QUEUE: usize = 64;
+pub(crate) const HAND_OFF_QUEUE: usize = 64;
 
 /// A socket on its way to another loop (deregistered from the loop that
 /// accepted it), with its peer's address.
 type HandedOff = (std::net::TcpStream, SocketAddr);
 
 /// The turns, and every loop's hand-off queue, shared by all loops.
-pub struct Turns {
+pub(crate) struct Turns {
     next: AtomicUsize,
     queues: Vec<mpsc::Sender<HandedOff>>,
 }
 
 /// What a loop receives from the others.
-pub struct HandOffs(mpsc::Receiver<HandedOff>);
+pub(crate) struct HandOffs(mpsc::Receiver<HandedOff>);
 
 impl Turns {
     /// Turns for `loops` loops (at least one), and each loop's end of its
     /// hand-off queue, by loop index.
-    pub fn new(loops: usize) -> (Arc<Turns>, Vec<HandOffs>) {
+    pub(crate) fn new(loops: usize) -> (Arc<Turns>, Vec<HandOffs>) {
         let (queues, receivers) = (0..loops.max(1))
             .map(|_| {
                 let (tx, rx) = mpsc::channel(HAND_OFF_QUEUE);
@@ -76,7 +76,7 @@ impl Turns {
 
 /// One loop's client listener: its own duplicate of the listening socket,
 /// and the connections other loops hand it.
-pub struct BalancedListener {
+pub(crate) struct BalancedListener {
     tcp: TcpListener,
     index: usize,
     turns: Arc<Turns>,
@@ -86,7 +86,7 @@ pub struct BalancedListener {
 impl BalancedListener {
     /// The listener of loop `index`, accepting on `tcp` (registered with
     /// this loop's reactor) and receiving on `handed`.
-    pub fn new(
+    pub(crate) fn new(
         tcp: TcpListener,
         index: usize,
         turns: Arc<Turns>,

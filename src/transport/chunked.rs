@@ -27,14 +27,14 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// tungstenite's own read buffer for wrapped sockets: room for a small
 /// message, not more (it grows for larger ones as it must).
-pub const DECODER_BUFFER: usize = 256;
+pub(crate) const DECODER_BUFFER: usize = 256;
 /// The most read per system call, whatever `read_buffer_size` says.
-pub const MAX_CHUNK: usize = 64 * 1024;
+pub(crate) const MAX_CHUNK: usize = 64 * 1024;
 /// The least read per system call: a 4 KiB message and its header fit.
 const MIN_CHUNK: usize = 16 * 1024;
 
 /// Bytes read per system call for a configured `read_buffer_size`.
-pub fn read_chunk(read_buffer_size: usize) -> usize {
+pub(crate) fn read_chunk(read_buffer_size: usize) -> usize {
     read_buffer_size.clamp(MIN_CHUNK, MAX_CHUNK)
 }
 
@@ -47,7 +47,10 @@ thread_local! {
 /// Runs `read` with `chunk` bytes (at most [`MAX_CHUNK`]) of this thread's
 /// read buffer. Its contents are garbage on entry; whatever `read` leaves
 /// there is overwritten by the next caller.
-pub fn with_read_buffer<R>(chunk: usize, read: impl FnOnce(&mut [MaybeUninit<u8>]) -> R) -> R {
+pub(crate) fn with_read_buffer<R>(
+    chunk: usize,
+    read: impl FnOnce(&mut [MaybeUninit<u8>]) -> R,
+) -> R {
     let chunk = chunk.min(MAX_CHUNK);
     READ_BUFFER.with(|buffer| match buffer.try_borrow_mut() {
         Ok(mut buffer) => read(&mut buffer[..chunk]),
@@ -58,7 +61,7 @@ pub fn with_read_buffer<R>(chunk: usize, read: impl FnOnce(&mut [MaybeUninit<u8>
 }
 
 /// Reads `chunk` bytes per call into the loop's buffer; see the module docs.
-pub struct ChunkedRead<S> {
+pub(crate) struct ChunkedRead<S> {
     inner: S,
     chunk: usize,
     /// Read but not yet handed over; empty and unallocated when idle.
@@ -68,7 +71,7 @@ pub struct ChunkedRead<S> {
 }
 
 impl<S> ChunkedRead<S> {
-    pub fn new(inner: S, read_buffer_size: usize) -> Self {
+    pub(crate) fn new(inner: S, read_buffer_size: usize) -> Self {
         ChunkedRead {
             inner,
             chunk: read_chunk(read_buffer_size),

@@ -43,11 +43,11 @@ use tracing::{error, warn};
 use crate::shutdown::{GroupToken, Shutdown};
 
 /// What a loop runs on its listener: serving until shutdown begins.
-pub type Serve = Box<dyn FnOnce(TcpListener) -> ServeFuture + Send>;
+pub(crate) type Serve = Box<dyn FnOnce(TcpListener) -> ServeFuture + Send>;
 /// The caller's runtime is loop 0; the threads are loops 1 and up.
-pub const FIRST_THREAD_LOOP: usize = 1;
+pub(crate) const FIRST_THREAD_LOOP: usize = 1;
 /// The future of one loop's server.
-pub type ServeFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
+pub(crate) type ServeFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 thread_local! {
     /// The index of the loop this thread runs (0 for the caller's thread,
@@ -56,13 +56,13 @@ thread_local! {
 }
 
 /// The index of the event loop the calling task runs on.
-pub fn current() -> usize {
+pub(crate) fn current() -> usize {
     CURRENT.with(Cell::get)
 }
 
 /// The extra loops, started (threads running, listeners registered) but
 /// not yet serving.
-pub struct ClientLoops {
+pub(crate) struct ClientLoops {
     starts: Vec<oneshot::Sender<Serve>>,
     threads: Vec<JoinHandle<()>>,
     /// Every loop's runtime, by index: the caller's first.
@@ -75,7 +75,7 @@ impl ClientLoops {
     /// Starts `count` loop threads, each registering a duplicate of
     /// `listener`, counted by `shutdown`'s listeners group until it stops
     /// accepting. Fails if a thread, runtime or duplicate cannot be had.
-    pub async fn spawn(
+    pub(crate) async fn spawn(
         listener: &TcpListener,
         count: usize,
         shutdown: &Shutdown,
@@ -112,18 +112,18 @@ impl ClientLoops {
 
     /// Every loop's runtime, by loop index (the caller's is 0). A task
     /// spawned on one runs until the loop is stopped, after the drain.
-    pub fn handles(&self) -> &[Handle] {
+    pub(crate) fn handles(&self) -> &[Handle] {
         &self.handles
     }
 
     /// How many extra loops there are.
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.threads.len()
     }
 
     /// Has every loop serve its listener with a server made by `make`,
     /// which is given the loop's index.
-    pub fn serve(&mut self, mut make: impl FnMut(usize) -> Serve) {
+    pub(crate) fn serve(&mut self, mut make: impl FnMut(usize) -> Serve) {
         for (index, start) in (FIRST_THREAD_LOOP..).zip(self.starts.drain(..)) {
             // A loop that is gone has logged why; the others still serve.
             let _ = start.send(make(index));
@@ -132,7 +132,7 @@ impl ClientLoops {
 
     /// Ends every loop, dropping whatever sessions they still hold, and
     /// waits for their threads. Call it once the broker has drained.
-    pub async fn stop(mut self) {
+    pub(crate) async fn stop(mut self) {
         self.release.cancel();
         self.starts.clear();
         let threads = std::mem::take(&mut self.threads);

@@ -52,7 +52,7 @@ const MIN_HYPER_BUF: usize = 8192;
 
 /// What a client connection is allowed before it is closed.
 #[derive(Clone)]
-pub struct Limits {
+pub(crate) struct Limits {
     /// For a whole request head, from the connection's start or the end of
     /// its last response (`server.header_read_timeout`): a connection that
     /// sends nothing, or a head byte by byte, holds a file descriptor
@@ -70,7 +70,7 @@ pub struct Limits {
 /// Serves `router` to every connection `listener` accepts until shutdown
 /// begins; each connection runs on `shutdown`'s listeners group until it
 /// closes or is upgraded (an upgraded one belongs to its session).
-pub async fn serve<L>(mut listener: L, router: Router, limits: Limits, shutdown: Shutdown)
+pub(crate) async fn serve<L>(mut listener: L, router: Router, limits: Limits, shutdown: Shutdown)
 where
     L: Listener<Addr = SocketAddr>,
     L::Io: Into<ClientStream>,

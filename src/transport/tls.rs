@@ -93,7 +93,10 @@ fn read_certificates(
 }
 
 /// The listener's TLS settings from PEM files.
-pub fn server_config(cert_file: &str, key_file: &str) -> Result<Arc<ServerConfig>, TlsError> {
+pub(crate) fn server_config(
+    cert_file: &str,
+    key_file: &str,
+) -> Result<Arc<ServerConfig>, TlsError> {
     let certs: Vec<CertificateDer<'static>> =
         read_certificates(cert_file)?.collect::<Result<_, _>>()?;
     if certs.is_empty() {
@@ -120,7 +123,7 @@ pub fn server_config(cert_file: &str, key_file: &str) -> Result<Arc<ServerConfig
 }
 
 /// TLS settings for `wss://` targets: the system roots, or only `ca_file`.
-pub fn client_config(ca_file: Option<&str>) -> Result<Arc<ClientConfig>, TlsError> {
+pub(crate) fn client_config(ca_file: Option<&str>) -> Result<Arc<ClientConfig>, TlsError> {
     let mut roots = RootCertStore::empty();
     match ca_file {
         Some(file) => {
@@ -153,19 +156,19 @@ pub fn client_config(ca_file: Option<&str>) -> Result<Arc<ClientConfig>, TlsErro
 
 /// A connection of either edge: plain TCP, or TLS over it (boxed, so that
 /// a plain connection does not carry a TLS session's room).
-pub enum MaybeTls<T> {
+pub(crate) enum MaybeTls<T> {
     Plain(TcpStream),
     Tls(Box<T>),
 }
 
 /// A connection to a target.
-pub type UpstreamStream = MaybeTls<tokio_rustls::client::TlsStream<TcpStream>>;
+pub(crate) type UpstreamStream = MaybeTls<tokio_rustls::client::TlsStream<TcpStream>>;
 /// A client's connection, from either listener.
-pub type ClientStream = MaybeTls<tokio_rustls::server::TlsStream<TcpStream>>;
+pub(crate) type ClientStream = MaybeTls<tokio_rustls::server::TlsStream<TcpStream>>;
 
 impl UpstreamStream {
     /// Wraps `tcp` in TLS for `host` when `tls` is given.
-    pub async fn connect(
+    pub(crate) async fn connect(
         tcp: TcpStream,
         host: &str,
         tls: Option<&Arc<ClientConfig>>,
@@ -200,7 +203,7 @@ impl<T> MaybeTls<T> {
     /// again (see [`crate::transport::upgraded::UpgradedIo::read_surely_pending`]).
     /// Always false over TLS, whose stream may hold decrypted bytes the
     /// socket's readiness says nothing about.
-    pub fn read_surely_pending(&self) -> bool {
+    pub(crate) fn read_surely_pending(&self) -> bool {
         match self {
             // `try_io` runs the closure only if tokio holds read readiness.
             MaybeTls::Plain(tcp) => tcp.try_io(Interest::READABLE, || Ok(())).is_err(),
@@ -254,7 +257,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for MaybeTls<T> {
 }
 
 /// The `wss://` client listener: TCP accepts whose TLS handshakes are done.
-pub struct TlsListener {
+pub(crate) struct TlsListener {
     tcp: BalancedListener,
     acceptor: TlsAcceptor,
     handshakes: JoinSet<Option<(tokio_rustls::server::TlsStream<TcpStream>, SocketAddr)>>,
@@ -263,7 +266,11 @@ pub struct TlsListener {
 }
 
 impl TlsListener {
-    pub fn new(tcp: BalancedListener, config: Arc<ServerConfig>, group: TaskGroup) -> TlsListener {
+    pub(crate) fn new(
+        tcp: BalancedListener,
+        config: Arc<ServerConfig>,
+        group: TaskGroup,
+    ) -> TlsListener {
         TlsListener {
             tcp,
             acceptor: TlsAcceptor::from(config),

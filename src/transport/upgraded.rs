@@ -23,7 +23,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use crate::transport::tls::{ClientStream, MaybeTls, UpstreamStream};
 
 /// A connection after its upgrade: `S`, the socket it was made on.
-pub struct UpgradedIo<S> {
+pub(crate) struct UpgradedIo<S> {
     /// Bytes the peer sent right behind its request or 101, read by hyper
     /// along with them; handed out before the socket is read.
     early: Bytes,
@@ -31,14 +31,14 @@ pub struct UpgradedIo<S> {
 }
 
 /// An upstream connection after its 101 response.
-pub type UpstreamIo = UpgradedIo<UpstreamStream>;
+pub(crate) type UpstreamIo = UpgradedIo<UpstreamStream>;
 /// A client's connection after the broker's 101 response.
-pub type ClientIo = UpgradedIo<ClientStream>;
+pub(crate) type ClientIo = UpgradedIo<ClientStream>;
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> UpgradedIo<S> {
     /// Takes the socket out of `upgraded`, which must wrap the
     /// `TokioIo<S>` the HTTP exchange was made on.
-    pub fn take(upgraded: Upgraded) -> io::Result<UpgradedIo<S>> {
+    pub(crate) fn take(upgraded: Upgraded) -> io::Result<UpgradedIo<S>> {
         let parts = upgraded
             .downcast::<TokioIo<S>>()
             .map_err(|_| io::Error::other("hyper upgraded another kind of connection"))?;
@@ -56,13 +56,13 @@ impl<T> UpgradedIo<MaybeTls<T>> {
     /// with the socket (tokio takes it only when it sets the readiness),
     /// so the read need not be polled again until the task is woken with
     /// readiness set.
-    pub fn read_surely_pending(&self) -> bool {
+    pub(crate) fn read_surely_pending(&self) -> bool {
         self.early.is_empty() && self.stream.read_surely_pending()
     }
 }
 
 /// The client's connection once hyper has sent the 101 and handed it over.
-pub async fn client(on_upgrade: OnUpgrade) -> io::Result<ClientIo> {
+pub(crate) async fn client(on_upgrade: OnUpgrade) -> io::Result<ClientIo> {
     let upgraded = on_upgrade.await.map_err(io::Error::other)?;
     ClientIo::take(upgraded)
 }

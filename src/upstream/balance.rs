@@ -16,7 +16,7 @@ use crate::config::LoadBalancing;
 const VNODES_PER_WEIGHT: u32 = 160;
 
 #[derive(Debug)]
-pub struct Balancer {
+pub(crate) struct Balancer {
     kind: LoadBalancing,
     /// Smooth weighted round robin's current weights, one per target.
     /// Held only for the O(targets) pick, never across an await.
@@ -26,7 +26,7 @@ pub struct Balancer {
 }
 
 impl Balancer {
-    pub fn new(kind: LoadBalancing, targets: &[Target]) -> Balancer {
+    pub(crate) fn new(kind: LoadBalancing, targets: &[Target]) -> Balancer {
         let mut ring = Vec::new();
         if kind == LoadBalancing::ConsistentHash {
             for (i, t) in targets.iter().enumerate() {
@@ -47,7 +47,12 @@ impl Balancer {
     /// at a time). `key` is the consistent-hash key; ignored otherwise, and
     /// round robin is used when a hashing upstream gets none.
     /// Targets listed in `skip` (already tried for this session) are passed over.
-    pub fn pick(&self, targets: &[Target], key: Option<&[u8]>, skip: &[usize]) -> Option<usize> {
+    pub(crate) fn pick(
+        &self,
+        targets: &[Target],
+        key: Option<&[u8]>,
+        skip: &[usize],
+    ) -> Option<usize> {
         let now = Instant::now();
         let mut excluded = vec![false; targets.len()];
         for &i in skip {

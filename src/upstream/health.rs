@@ -24,7 +24,7 @@ use crate::config::HealthChecks;
 const TRIAL_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Debug)]
-pub struct TargetHealth {
+pub(crate) struct TargetHealth {
     passive_enabled: bool,
     threshold: u32,
     interval: Duration,
@@ -57,14 +57,14 @@ enum Passive {
 /// The passive state, for `/admin/upstreams`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
-pub enum PassiveState {
+pub(crate) enum PassiveState {
     Healthy,
     Unhealthy,
     HalfOpen,
 }
 
 impl TargetHealth {
-    pub fn new(config: &HealthChecks) -> TargetHealth {
+    pub(crate) fn new(config: &HealthChecks) -> TargetHealth {
         TargetHealth {
             passive_enabled: config.passive,
             threshold: config.threshold.max(1),
@@ -87,7 +87,7 @@ impl TargetHealth {
     /// May the balancer consider this target now? (A target whose backoff
     /// has run out is a candidate; [`TargetHealth::claim`] then admits one
     /// trial.)
-    pub fn is_candidate(&self, now: Instant) -> bool {
+    pub(crate) fn is_candidate(&self, now: Instant) -> bool {
         if !self.active_up.load(Ordering::Relaxed) {
             return false;
         }
@@ -100,7 +100,7 @@ impl TargetHealth {
 
     /// Takes the target for one new session or connection; false if another
     /// caller just took its single half-open trial.
-    pub fn claim(&self, now: Instant) -> bool {
+    pub(crate) fn claim(&self, now: Instant) -> bool {
         let mut p = self.passive.lock().expect("health lock");
         match *p {
             Passive::Closed { .. } => true,
@@ -123,11 +123,11 @@ impl TargetHealth {
     }
 
     /// Is the target in rotation now (for the gauge and the admin page)?
-    pub fn is_healthy(&self) -> bool {
+    pub(crate) fn is_healthy(&self) -> bool {
         self.active_up.load(Ordering::Relaxed) && self.passive_state() == PassiveState::Healthy
     }
 
-    pub fn passive_state(&self) -> PassiveState {
+    pub(crate) fn passive_state(&self) -> PassiveState {
         match *self.passive.lock().expect("health lock") {
             Passive::Closed { .. } => PassiveState::Healthy,
             Passive::Open { .. } => PassiveState::Unhealthy,
@@ -135,16 +135,16 @@ impl TargetHealth {
         }
     }
 
-    pub fn active_up(&self) -> bool {
+    pub(crate) fn active_up(&self) -> bool {
         self.active_up.load(Ordering::Relaxed)
     }
 
-    pub fn active_enabled(&self) -> bool {
+    pub(crate) fn active_enabled(&self) -> bool {
         self.active_enabled
     }
 
     /// A session or connection to the target succeeded.
-    pub fn record_success(&self) {
+    pub(crate) fn record_success(&self) {
         let mut p = self.passive.lock().expect("health lock");
         if let Passive::Trial { .. } = *p {
             *p = Passive::Closed {
@@ -155,7 +155,7 @@ impl TargetHealth {
     }
 
     /// Counts one real failure; returns true when it took the target out.
-    pub fn record_failure(&self, reason: impl Into<String>) -> bool {
+    pub(crate) fn record_failure(&self, reason: impl Into<String>) -> bool {
         *self.last_failure.lock().expect("health lock") = Some(reason.into());
         if !self.passive_enabled {
             return false;
@@ -199,7 +199,7 @@ impl TargetHealth {
     }
 
     /// One active probe result; returns `Some(new_state)` when it flipped.
-    pub fn record_probe(&self, ok: bool, detail: &str) -> Option<bool> {
+    pub(crate) fn record_probe(&self, ok: bool, detail: &str) -> Option<bool> {
         if !ok {
             *self.last_failure.lock().expect("health lock") =
                 Some(format!("active check: {detail}"));
@@ -225,7 +225,7 @@ impl TargetHealth {
     }
 
     /// The reason given with the most recent failure, passive or active.
-    pub fn last_failure(&self) -> Option<String> {
+    pub(crate) fn last_failure(&self) -> Option<String> {
         self.last_failure.lock().expect("health lock").clone()
     }
 }

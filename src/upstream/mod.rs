@@ -5,7 +5,7 @@
 
 mod balance;
 mod health;
-pub mod probe;
+pub(crate) mod probe;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -21,10 +21,10 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::WebSocketStream;
 
-pub use crate::config::parsed::{HashOn, TargetUrl};
-pub use crate::transport::upgraded::UpstreamIo;
-pub use balance::Balancer;
-pub use health::TargetHealth;
+pub(crate) use crate::config::parsed::{HashOn, TargetUrl};
+pub(crate) use crate::transport::upgraded::UpstreamIo;
+pub(crate) use balance::Balancer;
+pub(crate) use health::TargetHealth;
 
 use crate::config::{Mode, UpstreamConfig};
 use crate::metrics::Metrics;
@@ -36,11 +36,11 @@ const MUX_ENVELOPE_FACTOR: usize = 6;
 const MUX_ENVELOPE_SLACK: usize = 64 * 1024;
 
 /// A WebSocket to a target.
-pub type UpstreamSocket = WebSocketStream<UpstreamIo>;
+pub(crate) type UpstreamSocket = WebSocketStream<UpstreamIo>;
 
 /// One target of an upstream.
 #[derive(Debug)]
-pub struct Target {
+pub(crate) struct Target {
     pub url: TargetUrl,
     /// The URL as a metrics label.
     pub label: String,
@@ -51,7 +51,7 @@ pub struct Target {
 }
 
 impl Target {
-    pub fn active(&self) -> usize {
+    pub(crate) fn active(&self) -> usize {
         self.active.load(Ordering::Relaxed)
     }
 
@@ -59,7 +59,12 @@ impl Target {
     /// health): counts it in `muxgate_health_checks_total`, records it in
     /// the target's health, and warns when a failure (`Err(cause)`) takes
     /// the target out of rotation.
-    pub fn report_passive(&self, upstream: &str, metrics: &Metrics, outcome: Result<(), &str>) {
+    pub(crate) fn report_passive(
+        &self,
+        upstream: &str,
+        metrics: &Metrics,
+        outcome: Result<(), &str>,
+    ) {
         metrics.health_check(upstream, &self.label, "passive", outcome.is_ok());
         match outcome {
             Ok(()) => self.health.record_success(),
@@ -75,17 +80,17 @@ impl Target {
 /// Held while a session uses a target; dropping it releases the slot that
 /// `least_connections` counts.
 #[derive(Debug)]
-pub struct TargetLease {
+pub(crate) struct TargetLease {
     upstream: Arc<Upstream>,
     index: usize,
 }
 
 impl TargetLease {
-    pub fn target(&self) -> &Target {
+    pub(crate) fn target(&self) -> &Target {
         &self.upstream.targets[self.index]
     }
 
-    pub fn index(&self) -> usize {
+    pub(crate) fn index(&self) -> usize {
         self.index
     }
 }
@@ -98,7 +103,7 @@ impl Drop for TargetLease {
 
 /// An upstream at run time: its config, targets and balancer.
 #[derive(Debug)]
-pub struct Upstream {
+pub(crate) struct Upstream {
     pub name: Arc<str>,
     pub config: UpstreamConfig,
     pub targets: Vec<Target>,
@@ -122,7 +127,10 @@ pub struct Upstream {
 impl Upstream {
     /// Builds the run-time upstream from a validated config; `jwt` is the
     /// top-level section, used when the upstream has `auth_required`.
-    pub fn new(config: UpstreamConfig, jwt: Option<&muxgate_plugins::JwtSettings>) -> Upstream {
+    pub(crate) fn new(
+        config: UpstreamConfig,
+        jwt: Option<&muxgate_plugins::JwtSettings>,
+    ) -> Upstream {
         let mut pipeline =
             muxgate_plugins::Pipeline::build(&config.plugins).expect("validated plugins");
         let mut claims_header = http::HeaderName::from_static("x-muxgate-claims");
@@ -191,20 +199,20 @@ impl Upstream {
         }
     }
 
-    pub fn mode(&self) -> Mode {
+    pub(crate) fn mode(&self) -> Mode {
         self.config.mode()
     }
 
     /// Picks a healthy target and leases it, or `None` when none is
     /// healthy. `key` is the consistent-hash key, when the upstream hashes.
-    pub fn pick(self: &Arc<Self>, key: Option<&[u8]>) -> Option<TargetLease> {
+    pub(crate) fn pick(self: &Arc<Self>, key: Option<&[u8]>) -> Option<TargetLease> {
         self.pick_except(key, &[])
     }
 
     /// Leases target `index` if its health admits it now, taking its
     /// half-open trial if that is where it stands (for a pool moving a
     /// connection to a target back in rotation).
-    pub fn lease(self: &Arc<Self>, index: usize) -> Option<TargetLease> {
+    pub(crate) fn lease(self: &Arc<Self>, index: usize) -> Option<TargetLease> {
         let health = &self.targets.get(index)?.health;
         let now = std::time::Instant::now();
         if !(health.is_candidate(now) && health.claim(now)) {
@@ -218,7 +226,7 @@ impl Upstream {
     }
 
     /// [`Upstream::pick`], passing over the targets in `skip`.
-    pub fn pick_except(
+    pub(crate) fn pick_except(
         self: &Arc<Self>,
         key: Option<&[u8]>,
         skip: &[usize],
@@ -234,7 +242,7 @@ impl Upstream {
 
 /// Why connecting to a target failed.
 #[derive(Debug, thiserror::Error)]
-pub enum ConnectError {
+pub(crate) enum ConnectError {
     #[error("connecting to {target}: {source}")]
     Refused {
         target: String,
@@ -253,7 +261,7 @@ pub enum ConnectError {
 
 impl ConnectError {
     /// A bounded label for metrics.
-    pub fn reason(&self) -> &'static str {
+    pub(crate) fn reason(&self) -> &'static str {
         match self {
             ConnectError::Refused { .. } => "connect",
             ConnectError::Handshake {
@@ -268,7 +276,7 @@ impl ConnectError {
 
 /// How a target's answer to the upgrade request fell short.
 #[derive(Debug, thiserror::Error)]
-pub enum HandshakeFailure {
+pub(crate) enum HandshakeFailure {
     #[error("HTTP: {0}")]
     Http(#[from] hyper::Error),
     #[error("building the request: {0}")]
@@ -284,14 +292,14 @@ pub enum HandshakeFailure {
 }
 
 /// An upgraded connection to a target and the subprotocol it selected.
-pub struct Connected {
+pub(crate) struct Connected {
     pub io: UpstreamIo,
     pub protocol: Option<HeaderValue>,
 }
 
 impl Connected {
     /// The connection as a WebSocket (the broker is the client).
-    pub async fn websocket(self, config: WebSocketConfig) -> UpstreamSocket {
+    pub(crate) async fn websocket(self, config: WebSocketConfig) -> UpstreamSocket {
         WebSocketStream::from_raw_socket(self.io, Role::Client, Some(config)).await
     }
 }
@@ -303,7 +311,7 @@ impl Connected {
 /// so that the connection comes back as raw bytes: direct mode can then
 /// relay frames without decoding them ([`crate::direct`]), and the other
 /// users wrap it with [`Connected::websocket`].
-pub async fn connect(
+pub(crate) async fn connect(
     target: &TargetUrl,
     tls: Option<&Arc<rustls::ClientConfig>>,
     path_and_query: &str,

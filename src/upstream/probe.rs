@@ -29,7 +29,7 @@ use crate::shutdown::Shutdown;
 /// The texts say what the probe was doing; the target is named where they
 /// are shown (the target's `last_failure`, the log line's `target_url`).
 #[derive(Debug, thiserror::Error)]
-pub enum ProbeError {
+pub(crate) enum ProbeError {
     /// No answer within `health_checks.timeout`.
     #[error("no answer within {}", humantime::format_duration(*.0))]
     Timeout(Duration),
@@ -64,7 +64,7 @@ pub enum ProbeError {
 }
 
 /// Starts the probes of `upstream` if it has active checks.
-pub fn start(upstream: &Arc<Upstream>, metrics: &Arc<Metrics>, shutdown: &Shutdown) {
+pub(crate) fn start(upstream: &Arc<Upstream>, metrics: &Arc<Metrics>, shutdown: &Shutdown) {
     if upstream.config.health_checks.path.is_empty() {
         return;
     }
