@@ -17,7 +17,6 @@
 //! - `limits.rs`: `max_connections` and per-IP permits, released when a session ends.
 //! - `shutdown.rs`: the signal, the one tree of cancellation tokens and the one task tracker.
 //! - `metrics.rs`: every Prometheus collector, one method per event.
-//! - `session/side.rs`: a session's two sides and two directions, which metrics label by.
 //!
 //! Transport (`transport/`), sockets and nothing above them:
 //! - `transport/mod.rs`: the room's map.
@@ -45,6 +44,7 @@
 //! Handshake and sessions, what both modes share:
 //! - `handshake.rs`: the upgrade checks and answers; every refusal is an HTTP status.
 //! - `session/mod.rs`: session ids and the registry.
+//! - `session/side.rs`: a session's two sides and two directions.
 //! - `session/client.rs`: the client's WebSocket, built one way.
 //! - `session/keepalive.rs`: ping/pong supervision for every socket.
 //! - `session/ending.rs`: how a session ends, plugin close reasons, the two log lines.

@@ -12,7 +12,15 @@ use prometheus::{
     TextEncoder,
 };
 
-use crate::session::side::{Direction, Side};
+/// A word that metrics label by and the sessions define (a session's
+/// side, a message's direction: `crate::session::side`): its label value,
+/// and its place among the two values its kind has, for caches kept per
+/// value. Metrics depend on this, not on the session layer.
+pub(crate) trait Label: Copy {
+    fn label(self) -> &'static str;
+    /// 0 or 1.
+    fn index(self) -> usize;
+}
 
 pub(crate) struct Metrics {
     registry: Registry,
@@ -260,9 +268,9 @@ impl Metrics {
     pub(crate) fn message_counters(
         &self,
         upstream: &str,
-        direction: Direction,
+        direction: impl Label,
     ) -> Arc<MessageCounters> {
-        let cache = &self.message_counters[direction as usize];
+        let cache = &self.message_counters[direction.index()];
         if let Some(counters) = cache.get(upstream) {
             return Arc::clone(&counters);
         }
@@ -270,8 +278,8 @@ impl Metrics {
         Arc::clone(cache.entry(upstream.into()).or_insert(counters).value())
     }
 
-    fn resolve_message_counters(&self, upstream: &str, direction: Direction) -> MessageCounters {
-        let d = direction.as_str();
+    fn resolve_message_counters(&self, upstream: &str, direction: impl Label) -> MessageCounters {
+        let d = direction.label();
         MessageCounters {
             text: self
                 .messages_total
@@ -292,13 +300,13 @@ impl Metrics {
     pub(crate) fn messages_dropped(
         &self,
         upstream: &str,
-        direction: Direction,
+        direction: impl Label,
         reason: &str,
         n: u64,
     ) {
         if n > 0 {
             self.messages_dropped_total
-                .with_label_values(&[upstream, direction.as_str(), reason])
+                .with_label_values(&[upstream, direction.label(), reason])
                 .inc_by(n);
         }
     }
@@ -322,15 +330,15 @@ impl Metrics {
             .inc();
     }
 
-    pub(crate) fn ping_timeout(&self, upstream: &str, side: Side) {
+    pub(crate) fn ping_timeout(&self, upstream: &str, side: impl Label) {
         self.ping_timeouts_total
-            .with_label_values(&[upstream, side.as_str()])
+            .with_label_values(&[upstream, side.label()])
             .inc();
     }
 
-    pub(crate) fn close_sent(&self, upstream: &str, side: Side, code: u16) {
+    pub(crate) fn close_sent(&self, upstream: &str, side: impl Label, code: u16) {
         self.close_codes_sent_total
-            .with_label_values(&[upstream, side.as_str(), &code.to_string()])
+            .with_label_values(&[upstream, side.label(), &code.to_string()])
             .inc();
     }
 
@@ -516,6 +524,7 @@ impl MessageCounters {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::session::side::Direction;
 
     /// Messages counted on several threads all reach the exposition.
     #[test]

@@ -1,8 +1,8 @@
 //! The broker's layering, checked from its source: no file imports a file
 //! that (through others) imports it back, and no layer reaches up.
 //!
-//! Bottom to top: the foundation (close codes, limits, shutdown, metrics
-//! and the session words they label by), transport, config, upstreams and
+//! Bottom to top: the foundation (close codes, limits, shutdown, metrics),
+//! transport, config, upstreams and
 //! routing, handshake and sessions, the two modes, the app. The two modes
 //! are peers and never import each other. An import is any `crate::`,
 //! `super::` or `self::` path outside comments and outside the file's test
@@ -17,7 +17,6 @@ const LAYERS: &[(&str, u8, &str)] = &[
     ("limits", 0, "foundation"),
     ("shutdown", 0, "foundation"),
     ("metrics", 0, "foundation"),
-    ("session::side", 0, "foundation"),
     ("transport", 1, "transport"),
     ("config", 2, "config"),
     ("upstream", 3, "upstreams"),

@@ -1,6 +1,9 @@
 //! The two words every session speaks of: its two ends ([`Side`]) and
-//! the two ways a message travels between them ([`Direction`]). Metrics
-//! label by them, and both modes' loops are written in them.
+//! the two ways a message travels between them ([`Direction`]). Both
+//! modes' loops are written in them, and metrics label by them (through
+//! [`Label`], which metrics define).
+
+use crate::metrics::Label;
 
 /// Which way a message travels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,5 +42,25 @@ impl Side {
             Side::Client => "client",
             Side::Upstream => "upstream",
         }
+    }
+}
+
+impl Label for Direction {
+    fn label(self) -> &'static str {
+        self.as_str()
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+impl Label for Side {
+    fn label(self) -> &'static str {
+        self.as_str()
+    }
+
+    fn index(self) -> usize {
+        self as usize
     }
 }
