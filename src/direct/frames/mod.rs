@@ -7,7 +7,7 @@
 //! client). Only frame headers are read, with tungstenite's parser, to
 //! enforce masking and `max_message_size`, count messages, and know where
 //! frames begin, which is where the broker may put frames of its own (its
-//! pings, and the closes [`super::decide`] chooses). Text is checked to be
+//! pings, and the closes [`crate::session::ending::decide`] chooses). Text is checked to be
 //! UTF-8 as it passes, so bad input gets the same 1007 as in the message
 //! relay. Close and pong frames are held whole: a close that breaks a rule
 //! (a code no endpoint may send, a one-byte payload, a reason that is not
