@@ -7,9 +7,9 @@
 //! client). Only frame headers are read, with tungstenite's parser, to
 //! enforce masking and `max_message_size`, count messages, and know where
 //! frames begin, which is where the broker may put frames of its own (its
-//! pings, and the closes [`crate::session::ending::decide`] chooses). Text is checked to be
-//! UTF-8 as it passes, so bad input gets the same 1007 as in the message
-//! relay. Close and pong frames are held whole: a close that breaks a rule
+//! pings, and the closes [`crate::session::ending::decide`] chooses). Text
+//! is checked to be UTF-8 as it passes, so bad input gets the same 1007 as
+//! in the message relay. Close and pong frames are held whole: a close that breaks a rule
 //! (a code no endpoint may send, a one-byte payload, a reason that is not
 //! UTF-8) fails the session as any bad frame does, valid close codes reach
 //! the metrics, and the pongs that answer the broker's own pings go no
