@@ -8,8 +8,8 @@ use std::sync::Arc;
 
 use dashmap::DashMap;
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 /// A word that metrics label by and the sessions define (a session's
@@ -24,6 +24,7 @@ pub(crate) trait Label: Copy {
 
 pub(crate) struct Metrics {
     registry: Registry,
+    config_generation: IntGauge,
     sessions_active: IntGaugeVec,
     sessions_total: IntCounterVec,
     messages_total: IntCounterVec,
@@ -183,6 +184,14 @@ impl Metrics {
             "1 while a target is in rotation (neither passive nor active checks say unhealthy), else 0.",
             &["upstream", "target"],
         );
+        let config_generation = IntGauge::with_opts(Opts::new(
+            "config_generation",
+            "The applied config file's generation: the first 48 bits of its SHA-256.",
+        ))
+        .expect("gauge");
+        registry
+            .register(Box::new(config_generation.clone()))
+            .expect("register");
         let mux_write_queue_depth = gauge(
             "mux_write_queue_depth",
             "Commands waiting in a mux connection's write queue, by upstream and pool slot.",
@@ -229,8 +238,14 @@ impl Metrics {
             target_picks_total,
             connections_accepted_total,
             client_header_timeouts_total,
+            config_generation,
             message_counters: Default::default(),
         }
+    }
+
+    /// The config now applied (see `Config::generation`).
+    pub(crate) fn config_applied(&self, generation: u64) {
+        self.config_generation.set(generation as i64);
     }
 
     /// The text exposition format served on `/metrics`.

@@ -121,3 +121,54 @@ async fn health_and_readiness() {
     expect_end(&mut ws).await;
     within("drain", broker.task).await.unwrap();
 }
+
+/// Every admin answer names the process and the config generation that
+/// gave it, and `muxgate_config_generation` holds the same number: the
+/// same file text gives the same generation, another text another.
+#[tokio::test]
+async fn admin_answers_name_the_process_and_the_config_generation() {
+    let up = TestUpstream::start().await;
+    let yaml = direct_config(&[up.addr], "", "", "");
+    let first = start_broker(&yaml).await;
+    let twin = start_broker(&yaml).await;
+    let other = start_broker(&format!("{yaml}\n# another file\n")).await;
+
+    let generation_of = |broker: &Running| {
+        let addr = broker.admin_addr;
+        async move {
+            let mut seen = None;
+            for path in ["/healthz", "/readyz", "/metrics", "/admin/upstreams"] {
+                let (status, headers, _) = http_get(addr, path).await;
+                assert_eq!(status, 200, "GET {path}");
+                let pid = header(&headers, "x-muxgate-pid").expect("a pid header");
+                assert_eq!(pid, std::process::id().to_string(), "GET {path}");
+                let generation = header(&headers, "x-muxgate-config-generation")
+                    .map(str::to_owned)
+                    .expect("a generation header");
+                assert_eq!(generation.len(), 12, "48 bits in hex: {generation}");
+                assert!(seen.as_ref().is_none_or(|s| *s == generation), "GET {path}");
+                seen = Some(generation);
+            }
+            u64::from_str_radix(&seen.unwrap(), 16).expect("hex")
+        }
+    };
+    let generation = generation_of(&first).await;
+    let metric = first
+        .metrics()
+        .await
+        .value("muxgate_config_generation", &[]);
+    assert_eq!(
+        metric, generation as f64,
+        "the gauge holds the header's number"
+    );
+    assert_eq!(
+        generation_of(&twin).await,
+        generation,
+        "same text, same generation"
+    );
+    assert_ne!(
+        generation_of(&other).await,
+        generation,
+        "another text, another one"
+    );
+}

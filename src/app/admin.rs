@@ -2,25 +2,43 @@
 //! (the process is up), `/readyz` (it accepts new sessions; 503 once
 //! shutdown has begun, so load balancers drain it first) and
 //! `/admin/upstreams` (each upstream's mode, targets, health, sessions and
-//! pool, as JSON).
+//! pool, as JSON). Every answer names the process and config generation
+//! that gave it.
 
 use std::sync::Arc;
 
 use axum::extract::State;
-use axum::http::{header, StatusCode};
-use axum::response::IntoResponse;
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::map_response;
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 
 use super::state::AppState;
 
+/// The headers on every admin answer that say which broker answered: its
+/// process id and the generation of the config it runs (with several
+/// processes on one port, or across a restart, they tell them apart).
+const PID: &str = "x-muxgate-pid";
+const GENERATION: &str = "x-muxgate-config-generation";
+
 pub(crate) fn router(state: Arc<AppState>) -> Router {
+    let pid = HeaderValue::from(std::process::id());
+    let generation = HeaderValue::from_str(&format!("{:012x}", state.generation))
+        .expect("hex digits make a header value");
+    let identify = move |mut response: Response| {
+        let h = response.headers_mut();
+        h.insert(PID, pid.clone());
+        h.insert(GENERATION, generation.clone());
+        std::future::ready(response)
+    };
     Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
         .route("/admin/upstreams", get(upstreams))
         .with_state(state)
+        .layer(map_response(identify))
 }
 
 async fn metrics(State(app): State<Arc<AppState>>) -> impl IntoResponse {

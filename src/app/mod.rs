@@ -74,6 +74,7 @@ impl Broker {
     /// Builds the broker from a validated config and binds its listeners.
     pub async fn bind(config: Config) -> Result<Broker, StartError> {
         let metrics = Arc::new(Metrics::new());
+        metrics.config_applied(config.generation);
         let shutdown = Shutdown::new();
         let upstreams: Vec<Arc<Upstream>> = config
             .upstreams
@@ -133,6 +134,7 @@ impl Broker {
             metrics,
             shutdown,
             secure: tls.is_some(),
+            generation: config.generation,
         });
         Ok(Broker {
             state,

@@ -25,4 +25,6 @@ pub(crate) struct AppState {
     pub shutdown: Shutdown,
     /// Clients connect with TLS (`wss://`): `X-Forwarded-Proto: https`.
     pub secure: bool,
+    /// The applied config's generation (`Config::generation`).
+    pub generation: u64,
 }

@@ -89,8 +89,9 @@ pub fn load_str(file: &str, text: &str) -> Result<Config, ConfigError> {
         errors,
     };
     let de = serde_yaml::Deserializer::from_str(text);
-    let config: Config =
+    let mut config: Config =
         serde_path_to_error::deserialize(de).map_err(|e| invalid(vec![from_yaml(text, &e)]))?;
+    config.generation = super::generation_of(text);
     let problems = validate(&config);
     if problems.is_empty() {
         return Ok(config);

@@ -90,6 +90,20 @@ pub struct Config {
     /// Used by routes with `auth_required: true`.
     pub jwt: Option<muxgate_plugins::JwtSettings>,
     pub upstreams: Vec<UpstreamConfig>,
+    /// Which file this is: the first 48 bits of its text's SHA-256 (so
+    /// that a Prometheus float holds it exactly). Set by the loader; the
+    /// same text gives the same generation in every process.
+    #[serde(skip)]
+    pub generation: u64,
+}
+
+/// A config text's generation (see [`Config::generation`]).
+pub fn generation_of(text: &str) -> u64 {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(text.as_bytes());
+    let mut first = [0u8; 8];
+    first[2..].copy_from_slice(&digest[..6]);
+    u64::from_be_bytes(first)
 }
 
 #[derive(Debug, Clone, Deserialize)]
