@@ -117,8 +117,8 @@ pub(crate) struct MuxConn {
     pub rx: mpsc::Receiver<ConnCmd>,
     pub metrics: Arc<Metrics>,
     pub counters: ConnMetrics,
-    pub ping_period: Duration,
-    pub pong_wait: Duration,
+    /// `ping_period` and `pong_wait` of the upstream.
+    pub timers: Timers,
 }
 
 /// The connection's working state.
@@ -139,18 +139,16 @@ impl MuxConn {
     /// sessions, before any of them is told to re-bind.
     pub(crate) async fn run(mut self, stop: CancellationToken, withdraw: impl FnOnce()) -> ConnEnd {
         let mut withdraw = Some(withdraw);
+        let timers = self.timers;
+        let now = Instant::now();
         let mut st = State {
             bound: HashMap::new(),
             pending: None,
             ping_due: false,
             unflushed: false,
-            liveness: Liveness::new(Instant::now()),
+            liveness: Liveness::new(now),
         };
-        let timers = Timers {
-            ping_period: self.ping_period,
-            pong_wait: self.pong_wait,
-        };
-        let mut keepalive = Keepalive::new(Instant::now(), timers.ping_period);
+        let mut keepalive = Keepalive::new(now, timers.ping_period);
         let mut phase = Phase::Serving;
         let end = loop {
             let wake = keepalive.deadline([&st.liveness], timers.pong_wait);

@@ -349,8 +349,7 @@ impl MuxPool {
             rx,
             counters: self.metrics.conn_counters(name, slot),
             metrics: Arc::clone(&self.metrics),
-            ping_period: ws.ping_period,
-            pong_wait: ws.pong_wait,
+            timers: ws.into(),
         };
         Ok(Live {
             conn,
