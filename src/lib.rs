@@ -46,6 +46,7 @@
 //! - `session/mod.rs`: session ids and the registry.
 //! - `session/side.rs`: a session's two sides and two directions.
 //! - `session/client.rs`: the client's WebSocket, built one way.
+//! - `session/drain.rs`: sessions a reload took away run out, up to `drain_timeout`.
 //! - `session/keepalive.rs`: ping/pong supervision for every socket.
 //! - `session/ending.rs`: how a session ends, plugin close reasons, the two log lines.
 //! - `session/alarms.rs`: shutdown and the timer, polled only when one fired.
@@ -72,8 +73,12 @@
 //! The app (`app/`):
 //! - `app/mod.rs`: binds the listeners, owns the top-level tasks, serves and drains.
 //! - `app/state.rs`: what every handler shares.
+//! - `app/snapshot.rs`: one applied config, swapped whole; the diff a reload makes.
+//! - `app/changes.rs`: what a reload changed, as its log lines and answer tell it.
+//! - `app/reload.rs`: reloads, live mode changes and target drains.
+//! - `app/watch.rs`: SIGHUP and `watch_config` start reloads.
 //! - `app/clients.rs`: the client handler: checks, then the upstream's mode.
-//! - `app/admin.rs`: `/metrics`, `/healthz`, `/readyz`, `/admin/upstreams`.
+//! - `app/admin.rs`: `/metrics`, `/healthz`, `/readyz`, `/admin/...`.
 //!
 //! Plugins (handshake, pre_request, post_response) live in the
 //! `muxgate-plugins` crate; each upstream holds its built `Pipeline`.

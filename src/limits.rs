@@ -1,12 +1,14 @@
 //! `max_connections` and `max_connections_per_ip` as RAII permits: taken
 //! before the upgrade (so a refusal is an HTTP status), held by the session,
-//! and released exactly when the session ends by dropping them.
+//! and released exactly when the session ends by dropping them. Both
+//! bounds can be changed while sessions hold permits (a reload): a lower
+//! bound refuses new sessions until enough have ended, and cuts none.
 
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use dashmap::DashMap;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// Why a new session was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -19,8 +21,10 @@ pub(crate) enum LimitRefusal {
 
 #[derive(Debug)]
 pub(crate) struct ConnectionLimits {
-    global: Arc<Semaphore>,
-    per_ip_max: usize,
+    /// Permits held.
+    open: AtomicUsize,
+    max: AtomicUsize,
+    per_ip_max: AtomicUsize,
     per_ip: DashMap<IpAddr, usize>,
 }
 
@@ -28,44 +32,54 @@ impl ConnectionLimits {
     /// `per_ip_max` 0 means no per-address limit.
     pub(crate) fn new(max: usize, per_ip_max: usize) -> Arc<ConnectionLimits> {
         Arc::new(ConnectionLimits {
-            global: Arc::new(Semaphore::new(max.min(Semaphore::MAX_PERMITS))),
-            per_ip_max,
+            open: AtomicUsize::new(0),
+            max: AtomicUsize::new(max),
+            per_ip_max: AtomicUsize::new(per_ip_max),
             per_ip: DashMap::new(),
         })
+    }
+
+    /// New bounds for new sessions (a reload); held permits stay held.
+    pub(crate) fn set(&self, max: usize, per_ip_max: usize) {
+        self.max.store(max, Ordering::Relaxed);
+        self.per_ip_max.store(per_ip_max, Ordering::Relaxed);
     }
 
     pub(crate) fn try_acquire(
         self: &Arc<Self>,
         ip: IpAddr,
     ) -> Result<ConnectionPermit, LimitRefusal> {
-        if self.per_ip_max > 0 {
+        let per_ip_max = self.per_ip_max.load(Ordering::Relaxed);
+        let counted_ip = per_ip_max > 0;
+        if counted_ip {
             // The entry guard locks a shard: it must be gone before
             // `release_ip` below touches the map again.
             let mut count = self.per_ip.entry(ip).or_insert(0);
-            if *count >= self.per_ip_max {
+            if *count >= per_ip_max {
                 return Err(LimitRefusal::PerIp);
             }
             *count += 1;
             drop(count);
         }
-        let permit = match Arc::clone(&self.global).try_acquire_owned() {
-            Ok(p) => p,
-            Err(_) => {
+        let max = self.max.load(Ordering::Relaxed);
+        let taken = self
+            .open
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| (n < max).then_some(n + 1));
+        if taken.is_err() {
+            if counted_ip {
                 self.release_ip(ip);
-                return Err(LimitRefusal::Global);
             }
-        };
+            return Err(LimitRefusal::Global);
+        }
         Ok(ConnectionPermit {
             limits: Arc::clone(self),
             ip,
-            global: Some(permit),
+            counted_ip,
+            held: true,
         })
     }
 
     fn release_ip(&self, ip: IpAddr) {
-        if self.per_ip_max == 0 {
-            return;
-        }
         self.per_ip.remove_if_mut(&ip, |_, count| {
             *count -= 1;
             *count == 0
@@ -85,16 +99,21 @@ impl ConnectionLimits {
 pub(crate) struct ConnectionPermit {
     limits: Arc<ConnectionLimits>,
     ip: IpAddr,
-    /// `None` once released.
-    global: Option<OwnedSemaphorePermit>,
+    /// Counted in `per_ip` (per-IP limits were on when it was taken).
+    counted_ip: bool,
+    /// `false` once released.
+    held: bool,
 }
 
 impl ConnectionPermit {
     /// Frees the slot now: the client's connection is over, though the
     /// session may still be closing its upstream. Idempotent.
     pub(crate) fn release(&mut self) {
-        if self.global.take().is_some() {
-            self.limits.release_ip(self.ip);
+        if std::mem::take(&mut self.held) {
+            self.limits.open.fetch_sub(1, Ordering::AcqRel);
+            if self.counted_ip {
+                self.limits.release_ip(self.ip);
+            }
         }
     }
 }
@@ -141,5 +160,24 @@ mod tests {
         assert_eq!(limits.try_acquire(a).unwrap_err(), LimitRefusal::PerIp);
         drop(again);
         assert_eq!(limits.held_by(a), 0);
+    }
+
+    #[test]
+    fn lowered_bounds_refuse_new_sessions_and_cut_none() {
+        let limits = ConnectionLimits::new(3, 0);
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let held: Vec<_> = (0..3).map(|_| limits.try_acquire(a).unwrap()).collect();
+        limits.set(2, 2);
+        assert_eq!(limits.try_acquire(a).unwrap_err(), LimitRefusal::Global);
+        // Taken before per-IP limits were on: not counted against them.
+        assert_eq!(limits.held_by(a), 0);
+        drop(held);
+        let p1 = limits.try_acquire(a).unwrap();
+        let _p2 = limits.try_acquire(a).unwrap();
+        assert_eq!(limits.try_acquire(a).unwrap_err(), LimitRefusal::PerIp);
+        limits.set(10, 0);
+        let _p3 = limits.try_acquire(a).unwrap();
+        drop(p1);
+        assert_eq!(limits.held_by(a), 1);
     }
 }

@@ -25,7 +25,9 @@ pub(crate) trait Label: Copy {
 pub(crate) struct Metrics {
     registry: Registry,
     config_generation: IntGauge,
+    config_reloads_total: IntCounterVec,
     sessions_active: IntGaugeVec,
+    sessions_draining: IntGaugeVec,
     sessions_total: IntCounterVec,
     messages_total: IntCounterVec,
     message_bytes_total: IntCounterVec,
@@ -149,6 +151,14 @@ impl Metrics {
             "Health verdicts by upstream, target, kind (active, passive) and outcome (success, failure).",
             &["upstream", "target", "kind", "outcome"],
         );
+        let config_reloads_total = counter(
+            "config_reloads_total",
+            "Config reloads (SIGHUP, POST /admin/reload, watch_config), by result: applied, or rejected (the file had problems and nothing changed).",
+            &["result"],
+        );
+        for result in ["applied", "rejected"] {
+            config_reloads_total.with_label_values(&[result]);
+        }
         let target_picks_total = counter(
             "target_picks_total",
             "Sessions (direct) or mux connections (multiplexed) placed on a target.",
@@ -173,6 +183,11 @@ impl Metrics {
             "sessions_active",
             "Client sessions open now, by upstream and mode.",
             &["upstream", "mode"],
+        );
+        let sessions_draining = gauge(
+            "sessions_draining",
+            "Client sessions a reload or an admin drain took away (removed route, upstream or target), open until they end or server.drain_timeout closes them with 1001.",
+            &["upstream"],
         );
         let mux_connections = gauge(
             "mux_connections",
@@ -215,6 +230,8 @@ impl Metrics {
         Metrics {
             registry,
             sessions_active,
+            sessions_draining,
+            config_reloads_total,
             sessions_total,
             messages_total,
             message_bytes_total,
@@ -246,6 +263,18 @@ impl Metrics {
     /// The config now applied (see `Config::generation`).
     pub(crate) fn config_applied(&self, generation: u64) {
         self.config_generation.set(generation as i64);
+    }
+
+    /// A reload ended: `applied` or `rejected`.
+    pub(crate) fn config_reloaded(&self, result: &str) {
+        self.config_reloads_total.with_label_values(&[result]).inc();
+    }
+
+    /// Sessions of `upstream` began (`delta` > 0) or stopped draining.
+    pub(crate) fn sessions_draining(&self, upstream: &str, delta: i64) {
+        self.sessions_draining
+            .with_label_values(&[upstream])
+            .add(delta);
     }
 
     /// The text exposition format served on `/metrics`.

@@ -8,7 +8,7 @@ use subtle::ConstantTimeEq;
 
 use crate::{BuildError, HandshakeCtx, Plugin, Rejection};
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ApiKeySettings {
     #[serde(default = "default_header")]

@@ -20,7 +20,7 @@ pub enum SchemaAction {
     Close,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct JsonSchemaSettings {
     pub schema_file: String,

@@ -17,7 +17,7 @@ use serde::Deserialize;
 use crate::values::{Secret, Text};
 use crate::{BuildError, HandshakeCtx, Plugin, Rejection};
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct JwtSettings {
     /// HMAC secret (use `${ENV}`); or `public_key_file`.

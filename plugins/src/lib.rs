@@ -70,7 +70,7 @@ impl std::fmt::Display for Stage {
 
 /// One entry of an upstream's `plugins` list: `name`, `stage` and the
 /// `settings` of that plugin (see [`plugin_config`] for how it is read).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum PluginConfig {
     Jwt {
         stage: Stage,

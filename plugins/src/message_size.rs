@@ -7,7 +7,7 @@ use tokio_tungstenite::tungstenite::Message;
 use crate::values::Size;
 use crate::{BuildError, MessageHook, Plugin, SessionCtx, Verdict};
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MessageSizeSettings {
     /// The largest message this route accepts, in bytes or with a unit.

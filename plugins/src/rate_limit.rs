@@ -38,7 +38,7 @@ pub enum LimitAction {
     Close,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RateLimitSettings {
     #[serde(default)]

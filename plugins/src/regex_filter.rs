@@ -29,7 +29,7 @@ pub enum Preset {
     Email,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RegexFilterSettings {
     #[serde(default)]

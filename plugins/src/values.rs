@@ -83,7 +83,7 @@ impl fmt::Display for Text {
 }
 
 /// A string value that is never printed: `Debug` shows `"***"`.
-#[derive(Clone, Default)]
+#[derive(Clone, Default, PartialEq, Eq)]
 pub struct Secret(String);
 
 impl Secret {

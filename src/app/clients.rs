@@ -17,13 +17,15 @@ use axum::Router;
 use http::header::{self, HeaderValue};
 use tracing::debug;
 
+use super::snapshot::Snapshot;
 use super::state::AppState;
 use crate::config::Mode;
 use crate::direct::{self, DirectSession, UpstreamUnavailable};
 use crate::handshake::{self, HandshakeError};
+use crate::mux::pool::Tenancy;
 use crate::mux::session::MuxSession;
 use crate::routing::Route;
-use crate::session::SessionGuard;
+use crate::session::{Placement, SessionGuard};
 use crate::transport::accept::BalancedListener;
 use crate::transport::event_loops::ServeFuture;
 use crate::transport::{http1, tls};
@@ -83,11 +85,14 @@ async fn handle(
     mut request: Request,
 ) -> Response {
     let started = Instant::now();
-    let route = app.routes.lookup(request.uri().path()).cloned();
+    // One snapshot for the whole handshake: the config before a reload or
+    // after it, never a mix.
+    let snapshot = app.current.load_full();
+    let route = snapshot.routes.lookup(request.uri().path()).cloned();
     let details = route
         .as_ref()
         .is_some_and(|r| r.upstream.config.websocket_config.return_error_details);
-    match accept(&app, route, remote, &mut request, started).await {
+    match accept(&app, &snapshot, route, remote, &mut request, started).await {
         Ok(response) => response,
         Err(error) => {
             let status = error.status();
@@ -117,6 +122,7 @@ fn session_hooks(
 
 async fn accept(
     app: &Arc<AppState>,
+    snapshot: &Snapshot,
     route: Option<Route>,
     remote: SocketAddr,
     request: &mut Request,
@@ -151,11 +157,12 @@ async fn accept(
     let path = route.upstream_path(request.uri().query());
     let mut response = handshake::switching_protocols(&key, &request_id);
     if upstream.mode() == Mode::Multiplexed {
-        let pool = Arc::clone(
-            app.pools
+        let pool = Tenancy::new(Arc::clone(
+            snapshot
+                .pools
                 .get(&upstream.name)
                 .expect("a pool per multiplexed upstream"),
-        );
+        ));
         if !pool
             .wait_live(upstream.config.websocket_config.handshake_timeout)
             .await
@@ -171,8 +178,12 @@ async fn accept(
         );
         open.claims = claims.clone();
         let guard = app.sessions.open(
-            Arc::clone(&upstream.name),
-            Mode::Multiplexed,
+            Placement {
+                upstream: Arc::clone(&upstream.name),
+                route: Arc::clone(&route.external_path),
+                mode: Mode::Multiplexed,
+                target: None,
+            },
             remote,
             request_id,
         );
@@ -219,9 +230,16 @@ async fn accept(
     app.metrics
         .handshake_completed(&upstream.name, started.elapsed());
 
-    let guard = app
-        .sessions
-        .open(Arc::clone(&upstream.name), Mode::Direct, remote, request_id);
+    let guard = app.sessions.open(
+        Placement {
+            upstream: Arc::clone(&upstream.name),
+            route: Arc::clone(&route.external_path),
+            mode: Mode::Direct,
+            target: Some(Arc::clone(&lease.target().label)),
+        },
+        remote,
+        request_id,
+    );
     let hooks = session_hooks(&upstream, &guard, &route, remote, &claims);
     let session = Box::new(DirectSession {
         guard,

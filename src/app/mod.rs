@@ -9,10 +9,18 @@
 //! stop accepting and turn `/readyz` 503, close every session with 1001 and
 //! drain them up to `shutdown_grace`, then stop the listeners and the event
 //! loops, and the admin listener last.
+//!
+//! What a running broker's config can become is `reload`'s: a new
+//! `snapshot` swapped in whole, its `changes` logged; `watch` starts the
+//! reloads that SIGHUP and file changes ask for.
 
 pub(crate) mod admin;
+mod changes;
 mod clients;
+mod reload;
+mod snapshot;
 pub(crate) mod state;
+mod watch;
 
 use std::future::Future;
 use std::io;
@@ -24,19 +32,17 @@ use tokio::net::TcpListener;
 use tracing::{info, warn};
 
 use clients::{serve_clients, ClientLimits};
+use snapshot::{Runtime, Snapshot};
 use state::AppState;
 
-use crate::config::{Config, Mode};
+use crate::config::Config;
 use crate::limits::ConnectionLimits;
 use crate::metrics::Metrics;
-use crate::mux::pool::MuxPool;
-use crate::routing::RouteTable;
 use crate::session::SessionManager;
 use crate::shutdown::{DrainOutcome, Shutdown};
 use crate::transport::accept::{BalancedListener, Turns};
 use crate::transport::event_loops::ClientLoops;
 use crate::transport::tls::TlsError;
-use crate::upstream::Upstream;
 
 /// A broker with both listeners bound, not yet serving.
 pub struct Broker {
@@ -48,7 +54,6 @@ pub struct Broker {
     /// What a client connection may take before its upgrade.
     client_limits: ClientLimits,
     admin: TcpListener,
-    grace: Duration,
 }
 
 /// Why the broker could not start.
@@ -76,12 +81,6 @@ impl Broker {
         let metrics = Arc::new(Metrics::new());
         metrics.config_applied(config.generation);
         let shutdown = Shutdown::new();
-        let upstreams: Vec<Arc<Upstream>> = config
-            .upstreams
-            .iter()
-            .cloned()
-            .map(|u| Arc::new(Upstream::new(u, config.jwt.as_ref())))
-            .collect();
         let bind = |which: &'static str, addr: SocketAddr| async move {
             TcpListener::bind(addr)
                 .await
@@ -103,50 +102,37 @@ impl Broker {
         let loops = ClientLoops::spawn(&client, config.server.event_loops().get() - 1, &shutdown)
             .await
             .map_err(StartError::Loops)?;
-        // Identifies this broker process in every mux `hello`.
-        let instance = uuid::Uuid::new_v4();
-        let pools = upstreams
-            .iter()
-            .filter(|u| u.mode() == Mode::Multiplexed)
-            .map(|u| {
-                let pool = MuxPool::start(
-                    Arc::clone(u),
-                    Arc::clone(&metrics),
-                    instance,
-                    &shutdown,
-                    loops.handles(),
-                );
-                (Arc::clone(&u.name), pool)
-            })
-            .collect();
-        for upstream in &upstreams {
-            crate::upstream::probe::start(upstream, &metrics, &shutdown);
-        }
+        let runtime = Runtime {
+            metrics: Arc::clone(&metrics),
+            shutdown: shutdown.clone(),
+            instance: uuid::Uuid::new_v4(),
+            loops: loops.handles().to_vec(),
+        };
+        let client_limits = ClientLimits {
+            header_read_timeout: config.server.header_read_timeout,
+            max_request_head: config.server.max_request_head_size.bytes(),
+        };
+        let limits = ConnectionLimits::new(
+            config.server.max_connections,
+            config.server.max_connections_per_ip,
+        );
         let state = Arc::new(AppState {
-            routes: RouteTable::new(&upstreams),
-            pools,
-            upstreams,
-            limits: ConnectionLimits::new(
-                config.server.max_connections,
-                config.server.max_connections_per_ip,
-            ),
+            current: arc_swap::ArcSwap::from_pointee(Snapshot::first(config, &runtime)),
+            runtime,
+            limits,
             sessions: SessionManager::new(Arc::clone(&metrics), shutdown.clone()),
             metrics,
             shutdown,
             secure: tls.is_some(),
-            generation: config.generation,
+            changing: tokio::sync::Mutex::new(()),
         });
         Ok(Broker {
             state,
             client,
             loops,
             tls,
-            client_limits: ClientLimits {
-                header_read_timeout: config.server.header_read_timeout,
-                max_request_head: config.server.max_request_head_size.bytes(),
-            },
+            client_limits,
             admin,
-            grace: config.server.shutdown_grace,
         })
     }
 
@@ -174,7 +160,6 @@ impl Broker {
             tls,
             client_limits,
             admin,
-            grace,
         } = self;
         let client_addr = client.local_addr().expect("bound listener");
         let admin_addr = admin.local_addr().expect("bound listener");
@@ -204,8 +189,10 @@ impl Broker {
         // Serves through the drain (`/readyz` says 503 meanwhile), until
         // the root is cancelled.
         let admin_stop = shutdown.root_token();
+        watch::start(&state);
+        let admin_state = Arc::clone(&state);
         let admin_server = shutdown.spawn_last(async move {
-            axum::serve(admin, admin::router(state))
+            axum::serve(admin, admin::router(admin_state))
                 .with_graceful_shutdown(admin_stop.cancelled_owned())
                 .await
         });
@@ -215,6 +202,8 @@ impl Broker {
             _ = signal => {}
             _ = shutdown.begun() => {}
         }
+        // The grace the config applied last says.
+        let grace = state.current.load().config.server.shutdown_grace;
         info!(
             sessions = shutdown.running(),
             grace = %humantime::format_duration(grace),

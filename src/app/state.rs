@@ -1,30 +1,32 @@
-//! What every handler of a running broker shares: the routes, the
-//! upstreams and their pools, the limits, the session registry, the
-//! metrics and the shutdown handle. Built once by `Broker::bind`.
+//! What every handler of a running broker shares: the applied config's
+//! [`Snapshot`] (swapped whole by a reload), the limits, the session
+//! registry, the metrics and the shutdown handle. Built once by
+//! `Broker::bind`.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
+
+use super::snapshot::{Runtime, Snapshot};
 use crate::limits::ConnectionLimits;
 use crate::metrics::Metrics;
-use crate::mux::pool::MuxPool;
-use crate::routing::RouteTable;
 use crate::session::SessionManager;
 use crate::shutdown::Shutdown;
-use crate::upstream::Upstream;
 
 /// State shared by every handler.
 pub(crate) struct AppState {
-    pub routes: RouteTable,
-    /// The mux pool of each multiplexed upstream, by name.
-    pub pools: HashMap<Arc<str>, Arc<MuxPool>>,
-    pub upstreams: Vec<Arc<Upstream>>,
+    /// The applied config: loaded once per handshake or admin request.
+    pub current: ArcSwap<Snapshot>,
+    /// What building a new snapshot needs.
+    pub runtime: Runtime,
     pub limits: Arc<ConnectionLimits>,
     pub sessions: Arc<SessionManager>,
     pub metrics: Arc<Metrics>,
     pub shutdown: Shutdown,
     /// Clients connect with TLS (`wss://`): `X-Forwarded-Proto: https`.
     pub secure: bool,
-    /// The applied config's generation (`Config::generation`).
-    pub generation: u64,
+    /// Held by a reload or a live mode change from reading the snapshot
+    /// to swapping in the next, so that two of them never build on the
+    /// same one.
+    pub changing: tokio::sync::Mutex<()>,
 }

@@ -79,7 +79,9 @@ pub fn load_file(path: &Path) -> Result<Config, ConfigError> {
         file: file.clone(),
         source,
     })?;
-    load_str(&file, &text)
+    let mut config = load_str(&file, &text)?;
+    config.source = Some(path.to_path_buf());
+    Ok(config)
 }
 
 /// Parses and validates `text`; `file` names it in errors.

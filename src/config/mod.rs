@@ -32,6 +32,11 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 100_000;
 pub const MAX_WORKERS: usize = 1024;
 /// How long SIGTERM waits for sessions to close before exiting.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// How long sessions that a reload or an admin drain takes away (a removed
+/// route or target) may go on before they are closed with 1001.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long `watch_config` waits after a write for more before reloading.
+pub const WATCH_DEBOUNCE: Duration = Duration::from_millis(250);
 /// How long a client connection may take to send a request's head (and
 /// how long it may stay idle between requests): hyper's default.
 pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
@@ -81,7 +86,7 @@ pub const DEFAULT_UNHEALTHY_THRESHOLD: u32 = 3;
 pub const DEFAULT_HEALTHY_THRESHOLD: u32 = 2;
 
 /// The whole file.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     #[serde(default)]
@@ -95,6 +100,10 @@ pub struct Config {
     /// same text gives the same generation in every process.
     #[serde(skip)]
     pub generation: u64,
+    /// The file it was read from (set by [`load_file`]): what a reload
+    /// reads again. `None` for a config given as text.
+    #[serde(skip)]
+    pub source: Option<std::path::PathBuf>,
 }
 
 /// A config text's generation (see [`Config::generation`]).
@@ -106,7 +115,7 @@ pub fn generation_of(text: &str) -> u64 {
     u64::from_be_bytes(first)
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServerConfig {
     #[serde(default = "default_listen", deserialize_with = "values::socket_addr")]
@@ -126,6 +135,21 @@ pub struct ServerConfig {
         deserialize_with = "values::duration"
     )]
     pub shutdown_grace: Duration,
+    /// How long the sessions a reload or an admin drain takes away may go
+    /// on before they are closed with 1001.
+    #[serde(
+        default = "default_drain_timeout",
+        deserialize_with = "values::duration"
+    )]
+    pub drain_timeout: Duration,
+    /// Reload when the config file changes (as on SIGHUP).
+    #[serde(default)]
+    pub watch_config: bool,
+    /// Bind the listeners with `SO_REUSEPORT`, so that another muxgate
+    /// process can listen on the same ports (a restart without downtime,
+    /// or several processes as replicas).
+    #[serde(default)]
+    pub reuse_port: bool,
     /// A client connection that has not sent a whole request head this long
     /// after connecting (or after its last response) is closed.
     #[serde(
@@ -165,6 +189,9 @@ impl Default for ServerConfig {
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_connections_per_ip: 0,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+            drain_timeout: DEFAULT_DRAIN_TIMEOUT,
+            watch_config: false,
+            reuse_port: false,
             header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
             max_request_head_size: default_max_request_head_size(),
             tls: None,
@@ -173,14 +200,14 @@ impl Default for ServerConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsConfig {
     pub cert_file: Text,
     pub key_file: Text,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamConfig {
     pub name: Text,
@@ -211,7 +238,7 @@ pub struct UpstreamConfig {
 }
 
 /// How `wss://` targets are verified.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamTls {
     /// PEM CA certificates to trust instead of the system roots.
@@ -246,14 +273,14 @@ impl Mode {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RouteConfig {
     pub external_path: Text,
     pub internal_path: Text,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TargetConfig {
     pub url: Text,
@@ -279,7 +306,7 @@ pub enum Envelope {
 }
 
 /// TrustGate's `websocket_config`, with its names and defaults.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WebSocketSettings {
     /// true: one upstream socket per client; false: multiplexed.
@@ -344,7 +371,7 @@ impl Default for WebSocketSettings {
 }
 
 /// TrustGate's `health_checks`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HealthChecks {
     #[serde(default = "default_true")]
@@ -431,6 +458,9 @@ fn default_max_connections() -> usize {
 }
 fn default_shutdown_grace() -> Duration {
     DEFAULT_SHUTDOWN_GRACE
+}
+fn default_drain_timeout() -> Duration {
+    DEFAULT_DRAIN_TIMEOUT
 }
 fn default_header_read_timeout() -> Duration {
     DEFAULT_HEADER_READ_TIMEOUT

@@ -11,9 +11,19 @@
 //! so a loop that took more sessions than the others does not pile them on
 //! its own connection, and with it on one target. A [`Binding`] counts the
 //! session on its connection until dropped.
+//!
+//! A reload changes a pool in two ways. [`MuxPool::retarget`] gives it the
+//! upstream's new settings and target set: new connections use them at
+//! once, and a connection on a target that left the set (or was drained
+//! by hand) moves like one on a target out of rotation, one at a time,
+//! its sessions handed over. [`MuxPool::retire`] ends a pool that is no
+//! longer used (its upstream removed, or switched to direct mode) once
+//! its last session has ended; every session holds a [`Tenancy`] for that.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
+
+use arc_swap::ArcSwap;
 use std::time::Duration;
 
 use http::header::{HeaderMap, HeaderValue, SEC_WEBSOCKET_PROTOCOL};
@@ -107,7 +117,10 @@ impl Drop for Binding {
 }
 
 pub(crate) struct MuxPool {
-    upstream: Arc<Upstream>,
+    /// The upstream's name, the same for every `upstream` it is given.
+    name: Arc<str>,
+    /// The upstream's settings and targets, as the last reload left them.
+    upstream: ArcSwap<Upstream>,
     metrics: Arc<Metrics>,
     instance: Uuid,
     encoding: Encoding,
@@ -118,6 +131,41 @@ pub(crate) struct MuxPool {
     moving: AtomicBool,
     /// Owns the tasks of connections handing their sessions over.
     shutdown: Shutdown,
+    /// Stops the slots: cancelled on shutdown, or by [`MuxPool::retire`]
+    /// once the last session has left.
+    stop: CancellationToken,
+    /// Sessions holding a [`Tenancy`].
+    tenants: AtomicUsize,
+    retired: AtomicBool,
+}
+
+/// A session's hold on its pool: a retired pool ends once the last is dropped.
+pub(crate) struct Tenancy(Arc<MuxPool>);
+
+impl Tenancy {
+    pub(crate) fn new(pool: Arc<MuxPool>) -> Tenancy {
+        pool.tenants.fetch_add(1, Ordering::AcqRel);
+        Tenancy(pool)
+    }
+
+    pub(crate) fn pool(&self) -> &Arc<MuxPool> {
+        &self.0
+    }
+}
+
+impl std::ops::Deref for Tenancy {
+    type Target = MuxPool;
+    fn deref(&self) -> &MuxPool {
+        &self.0
+    }
+}
+
+impl Drop for Tenancy {
+    fn drop(&mut self) {
+        if self.0.tenants.fetch_sub(1, Ordering::AcqRel) == 1 && self.0.retired.load(Ordering::Acquire) {
+            self.0.stop.cancel();
+        }
+    }
 }
 
 impl MuxPool {
@@ -135,7 +183,8 @@ impl MuxPool {
             config::Envelope::Binary => Encoding::Binary,
         };
         let pool = Arc::new(MuxPool {
-            upstream,
+            name: Arc::clone(&upstream.name),
+            upstream: ArcSwap::new(upstream),
             metrics,
             instance,
             encoding,
@@ -143,15 +192,41 @@ impl MuxPool {
             live_count: watch::channel(0).0,
             moving: AtomicBool::new(false),
             shutdown: shutdown.clone(),
+            stop: shutdown.token(),
+            tenants: AtomicUsize::new(0),
+            retired: AtomicBool::new(false),
         });
-        for slot in 0..pool.upstream.config.websocket_config.pool_size {
-            let task = Arc::clone(&pool).run_slot(slot, shutdown.token());
+        for slot in 0..pool.upstream.load().config.websocket_config.pool_size {
+            let task = Arc::clone(&pool).run_slot(slot, pool.stop.clone());
             match loops.get(slot % loops.len().max(1)) {
                 Some(event_loop) => shutdown.spawn_on(task, event_loop),
                 None => shutdown.spawn(task),
             }
         }
         pool
+    }
+
+    /// Gives the pool its upstream's settings and targets after a reload
+    /// (the same name; `pool_size` and `envelope` unchanged, see
+    /// `app::changes`): new connections use them, and connections on
+    /// targets no longer in the set move off them one at a time.
+    pub(crate) fn retarget(&self, upstream: Arc<Upstream>) {
+        debug_assert_eq!(upstream.name, self.name);
+        self.upstream.store(upstream);
+    }
+
+    /// Ends the pool once no session holds it (at once if none does):
+    /// its slots stop and its connections close.
+    pub(crate) fn retire(&self) {
+        self.retired.store(true, Ordering::Release);
+        if self.tenants.load(Ordering::Acquire) == 0 {
+            self.stop.cancel();
+        }
+    }
+
+    /// Sessions holding the pool.
+    pub(crate) fn tenants(&self) -> usize {
+        self.tenants.load(Ordering::Relaxed)
     }
 
     /// The live connection `id`, if it still is.
@@ -224,13 +299,13 @@ impl MuxPool {
 
     /// Counts `error` against `target`'s passive health; returns it.
     fn failed(&self, target: &Target, error: PoolError) -> PoolError {
-        target.report_passive(&self.upstream.name, &self.metrics, Err(&error.to_string()));
+        target.report_passive(&self.name, &self.metrics, Err(&error.to_string()));
         error
     }
 
     /// Keeps one connection up until shutdown.
     async fn run_slot(self: Arc<Self>, slot: usize, stop: CancellationToken) {
-        let name = Arc::clone(&self.upstream.name);
+        let name = Arc::clone(&self.name);
         let mut backoff = BACKOFF_MIN;
         while !stop.is_cancelled() {
             let started = Instant::now();
@@ -261,8 +336,8 @@ impl MuxPool {
     /// Connects to a target (`to`, or one picked by weight), sends hello
     /// and offers the connection to sessions.
     async fn connect(&self, slot: usize, to: Option<usize>) -> Result<Live, PoolError> {
-        let upstream = &self.upstream;
-        let name = &upstream.name;
+        let upstream = self.upstream.load_full();
+        let name = &self.name;
         let ws = &upstream.config.websocket_config;
         // Connections spread by weight (round robin); sessions then bind to
         // the least-loaded connection.
@@ -272,7 +347,7 @@ impl MuxPool {
         }
         .ok_or(PoolError::NoHealthyTarget)?;
         let target = lease.target();
-        let label: Arc<str> = Arc::from(target.label.as_str());
+        let label = Arc::clone(&target.label);
         let offered = self.encoding.subprotocol();
         let mut headers = HeaderMap::new();
         headers.insert(SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(offered));
@@ -373,9 +448,9 @@ impl MuxPool {
         mut live: Live,
         stop: &CancellationToken,
     ) -> Result<(), PoolError> {
-        let name = &self.upstream.name;
+        let name = &self.name;
         loop {
-            let (from, old) = (live.lease.index(), live.id);
+            let old = live.id;
             let from_label = Arc::clone(&live.label);
             let mut ended = self.spawn_conn(slot, live, stop);
             let mut check =
@@ -385,7 +460,7 @@ impl MuxPool {
                 tokio::select! {
                     end = &mut ended => return end.unwrap_or(Ok(())),
                     _ = check.tick(), if !stop.is_cancelled() => {
-                        let Some(to) = self.wanted_move(old, from) else { continue };
+                        let Some(to) = self.wanted_move(old, &from_label) else { continue };
                         let Some(_turn) = MoveTurn::take(&self.moving) else { continue };
                         match self.connect(slot, Some(to)).await {
                             Ok(next) => break next,
@@ -402,7 +477,7 @@ impl MuxPool {
             }
             self.metrics
                 .mux_connection_moved(name, &from_label, &next.label);
-            info!(upstream = %name, slot, from = %from_label, to = %next.label, "mux connection moving to a target back in rotation");
+            info!(upstream = %name, slot, from = %from_label, to = %next.label, "mux connection moving to another target");
             // Through its queue: the old connection hands over once it has
             // written what it took before. One that has just left the pool
             // is ending anyway.
@@ -425,7 +500,7 @@ impl MuxPool {
         stop: &CancellationToken,
     ) -> oneshot::Receiver<Result<(), PoolError>> {
         let (end_tx, ended) = oneshot::channel();
-        let (upstream, connection) = (Arc::clone(&self.upstream.name), live.id);
+        let (upstream, connection) = (Arc::clone(&self.name), live.id);
         let run = Arc::clone(self).run_conn(live, stop.clone());
         self.shutdown.spawn(async move {
             match end_tx.send(run.await) {
@@ -459,7 +534,7 @@ impl MuxPool {
             .run(stop, || self.publish(|live| live.retain(|c| c.id != id)))
             .await;
         self.metrics
-            .mux_conn_state(&self.upstream.name, &label, "live", -1);
+            .mux_conn_state(&self.name, &label, "live", -1);
         match end {
             ConnEnd::Drained | ConnEnd::HandedOver => Ok(()),
             ConnEnd::Lost(cause) => {
@@ -472,23 +547,27 @@ impl MuxPool {
         }
     }
 
-    /// The target connection `id`, on target `from`, should move to now,
-    /// if any (see [`move_to`]). Of the connections on `from`, the one
-    /// carrying the most sessions moves, so that its sessions spread over
-    /// the new connection and the others as they re-bind.
-    fn wanted_move(&self, id: Uuid, from: usize) -> Option<usize> {
-        let targets = &self.upstream.targets;
-        let mut conns = vec![0; targets.len()];
+    /// The target connection `id`, on the target labelled `from`, should
+    /// move to now, if any (see [`move_to`]). Of the connections on
+    /// `from`, the one carrying the most sessions moves, so that its
+    /// sessions spread over the new connection and the others as they
+    /// re-bind. A target that a reload took out of the set counts as one
+    /// more target, out of rotation.
+    fn wanted_move(&self, id: Uuid, from: &str) -> Option<usize> {
+        let upstream = self.upstream.load();
+        let targets = &upstream.targets;
+        let gone = targets.len();
+        let index = |label: &str| targets.iter().position(|t| &*t.label == label).unwrap_or(gone);
+        let from = index(from);
+        let mut conns = vec![0; targets.len() + 1];
         let mut busiest: Option<(usize, Uuid)> = None;
         for c in self.live.read().expect("pool lock").iter() {
             // By label: a handle is part of every session's binding, and
             // kept as small as it is.
-            let Some(index) = targets.iter().position(|t| *t.label == *c.target) else {
-                continue;
-            };
-            conns[index] += 1;
+            let at = index(&c.target);
+            conns[at] += 1;
             let load = c.load.load(Ordering::Relaxed);
-            if index == from && busiest.is_none_or(|(most, _)| load > most) {
+            if at == from && busiest.is_none_or(|(most, _)| load > most) {
                 busiest = Some((load, c.id));
             }
         }
@@ -498,19 +577,14 @@ impl MuxPool {
         let now = std::time::Instant::now();
         let weights: Vec<u32> = targets
             .iter()
-            .map(|t| {
-                if t.health.is_candidate(now) {
-                    t.weight
-                } else {
-                    0
-                }
-            })
+            .map(|t| if t.in_rotation(now) { t.weight } else { 0 })
+            .chain([0])
             .collect();
         move_to(
             &weights,
             &conns,
             from,
-            self.upstream.config.websocket_config.pool_size,
+            upstream.config.websocket_config.pool_size,
         )
     }
 }

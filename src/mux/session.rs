@@ -31,7 +31,7 @@ use tracing::debug;
 
 use super::conn::ConnCmd;
 use super::inbox::{inbox, Control, Inbox, Next, ToClient};
-use super::pool::{Binding, MuxPool};
+use super::pool::{Binding, Tenancy};
 use crate::close;
 use crate::config::WebSocketSettings;
 use crate::limits::ConnectionPermit;
@@ -59,7 +59,7 @@ pub(crate) struct MuxSession {
     /// Held for its drop, which frees the session's slot.
     pub _permit: ConnectionPermit,
     pub upstream: Arc<Upstream>,
-    pub pool: Arc<MuxPool>,
+    pub pool: Tenancy,
     pub metrics: Arc<Metrics>,
     pub open: Arc<Open>,
 }
@@ -344,7 +344,7 @@ pub(crate) async fn run(mut session: Box<MuxSession>, on_upgrade: hyper::upgrade
         // The select's futures must not borrow `bound`, which its handlers
         // change; they get owned handles, made only on the rare paths.
         let bind = match &bound {
-            Bound::No { deadline } => Some((Arc::clone(&session.pool), *deadline)),
+            Bound::No { deadline } => Some((Arc::clone(session.pool.pool()), *deadline)),
             _ => None,
         };
         let room = match &bound {

@@ -9,6 +9,7 @@
 
 pub(crate) mod alarms;
 pub(crate) mod client;
+pub(crate) mod drain;
 pub(crate) mod ending;
 pub(crate) mod keepalive;
 pub(crate) mod side;
@@ -16,6 +17,7 @@ pub(crate) mod when_woken;
 
 use std::fmt;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -55,13 +57,34 @@ impl fmt::Display for SessionId {
 pub(crate) struct SessionHandle {
     pub id: SessionId,
     pub upstream: Arc<str>,
+    /// The route's `external_path`.
+    pub route: Arc<str>,
     pub mode: Mode,
+    /// Direct mode: the target it is connected to (its URL).
+    pub target: Option<Arc<str>>,
     pub remote: SocketAddr,
     /// The handshake's `X-Request-Id`, the client's or a new one.
     pub request_id: String,
     pub started: Instant,
     /// Cancelling it ends the session (the client gets 1001).
     pub cancel: CancellationToken,
+    /// A reload or an admin drain took its route or target away (see
+    /// [`drain`]): `muxgate_sessions_draining` counts it.
+    draining: AtomicBool,
+}
+
+impl SessionHandle {
+    pub(crate) fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+}
+
+/// Where a new session is going, for the registry.
+pub(crate) struct Placement {
+    pub upstream: Arc<str>,
+    pub route: Arc<str>,
+    pub mode: Mode,
+    pub target: Option<Arc<str>>,
 }
 
 /// The registry of open sessions.
@@ -83,19 +106,27 @@ impl SessionManager {
     /// Registers a new session; it stays registered while the guard lives.
     pub(crate) fn open(
         self: &Arc<Self>,
-        upstream: Arc<str>,
-        mode: Mode,
+        placement: Placement,
         remote: SocketAddr,
         request_id: String,
     ) -> SessionGuard {
+        let Placement {
+            upstream,
+            route,
+            mode,
+            target,
+        } = placement;
         let handle = Arc::new(SessionHandle {
             id: SessionId::new(),
             upstream,
+            route,
             mode,
+            target,
             remote,
             request_id,
             started: Instant::now(),
             cancel: self.shutdown.token(),
+            draining: AtomicBool::new(false),
         });
         self.metrics.session_opened(&handle.upstream, mode.as_str());
         self.sessions.insert(handle.id, Arc::clone(&handle));
@@ -105,12 +136,14 @@ impl SessionManager {
         }
     }
 
-    /// Open sessions of `upstream`.
-    pub(crate) fn count_for(&self, upstream: &str) -> usize {
+    /// Open sessions of `upstream`, and how many of them are draining.
+    pub(crate) fn count_for(&self, upstream: &str) -> (usize, usize) {
         self.sessions
             .iter()
             .filter(|s| &*s.upstream == upstream)
-            .count()
+            .fold((0, 0), |(all, draining), s| {
+                (all + 1, draining + usize::from(s.is_draining()))
+            })
     }
 }
 
@@ -126,5 +159,10 @@ impl Drop for SessionGuard {
         self.manager
             .metrics
             .session_closed(&self.handle.upstream, self.handle.mode.as_str());
+        if self.handle.draining.swap(false, Ordering::AcqRel) {
+            self.manager
+                .metrics
+                .sessions_draining(&self.handle.upstream, -1);
+        }
     }
 }

@@ -59,7 +59,7 @@ impl Balancer {
             excluded[i] = true;
         }
         loop {
-            let candidate = |i: usize| !excluded[i] && targets[i].health.is_candidate(now);
+            let candidate = |i: usize| !excluded[i] && targets[i].in_rotation(now);
             let chosen = match (self.kind, key) {
                 (LoadBalancing::ConsistentHash, Some(key)) => self.on_ring(key, candidate),
                 (LoadBalancing::LeastConnections, _) => {
@@ -121,19 +121,20 @@ mod tests {
     use super::*;
     use crate::config::HealthChecks;
     use crate::upstream::{TargetHealth, TargetUrl};
-    use std::sync::atomic::AtomicUsize;
+    use std::sync::Arc;
 
     fn target(port: u16, weight: u32) -> Target {
         let url = TargetUrl::parse(&format!("ws://127.0.0.1:{port}")).unwrap();
         Target {
-            label: url.to_string(),
+            label: url.to_string().into(),
             url,
             weight,
-            health: TargetHealth::new(&HealthChecks {
+            health: Arc::new(TargetHealth::new(&HealthChecks {
                 threshold: 1,
                 ..HealthChecks::default()
-            }),
-            active: AtomicUsize::new(0),
+            })),
+            active: Default::default(),
+            drained: Default::default(),
         }
     }
 

@@ -7,7 +7,7 @@ mod balance;
 mod health;
 pub(crate) mod probe;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -39,20 +39,43 @@ const MUX_ENVELOPE_SLACK: usize = 64 * 1024;
 pub(crate) type UpstreamSocket = WebSocketStream<UpstreamIo>;
 
 /// One target of an upstream.
+///
+/// What a target has learnt at run time (its health, its sessions, an
+/// operator's drain) is shared with the same target of the upstream a
+/// reload builds next (see [`Upstream::new`]), so that a reload which keeps
+/// a target keeps what is known of it.
 #[derive(Debug)]
 pub(crate) struct Target {
     pub url: TargetUrl,
     /// The URL as a metrics label.
-    pub label: String,
+    pub label: Arc<str>,
     pub weight: u32,
-    pub health: TargetHealth,
-    /// Sessions (direct mode) currently held on this target.
-    active: AtomicUsize,
+    pub health: Arc<TargetHealth>,
+    /// Leases held on this target: direct sessions and mux connections.
+    active: Arc<AtomicUsize>,
+    /// Taken out of rotation by hand (`POST .../drain`) until undrained.
+    drained: Arc<AtomicBool>,
 }
 
 impl Target {
     pub(crate) fn active(&self) -> usize {
         self.active.load(Ordering::Relaxed)
+    }
+
+    /// Whether new sessions and mux connections may go to it now: its
+    /// health admits it and no operator drained it.
+    pub(crate) fn in_rotation(&self, now: std::time::Instant) -> bool {
+        !self.is_drained() && self.health.is_candidate(now)
+    }
+
+    pub(crate) fn is_drained(&self) -> bool {
+        self.drained.load(Ordering::Relaxed)
+    }
+
+    /// Takes the target out of rotation (`true`) or puts it back; returns
+    /// whether that changed anything.
+    pub(crate) fn set_drained(&self, drained: bool) -> bool {
+        self.drained.swap(drained, Ordering::Relaxed) != drained
     }
 
     /// Reports what a real connection to this target showed (passive
@@ -127,9 +150,13 @@ pub(crate) struct Upstream {
 impl Upstream {
     /// Builds the run-time upstream from a validated config; `jwt` is the
     /// top-level section, used when the upstream has `auth_required`.
+    /// `previous` is the upstream of the same name that a reload replaces:
+    /// each of its targets that stays shares its run-time state with the
+    /// new one (its health only when the health settings stayed too).
     pub(crate) fn new(
         config: UpstreamConfig,
         jwt: Option<&muxgate_plugins::JwtSettings>,
+        previous: Option<&Upstream>,
     ) -> Upstream {
         let mut pipeline =
             muxgate_plugins::Pipeline::build(&config.plugins).expect("validated plugins");
@@ -159,12 +186,20 @@ impl Upstream {
             .iter()
             .map(|t| {
                 let url = TargetUrl::parse(&t.url).expect("validated target URL");
+                let label: Arc<str> = Arc::from(url.to_string());
+                let kept = previous.and_then(|p| p.target(&label));
+                let same_health =
+                    previous.is_some_and(|p| p.config.health_checks == config.health_checks);
                 Target {
-                    label: url.to_string(),
+                    health: match kept {
+                        Some(k) if same_health => Arc::clone(&k.health),
+                        _ => Arc::new(TargetHealth::new(&config.health_checks)),
+                    },
+                    active: kept.map(|k| Arc::clone(&k.active)).unwrap_or_default(),
+                    drained: kept.map(|k| Arc::clone(&k.drained)).unwrap_or_default(),
+                    label,
                     url,
                     weight: t.weight,
-                    health: TargetHealth::new(&config.health_checks),
-                    active: AtomicUsize::new(0),
                 }
             })
             .collect();
@@ -203,6 +238,11 @@ impl Upstream {
         self.config.mode()
     }
 
+    /// The target whose URL reads `label`.
+    pub(crate) fn target(&self, label: &str) -> Option<&Target> {
+        self.targets.iter().find(|t| &*t.label == label)
+    }
+
     /// Picks a healthy target and leases it, or `None` when none is
     /// healthy. `key` is the consistent-hash key, when the upstream hashes.
     pub(crate) fn pick(self: &Arc<Self>, key: Option<&[u8]>) -> Option<TargetLease> {
@@ -213,9 +253,9 @@ impl Upstream {
     /// half-open trial if that is where it stands (for a pool moving a
     /// connection to a target back in rotation).
     pub(crate) fn lease(self: &Arc<Self>, index: usize) -> Option<TargetLease> {
-        let health = &self.targets.get(index)?.health;
+        let target = self.targets.get(index)?;
         let now = std::time::Instant::now();
-        if !(health.is_candidate(now) && health.claim(now)) {
+        if !(target.in_rotation(now) && target.health.claim(now)) {
             return None;
         }
         self.targets[index].active.fetch_add(1, Ordering::Relaxed);

@@ -63,10 +63,17 @@ pub(crate) enum ProbeError {
     Status(StatusCode),
 }
 
-/// Starts the probes of `upstream` if it has active checks.
-pub(crate) fn start(upstream: &Arc<Upstream>, metrics: &Arc<Metrics>, shutdown: &Shutdown) {
+/// Starts the probes of `upstream` if it has active checks (and says
+/// whether it has); they run until `stop` (a child of a shutdown token) is
+/// cancelled: on shutdown, or when a reload replaces the upstream.
+pub(crate) fn start(
+    upstream: &Arc<Upstream>,
+    metrics: &Arc<Metrics>,
+    shutdown: &Shutdown,
+    stop: &CancellationToken,
+) -> bool {
     if upstream.config.health_checks.path.is_empty() {
-        return;
+        return false;
     }
     for index in 0..upstream.targets.len() {
         shutdown.spawn(run(
@@ -74,12 +81,19 @@ pub(crate) fn start(upstream: &Arc<Upstream>, metrics: &Arc<Metrics>, shutdown: 
             index,
             Arc::clone(metrics),
             shutdown.clone(),
+            stop.clone(),
         ));
     }
+    true
 }
 
-async fn run(upstream: Arc<Upstream>, index: usize, metrics: Arc<Metrics>, shutdown: Shutdown) {
-    let stop = shutdown.token();
+async fn run(
+    upstream: Arc<Upstream>,
+    index: usize,
+    metrics: Arc<Metrics>,
+    shutdown: Shutdown,
+    stop: CancellationToken,
+) {
     let hc = &upstream.config.health_checks;
     let target = &upstream.targets[index];
     let mut ticks = tokio::time::interval(hc.active_interval);
