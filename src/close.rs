@@ -9,6 +9,9 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 pub(crate) const NORMAL: u16 = 1000;
 /// Broker shutting down, or the other side of the session went away.
 pub(crate) const GOING_AWAY: u16 = 1001;
+/// The reason a session closed by `drain_timeout` gets with its 1001: a
+/// reload or an operator took its route, upstream or target away.
+pub(crate) const DRAINED_REASON: &str = "route or target removed";
 /// Protocol error in the peer's frames.
 pub(crate) const PROTOCOL_ERROR: u16 = 1002;
 /// Invalid UTF-8 in a text message.

@@ -64,7 +64,9 @@ impl ConnectionLimits {
         let max = self.max.load(Ordering::Relaxed);
         let taken = self
             .open
-            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| (n < max).then_some(n + 1));
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
+                (n < max).then_some(n + 1)
+            });
         if taken.is_err() {
             if counted_ip {
                 self.release_ip(ip);

@@ -48,7 +48,10 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
         .route("/admin/upstreams", get(upstreams))
         .route("/admin/reload", post(reload))
         .route("/admin/upstreams/{name}/mode", put(set_mode))
-        .route("/admin/upstreams/{name}/targets/{*rest}", post(drain_target))
+        .route(
+            "/admin/upstreams/{name}/targets/{*rest}",
+            post(drain_target),
+        )
         .with_state(state)
         .layer(map_response(identify))
 }
@@ -153,7 +156,10 @@ async fn set_mode(
             StatusCode::OK,
             serde_json::json!({"upstream": name, "mode": mode.as_str(), "changes": changes}),
         ),
-        Err(e) => json(StatusCode::NOT_FOUND, serde_json::json!({"error": e.to_string()})),
+        Err(e) => json(
+            StatusCode::NOT_FOUND,
+            serde_json::json!({"error": e.to_string()}),
+        ),
     }
 }
 
@@ -187,7 +193,10 @@ async fn drain_target(
                 "direct_sessions": sessions,
             }),
         ),
-        Err(e) => json(StatusCode::NOT_FOUND, serde_json::json!({"error": e.to_string()})),
+        Err(e) => json(
+            StatusCode::NOT_FOUND,
+            serde_json::json!({"error": e.to_string()}),
+        ),
     }
 }
 

@@ -134,7 +134,9 @@ impl Changes {
     pub(crate) fn new(old: Option<&Config>, new: &Config) -> Changes {
         Changes {
             upstreams: Vec::new(),
-            server: old.map(|o| server(&o.server, &new.server)).unwrap_or_default(),
+            server: old
+                .map(|o| server(&o.server, &new.server))
+                .unwrap_or_default(),
             retired_pools: Vec::new(),
             stopped_probes: Vec::new(),
         }
@@ -160,7 +162,11 @@ impl Changes {
             sessions_draining = draining,
             "config reloaded"
         );
-        for u in self.upstreams.iter().filter(|u| u.change != Kind::Unchanged) {
+        for u in self
+            .upstreams
+            .iter()
+            .filter(|u| u.change != Kind::Unchanged)
+        {
             info!(
                 upstream = %u.name,
                 change = ?u.change,
@@ -185,9 +191,8 @@ impl Changes {
 
 /// The `server` fields that differ, and whether a reload applies each.
 fn server(old: &ServerConfig, new: &ServerConfig) -> Vec<ServerChange> {
-    const RESTART: Option<&str> = Some(
-        "bound at start; restart (with reuse_port, without downtime) to change it",
-    );
+    const RESTART: Option<&str> =
+        Some("bound at start; restart (with reuse_port, without downtime) to change it");
     let mut out = Vec::new();
     let mut field = |changed: bool, field, applied, note| {
         if changed {
@@ -199,9 +204,19 @@ fn server(old: &ServerConfig, new: &ServerConfig) -> Vec<ServerChange> {
         }
     };
     field(old.listen != new.listen, "listen", false, RESTART);
-    field(old.admin_listen != new.admin_listen, "admin_listen", false, RESTART);
+    field(
+        old.admin_listen != new.admin_listen,
+        "admin_listen",
+        false,
+        RESTART,
+    );
     field(old.workers != new.workers, "workers", false, RESTART);
-    field(old.reuse_port != new.reuse_port, "reuse_port", false, RESTART);
+    field(
+        old.reuse_port != new.reuse_port,
+        "reuse_port",
+        false,
+        RESTART,
+    );
     field(old.tls != new.tls, "tls", false, RESTART);
     field(
         old.header_read_timeout != new.header_read_timeout,
@@ -239,6 +254,11 @@ fn server(old: &ServerConfig, new: &ServerConfig) -> Vec<ServerChange> {
         true,
         None,
     );
-    field(old.watch_config != new.watch_config, "watch_config", true, None);
+    field(
+        old.watch_config != new.watch_config,
+        "watch_config",
+        true,
+        None,
+    );
     out
 }

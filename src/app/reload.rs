@@ -60,7 +60,11 @@ impl AppState {
             Err(error) => {
                 self.metrics.config_reloaded("rejected");
                 for line in error.to_string().lines() {
-                    warn!(trigger, problem = line, "config reload rejected; the running config stays");
+                    warn!(
+                        trigger,
+                        problem = line,
+                        "config reload rejected; the running config stays"
+                    );
                 }
                 return Err(error.into());
             }
@@ -81,7 +85,12 @@ impl AppState {
     ) -> Result<Changes, LiveChangeError> {
         let _one = self.changing.lock().await;
         let current = self.current.load_full();
-        let Some(file) = current.config.upstreams.iter().find(|u| &*u.name == upstream) else {
+        let Some(file) = current
+            .config
+            .upstreams
+            .iter()
+            .find(|u| &*u.name == upstream)
+        else {
             return Err(LiveChangeError::NoUpstream(upstream.to_owned()));
         };
         let mut overrides = current.overrides.clone();
@@ -91,7 +100,11 @@ impl AppState {
             overrides.insert(upstream.to_owned(), mode);
         }
         let changes = self.apply(current.config.clone(), overrides);
-        info!(upstream, mode = mode.as_str(), "mode set by the admin API until the next reload");
+        info!(
+            upstream,
+            mode = mode.as_str(),
+            "mode set by the admin API until the next reload"
+        );
         changes.log(current.config.generation);
         Ok(changes)
     }
@@ -119,7 +132,8 @@ impl AppState {
             *s.upstream == *upstream && s.target.as_deref() == Some(&*t.label)
         };
         let sessions = if drained {
-            self.sessions.drain(on_it, current.config.server.drain_timeout)
+            self.sessions
+                .drain(on_it, current.config.server.drain_timeout)
         } else {
             self.sessions.undrain(on_it)
         };

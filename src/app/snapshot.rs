@@ -102,9 +102,8 @@ impl Snapshot {
         for file_config in &config.upstreams {
             let wanted = Snapshot::effective(file_config, &overrides);
             let old = previous.and_then(|p| p.upstream(&wanted.name));
-            let unchanged = old.is_some_and(|o| {
-                o.config == wanted && !(wanted.auth_required && jwt_changed)
-            });
+            let unchanged =
+                old.is_some_and(|o| o.config == wanted && !(wanted.auth_required && jwt_changed));
             let (upstream, pool, probe) = match (old, unchanged) {
                 (Some(old), true) => {
                     let previous = previous.expect("an old upstream has a snapshot");

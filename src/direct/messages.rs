@@ -349,7 +349,7 @@ async fn relay_messages<C>(
             biased;
             alarm = &mut alarms => {
                 if alarm == Alarm::Shutdown {
-                    break Stop::Shutdown;
+                    break Stop::cancelled(&session.guard.handle);
                 }
                 // A leg that is not being read because the other side is
                 // backed up cannot be blamed for silence.

@@ -162,7 +162,9 @@ impl std::ops::Deref for Tenancy {
 
 impl Drop for Tenancy {
     fn drop(&mut self) {
-        if self.0.tenants.fetch_sub(1, Ordering::AcqRel) == 1 && self.0.retired.load(Ordering::Acquire) {
+        if self.0.tenants.fetch_sub(1, Ordering::AcqRel) == 1
+            && self.0.retired.load(Ordering::Acquire)
+        {
             self.0.stop.cancel();
         }
     }
@@ -533,8 +535,7 @@ impl MuxPool {
         let end = conn
             .run(stop, || self.publish(|live| live.retain(|c| c.id != id)))
             .await;
-        self.metrics
-            .mux_conn_state(&self.name, &label, "live", -1);
+        self.metrics.mux_conn_state(&self.name, &label, "live", -1);
         match end {
             ConnEnd::Drained | ConnEnd::HandedOver => Ok(()),
             ConnEnd::Lost(cause) => {
@@ -557,7 +558,12 @@ impl MuxPool {
         let upstream = self.upstream.load();
         let targets = &upstream.targets;
         let gone = targets.len();
-        let index = |label: &str| targets.iter().position(|t| &*t.label == label).unwrap_or(gone);
+        let index = |label: &str| {
+            targets
+                .iter()
+                .position(|t| &*t.label == label)
+                .unwrap_or(gone)
+        };
         let from = index(from);
         let mut conns = vec![0; targets.len() + 1];
         let mut busiest: Option<(usize, Uuid)> = None;

@@ -585,6 +585,14 @@ async fn finish<C>(
                     why.to_string(),
                 )
             }
+            Ending::Shutdown if session.guard.handle.is_draining() => {
+                let r = close::DRAINED_REASON.to_string();
+                (
+                    Some((close::GOING_AWAY, r.clone())),
+                    Some((close::GOING_AWAY, r)),
+                    "drained: drain_timeout ran out".into(),
+                )
+            }
             Ending::Shutdown => {
                 let r = "server shutting down".to_string();
                 (

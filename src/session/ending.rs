@@ -42,6 +42,19 @@ pub(crate) enum Stop {
         reason: String,
     },
     Shutdown,
+    /// Cancelled by `drain_timeout` (see `session::drain`).
+    Drained,
+}
+
+impl Stop {
+    /// What a cancelled session stops for: a drain that ran out, or shutdown.
+    pub(crate) fn cancelled(handle: &super::SessionHandle) -> Stop {
+        if handle.is_draining() {
+            Stop::Drained
+        } else {
+            Stop::Shutdown
+        }
+    }
 }
 
 /// What each side is told when the session ends.
@@ -126,6 +139,14 @@ pub(crate) fn decide(stop: &Stop, details: bool) -> Ending {
             drop_client: false,
             drop_upstream: false,
             cause: format!("closed by a plugin: {code} {reason}"),
+            upstream_failed: false,
+        },
+        Stop::Drained => Ending {
+            client: Some(close::frame(close::GOING_AWAY, close::DRAINED_REASON)),
+            upstream: Some(close::frame(close::GOING_AWAY, close::DRAINED_REASON)),
+            drop_client: false,
+            drop_upstream: false,
+            cause: "drained: drain_timeout ran out".into(),
             upstream_failed: false,
         },
         Stop::Shutdown => Ending {

@@ -84,7 +84,7 @@ pub(in crate::direct) async fn run(
             biased;
             alarm = &mut alarms => {
                 if alarm == Alarm::Shutdown {
-                    break Stop::Shutdown;
+                    break Stop::cancelled(&session.guard.handle);
                 }
                 let ws = &session.upstream.config.websocket_config;
                 // A side left unread because the other is backed up cannot
