@@ -837,7 +837,7 @@ async fn sessions_of_a_removed_route_or_a_drained_target_close_with_1001_after_d
             "server:
   listen: 127.0.0.1:0
   admin_listen: 127.0.0.1:0
-  drain_timeout: 1s
+  drain_timeout: 4s
 upstreams:
   - name: echo
     routes:
