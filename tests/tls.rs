@@ -183,3 +183,58 @@ async fn wss_targets_are_verified() {
         502
     );
 }
+
+/// A reload reads the listener's certificate and key again (a renewal
+/// replaces the files at the same paths): new handshakes get the new
+/// certificate, sessions already open keep going.
+#[tokio::test]
+async fn a_reload_serves_a_renewed_certificate_to_new_handshakes() {
+    let (old, renewed) = (Pki::new(), Pki::new());
+    let mut up = TestUpstream::start().await;
+    let server = format!(
+        "tls: {{cert_file: {}, key_file: {}}}",
+        old.cert.display(),
+        old.key.display()
+    );
+    let file = old.dir.join("upstreams.yaml");
+    std::fs::write(&file, direct_config(&[up.addr], "", "", &server)).unwrap();
+    let broker = start_broker_from_file(&file).await;
+    let open = |pki: &Pki| {
+        let (addr, client) = (broker.client_addr, pki.client_config());
+        async move {
+            let tcp = TcpStream::connect(addr).await.unwrap();
+            let tls = tokio_rustls::TlsConnector::from(client)
+                .connect(ServerName::try_from("localhost").unwrap(), tcp)
+                .await?;
+            let url = format!("wss://localhost:{}/ws/echo", addr.port());
+            let (ws, _) = within("handshake", tokio_tungstenite::client_async(url, tls))
+                .await
+                .expect("WebSocket handshake");
+            Ok::<_, std::io::Error>(ws)
+        }
+    };
+    let mut before = open(&old).await.expect("the first certificate");
+    let _ = up.handshake().await;
+
+    std::fs::copy(&renewed.cert, &old.cert).unwrap();
+    std::fs::copy(&renewed.key, &old.key).unwrap();
+    let (status, _, body) = raw_http(
+        broker.admin_addr,
+        "POST /admin/reload HTTP/1.1\r\nHost: admin\r\nConnection: close\r\nContent-Length: 0\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+
+    assert!(
+        open(&old).await.is_err(),
+        "the old CA no longer verifies the listener"
+    );
+    let mut after = open(&renewed).await.expect("the renewed certificate");
+    for ws in [&mut before, &mut after] {
+        ws.send(Message::text("still here")).await.unwrap();
+        assert_eq!(
+            within("echo", ws.next()).await.unwrap().unwrap(),
+            Message::text("still here")
+        );
+    }
+}

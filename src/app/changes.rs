@@ -217,7 +217,14 @@ fn server(old: &ServerConfig, new: &ServerConfig) -> Vec<ServerChange> {
         false,
         RESTART,
     );
-    field(old.tls != new.tls, "tls", false, RESTART);
+    // Both with TLS: the files are read again (see `AppState::reload`).
+    let tls_kept = old.tls.is_some() != new.tls.is_some();
+    field(
+        old.tls != new.tls,
+        "tls",
+        !tls_kept,
+        tls_kept.then_some("TLS on or off is decided at start; restart to change it"),
+    );
     field(
         old.header_read_timeout != new.header_read_timeout,
         "header_read_timeout",

@@ -46,7 +46,7 @@ pub(super) struct ClientLimits {
 pub(super) fn serve_clients(
     listener: BalancedListener,
     index: usize,
-    tls: Option<Arc<rustls::ServerConfig>>,
+    tls: Option<tls::ServerTls>,
     client: ClientLimits,
     state: Arc<AppState>,
 ) -> ServeFuture {
@@ -205,7 +205,8 @@ async fn accept(
         return Ok(response);
     }
 
-    let mut headers = handshake::upstream_headers(&route, request, remote, &request_id, app.secure);
+    let mut headers =
+        handshake::upstream_headers(&route, request, remote, &request_id, app.tls.is_some());
     if let Some(c) = &claims {
         if let Ok(v) = HeaderValue::from_str(&c.to_string()) {
             headers.insert(upstream.claims_header.clone(), v);

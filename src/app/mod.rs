@@ -42,7 +42,7 @@ use crate::session::SessionManager;
 use crate::shutdown::{DrainOutcome, Shutdown};
 use crate::transport::accept::{BalancedListener, Turns};
 use crate::transport::event_loops::ClientLoops;
-use crate::transport::tls::TlsError;
+use crate::transport::tls::{ServerTls, TlsError};
 
 /// A broker with both listeners bound, not yet serving.
 pub struct Broker {
@@ -50,7 +50,7 @@ pub struct Broker {
     client: TcpListener,
     /// The other `server.workers - 1` loops serving `client`.
     loops: ClientLoops,
-    tls: Option<Arc<rustls::ServerConfig>>,
+    tls: Option<ServerTls>,
     /// What a client connection may take before its upgrade.
     client_limits: ClientLimits,
     admin: TcpListener,
@@ -91,10 +91,10 @@ impl Broker {
                 })
         };
         let tls = match &config.server.tls {
-            Some(t) => Some(
+            Some(t) => Some(Arc::new(arc_swap::ArcSwap::new(
                 crate::transport::tls::server_config(&t.cert_file, &t.key_file)
                     .map_err(StartError::Tls)?,
-            ),
+            ))),
             None => None,
         };
         let client = bind("client", config.server.listen).await?;
@@ -123,7 +123,7 @@ impl Broker {
             sessions: SessionManager::new(Arc::clone(&metrics), shutdown.clone()),
             metrics,
             shutdown,
-            secure: tls.is_some(),
+            tls: tls.clone(),
             changing: tokio::sync::Mutex::new(()),
         });
         Ok(Broker {

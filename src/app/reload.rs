@@ -141,6 +141,23 @@ impl AppState {
         Ok(sessions)
     }
 
+    /// Reads the listener's certificate and key again (a renewal keeps the
+    /// paths and replaces the files), for the handshakes from now on. A
+    /// listener started without TLS stays without, and the other way round.
+    fn reread_tls(&self, config: Option<&crate::config::TlsConfig>) {
+        let (Some(running), Some(config)) = (&self.tls, config) else {
+            return;
+        };
+        match crate::transport::tls::server_config(&config.cert_file, &config.key_file) {
+            Ok(next) => {
+                running.store(next);
+                info!(cert_file = %config.cert_file, "TLS certificate and key read again for new handshakes");
+            }
+            // Validation read them a moment ago: they changed since.
+            Err(e) => warn!(error = %e, "TLS certificate or key unreadable; the running ones stay"),
+        }
+    }
+
     /// Builds the next snapshot from `config` and `overrides`, swaps it in
     /// and lets go of what it took away. Called with `changing` held.
     fn apply(&self, config: crate::config::Config, overrides: BTreeMap<String, Mode>) -> Changes {
@@ -152,6 +169,7 @@ impl AppState {
         self.metrics.config_applied(generation);
         self.limits
             .set(server.max_connections, server.max_connections_per_ip);
+        self.reread_tls(server.tls.as_ref());
         for probe in changes.stopped_probes.drain(..) {
             probe.cancel();
         }

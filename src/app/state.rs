@@ -12,6 +12,7 @@ use crate::limits::ConnectionLimits;
 use crate::metrics::Metrics;
 use crate::session::SessionManager;
 use crate::shutdown::Shutdown;
+use crate::transport::tls::ServerTls;
 
 /// State shared by every handler.
 pub(crate) struct AppState {
@@ -23,8 +24,10 @@ pub(crate) struct AppState {
     pub sessions: Arc<SessionManager>,
     pub metrics: Arc<Metrics>,
     pub shutdown: Shutdown,
-    /// Clients connect with TLS (`wss://`): `X-Forwarded-Proto: https`.
-    pub secure: bool,
+    /// The client listener's TLS settings, when clients connect with TLS
+    /// (`wss://`, and `X-Forwarded-Proto: https` upstream); a reload
+    /// re-reads the certificate and key into it.
+    pub tls: Option<ServerTls>,
     /// Held by a reload or a live mode change from reading the snapshot
     /// to swapping in the next, so that two of them never build on the
     /// same one.

@@ -256,24 +256,24 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for MaybeTls<T> {
     }
 }
 
+/// The listener's TLS settings, which a reload may replace (a renewed
+/// certificate): each handshake takes the ones current when it begins.
+pub(crate) type ServerTls = Arc<arc_swap::ArcSwap<ServerConfig>>;
+
 /// The `wss://` client listener: TCP accepts whose TLS handshakes are done.
 pub(crate) struct TlsListener {
     tcp: BalancedListener,
-    acceptor: TlsAcceptor,
+    config: ServerTls,
     handshakes: JoinSet<Option<(tokio_rustls::server::TlsStream<TcpStream>, SocketAddr)>>,
     /// Counts the handshakes in progress with the listeners' other tasks.
     group: TaskGroup,
 }
 
 impl TlsListener {
-    pub(crate) fn new(
-        tcp: BalancedListener,
-        config: Arc<ServerConfig>,
-        group: TaskGroup,
-    ) -> TlsListener {
+    pub(crate) fn new(tcp: BalancedListener, config: ServerTls, group: TaskGroup) -> TlsListener {
         TlsListener {
             tcp,
-            acceptor: TlsAcceptor::from(config),
+            config,
             handshakes: JoinSet::new(),
             group,
         }
@@ -289,7 +289,7 @@ impl axum::serve::Listener for TlsListener {
             tokio::select! {
                 (tcp, addr) = self.tcp.accept(), if self.handshakes.len() < MAX_HANDSHAKES => {
                     let _ = tcp.set_nodelay(true);
-                    let acceptor = self.acceptor.clone();
+                    let acceptor = TlsAcceptor::from(self.config.load_full());
                     self.handshakes.spawn(self.group.track_future(async move {
                         match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                             Ok(Ok(tls)) => Some((tls, addr)),

@@ -99,6 +99,20 @@ pub async fn start_broker(yaml: &str) -> Running {
     }
 }
 
+/// Starts the broker on the config file at `path`, which it reloads from
+/// (`POST /admin/reload`, SIGHUP); listeners should be `127.0.0.1:0`.
+pub async fn start_broker_from_file(path: &std::path::Path) -> Running {
+    let config =
+        muxgate::config::load_file(path).unwrap_or_else(|e| panic!("test config is invalid:\n{e}"));
+    let broker = muxgate::Broker::bind(config).await.expect("bind broker");
+    Running {
+        client_addr: broker.client_addr(),
+        admin_addr: broker.admin_addr(),
+        shutdown: broker.shutdown(),
+        task: tokio::spawn(broker.run(std::future::pending())),
+    }
+}
+
 /// A direct-mode config with one upstream `echo` on `/ws/echo` (internal
 /// `/echo`) over `targets`; `ws` adds lines to `websocket_config`,
 /// `upstream` to the upstream, `server` to `server`.
