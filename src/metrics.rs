@@ -277,6 +277,12 @@ impl Metrics {
             .add(delta);
     }
 
+    /// A reload took `target` (or its whole upstream) away: its health
+    /// gauge goes, rather than stay at its last value.
+    pub(crate) fn target_removed(&self, upstream: &str, target: &str) {
+        let _ = self.target_healthy.remove_label_values(&[upstream, target]);
+    }
+
     /// The text exposition format served on `/metrics`.
     pub(crate) fn render(&self) -> String {
         for cache in &self.message_counters {

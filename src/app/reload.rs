@@ -179,6 +179,9 @@ impl AppState {
         let timeout = server.drain_timeout;
         for u in &mut changes.upstreams {
             let name = Arc::clone(&u.name);
+            for target in &u.targets_removed {
+                self.metrics.target_removed(&name, target);
+            }
             u.sessions_draining = match u.change {
                 Kind::Removed => self.sessions.drain(|s| s.upstream == name, timeout),
                 Kind::Changed if !(u.routes_removed.is_empty() && u.targets_removed.is_empty()) => {
