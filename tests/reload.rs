@@ -149,10 +149,14 @@ impl Broker {
         (status, json)
     }
 
+    async fn post(&self, path: &str) -> (u16, serde_json::Value) {
+        self.admin("POST", path, "").await
+    }
+
     /// `POST /admin/reload` of `yaml`, expecting it applied.
     async fn reload(&self, yaml: &str) -> serde_json::Value {
         self.write(yaml);
-        let (status, body) = self.admin("POST", "/admin/reload", "").await;
+        let (status, body) = self.post("/admin/reload").await;
         assert_eq!(status, 200, "reload applied: {body}");
         body
     }
@@ -161,6 +165,25 @@ impl Broker {
         let (status, _, body) = http_get(self.admin, "/metrics").await;
         assert_eq!(status, 200);
         Metrics::parse(&body)
+    }
+
+    /// `GET /admin/upstreams` until `settled` holds of it, for what the
+    /// pool does a moment after the event a test awaits.
+    async fn upstreams_when(
+        &self,
+        what: &str,
+        settled: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        within(what, async {
+            loop {
+                let (_, u) = self.admin("GET", "/admin/upstreams", "").await;
+                if settled(&u) {
+                    return u;
+                }
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
     }
 
     async fn generation(&self) -> String {
@@ -216,18 +239,18 @@ async fn metrics_when(broker: &Broker, what: &str, settled: impl Fn(&Metrics) ->
     .await
 }
 
+/// `muxgate_config_reloads_total`: (applied, rejected).
+async fn reloads(broker: &Broker) -> (f64, f64) {
+    let m = broker.metrics().await;
+    let count = |result| m.value("muxgate_config_reloads_total", &[("result", result)]);
+    (count("applied"), count("rejected"))
+}
+
 /// Awaits `live` mux connections in the first upstream's pool.
 async fn pool_live(broker: &Broker, live: u64) {
-    within("the pool's connections", async {
-        loop {
-            let (_, u) = broker.admin("GET", "/admin/upstreams", "").await;
-            if u[0]["pool"]["live"] == live {
-                return;
-            }
-            tokio::task::yield_now().await;
-        }
-    })
-    .await
+    broker
+        .upstreams_when("the pool's connections", |u| u[0]["pool"]["live"] == live)
+        .await;
 }
 
 async fn demo_upstream() -> (SocketAddr, CancellationToken) {
@@ -526,15 +549,7 @@ async fn a_thousand_sessions_keep_every_message_across_twenty_reloads_of_other_u
         "{tally:?}"
     );
     assert!(tally.round_trips >= 21 * 1000, "{tally:?}");
-    let m = broker.metrics().await;
-    assert_eq!(
-        m.value("muxgate_config_reloads_total", &[("result", "applied")]),
-        20.0
-    );
-    assert_eq!(
-        m.value("muxgate_config_reloads_total", &[("result", "rejected")]),
-        0.0
-    );
+    assert_eq!(reloads(&broker).await, (20.0, 0.0));
     // The 500 direct sessions and the pool held their sockets throughout
     // (other's own come and go).
     assert!(sockets_before >= 502, "{sockets_before}");
@@ -577,18 +592,11 @@ upstreams:
         t
     };
     let target = |p: &MuxPeer| format!("ws://{}", p.addr);
-    within("a connection on each target", async {
-        loop {
-            let (_, u) = broker.admin("GET", "/admin/upstreams", "").await;
-            let mut want = vec![target(&a), target(&b)];
-            want.sort();
-            if on(&u) == want {
-                return;
-            }
-            tokio::task::yield_now().await;
-        }
-    })
-    .await;
+    let mut first = vec![target(&a), target(&b)];
+    first.sort();
+    broker
+        .upstreams_when("a connection on each target", |u| on(u) == first)
+        .await;
     let urls: Vec<String> = (0..100).map(|_| broker.url("/ws/mux")).collect();
     let mut traffic = Traffic::start(&urls, Duration::from_millis(20)).await;
     traffic.everyone_round_trips("first round trips").await;
@@ -606,18 +614,13 @@ upstreams:
         "{body}"
     );
     // The pool ends on the new targets, one move at a time.
-    within("the pool on the new targets", async {
-        loop {
-            let (_, u) = broker.admin("GET", "/admin/upstreams", "").await;
-            let mut want = vec![target(&a), target(&c)];
-            want.sort();
-            if on(&u) == want && b.open_connections() == 0 {
-                return;
-            }
-            tokio::task::yield_now().await;
-        }
-    })
-    .await;
+    let mut moved = vec![target(&a), target(&c)];
+    moved.sort();
+    broker
+        .upstreams_when("the pool on the new targets", |u| {
+            on(u) == moved && b.open_connections() == 0
+        })
+        .await;
     traffic
         .everyone_round_trips("round trips after the move")
         .await;
@@ -647,6 +650,18 @@ upstreams:
     );
 }
 
+/// Reloads `yaml`, expecting a 400 whose first error is on the line
+/// that holds `needle`; returns that error.
+async fn rejected(broker: &Broker, yaml: &str, needle: &str) -> serde_json::Value {
+    broker.write(yaml);
+    let (status, body) = broker.post("/admin/reload").await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["result"], "rejected");
+    let line = yaml.lines().position(|l| l.contains(needle)).unwrap() + 1;
+    assert_eq!(body["errors"][0]["line"], line, "{body}");
+    body["errors"][0].clone()
+}
+
 #[tokio::test]
 async fn a_rejected_reload_keeps_the_running_config_and_names_field_and_line() {
     let (demo, _stop) = demo_upstream().await;
@@ -660,62 +675,34 @@ async fn a_rejected_reload_keeps_the_running_config_and_names_field_and_line() {
         "      pool_size: 2\n",
         "      pool_size: 2\n      pool_sise: 3\n",
     );
-    broker.write(&unknown);
-    let (status, body) = broker.admin("POST", "/admin/reload", "").await;
-    assert_eq!(status, 400, "{body}");
-    assert_eq!(body["result"], "rejected");
-    let error = &body["errors"][0];
+    let error = rejected(&broker, &unknown, "pool_sise").await;
     assert!(
         error["path"]
             .as_str()
             .unwrap()
             .contains("upstreams[1].websocket_config"),
-        "{body}"
+        "{error}"
     );
     assert!(
         error["message"].as_str().unwrap().contains("pool_sise"),
-        "{body}"
+        "{error}"
     );
-    let line = unknown
-        .lines()
-        .position(|l| l.contains("pool_sise"))
-        .unwrap()
-        + 1;
-    assert_eq!(error["line"], line, "{body}");
-
     let bad_duration = good.replace(
         "      enable_direct_communication: true\n",
         "      enable_direct_communication: true\n      ping_period: 3 parsecs\n",
     );
-    broker.write(&bad_duration);
-    let (status, body) = broker.admin("POST", "/admin/reload", "").await;
-    assert_eq!(status, 400, "{body}");
-    let error = &body["errors"][0];
+    let error = rejected(&broker, &bad_duration, "parsecs").await;
     assert!(
         error["path"].as_str().unwrap().ends_with("ping_period"),
-        "{body}"
+        "{error}"
     );
-    let line = bad_duration
-        .lines()
-        .position(|l| l.contains("parsecs"))
-        .unwrap()
-        + 1;
-    assert_eq!(error["line"], line, "{body}");
 
     // Nothing changed: the same generation, the old session and new ones work.
     assert_eq!(broker.generation().await, generation);
     round_trip(&mut ws, "after".into()).await.unwrap();
     let mut fresh = connect(&broker.url("/ws/mux")).await;
     round_trip(&mut fresh, "new".into()).await.unwrap();
-    let m = broker.metrics().await;
-    assert_eq!(
-        m.value("muxgate_config_reloads_total", &[("result", "rejected")]),
-        2.0
-    );
-    assert_eq!(
-        m.value("muxgate_config_reloads_total", &[("result", "applied")]),
-        0.0
-    );
+    assert_eq!(reloads(&broker).await, (0.0, 2.0));
     assert!(
         broker.count(|v| v["message"]
             .as_str()
@@ -897,11 +884,7 @@ upstreams:
         .unwrap()
         .to_owned();
     let (status, body) = broker
-        .admin(
-            "POST",
-            &format!("/admin/upstreams/echo/targets/{busy}/drain"),
-            "",
-        )
+        .post(&format!("/admin/upstreams/echo/targets/{busy}/drain"))
         .await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["direct_sessions"], 1);
@@ -926,19 +909,11 @@ upstreams:
     let (code, _) = expect_close(&mut on_a).await;
     assert_eq!(code, 1001);
     let (status, _) = broker
-        .admin(
-            "POST",
-            &format!("/admin/upstreams/echo/targets/{busy}/undrain"),
-            "",
-        )
+        .post(&format!("/admin/upstreams/echo/targets/{busy}/undrain"))
         .await;
     assert_eq!(status, 200);
     let (status, _) = broker
-        .admin(
-            "POST",
-            "/admin/upstreams/echo/targets/ws://10.9.9.9:1/drain",
-            "",
-        )
+        .post("/admin/upstreams/echo/targets/ws://10.9.9.9:1/drain")
         .await;
     assert_eq!(status, 404);
     assert!(

@@ -191,81 +191,55 @@ impl Changes {
 
 /// The `server` fields that differ, and whether a reload applies each.
 fn server(old: &ServerConfig, new: &ServerConfig) -> Vec<ServerChange> {
-    const RESTART: Option<&str> =
-        Some("bound at start; restart (with reuse_port, without downtime) to change it");
+    const RESTART: &str =
+        "bound at start; restart (with reuse_port, without downtime) to change it";
     let mut out = Vec::new();
-    let mut field = |changed: bool, field, applied, note| {
+    let mut field = |changed: bool, field, note: Option<&'static str>| {
         if changed {
             out.push(ServerChange {
                 field,
-                applied,
+                applied: note.is_none(),
                 note,
             });
         }
     };
-    field(old.listen != new.listen, "listen", false, RESTART);
+    let restart = Some(RESTART);
+    field(old.listen != new.listen, "listen", restart);
     field(
         old.admin_listen != new.admin_listen,
         "admin_listen",
-        false,
-        RESTART,
+        restart,
     );
-    field(old.workers != new.workers, "workers", false, RESTART);
-    field(
-        old.reuse_port != new.reuse_port,
-        "reuse_port",
-        false,
-        RESTART,
-    );
+    field(old.workers != new.workers, "workers", restart);
+    field(old.reuse_port != new.reuse_port, "reuse_port", restart);
     // Both with TLS: the files are read again (see `AppState::reload`).
-    let tls_kept = old.tls.is_some() != new.tls.is_some();
+    let tls_switched = old.tls.is_some() != new.tls.is_some();
     field(
         old.tls != new.tls,
         "tls",
-        !tls_kept,
-        tls_kept.then_some("TLS on or off is decided at start; restart to change it"),
+        tls_switched.then_some("TLS on or off is decided at start; restart to change it"),
     );
-    field(
-        old.header_read_timeout != new.header_read_timeout,
-        "header_read_timeout",
-        false,
-        RESTART,
-    );
-    field(
-        old.max_request_head_size != new.max_request_head_size,
-        "max_request_head_size",
-        false,
-        RESTART,
-    );
+    let timeout_changed = old.header_read_timeout != new.header_read_timeout;
+    field(timeout_changed, "header_read_timeout", restart);
+    let head_changed = old.max_request_head_size != new.max_request_head_size;
+    field(head_changed, "max_request_head_size", restart);
     field(
         old.max_connections != new.max_connections,
         "max_connections",
-        true,
         None,
     );
-    field(
-        old.max_connections_per_ip != new.max_connections_per_ip,
-        "max_connections_per_ip",
-        true,
-        None,
-    );
+    let per_ip_changed = old.max_connections_per_ip != new.max_connections_per_ip;
+    field(per_ip_changed, "max_connections_per_ip", None);
     field(
         old.shutdown_grace != new.shutdown_grace,
         "shutdown_grace",
-        true,
         None,
     );
     field(
         old.drain_timeout != new.drain_timeout,
         "drain_timeout",
-        true,
         None,
     );
-    field(
-        old.watch_config != new.watch_config,
-        "watch_config",
-        true,
-        None,
-    );
+    field(old.watch_config != new.watch_config, "watch_config", None);
     out
 }

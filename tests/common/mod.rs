@@ -90,6 +90,10 @@ pub async fn start_broker(yaml: &str) -> Running {
         .try_init();
     let config = muxgate::config::load_str("test.yaml", yaml)
         .unwrap_or_else(|e| panic!("test config is invalid:\n{e}\n---\n{yaml}"));
+    run(config).await
+}
+
+async fn run(config: muxgate::config::Config) -> Running {
     let broker = muxgate::Broker::bind(config).await.expect("bind broker");
     Running {
         client_addr: broker.client_addr(),
@@ -104,13 +108,7 @@ pub async fn start_broker(yaml: &str) -> Running {
 pub async fn start_broker_from_file(path: &std::path::Path) -> Running {
     let config =
         muxgate::config::load_file(path).unwrap_or_else(|e| panic!("test config is invalid:\n{e}"));
-    let broker = muxgate::Broker::bind(config).await.expect("bind broker");
-    Running {
-        client_addr: broker.client_addr(),
-        admin_addr: broker.admin_addr(),
-        shutdown: broker.shutdown(),
-        task: tokio::spawn(broker.run(std::future::pending())),
-    }
+    run(config).await
 }
 
 /// A direct-mode config with one upstream `echo` on `/ws/echo` (internal
