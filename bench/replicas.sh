@@ -24,6 +24,10 @@ pool_size=2
 source "$(dirname "$0")/common.sh"
 out=${BENCH_OUT:-$root}
 rev=$(git -C "$root" describe --always --dirty)
+# The command, as it ran (without BENCH_BIN's directory: a release build).
+command="bench/replicas.sh"
+[ -z "${BENCH_REPLICA_SESSIONS:-}" ] || command="BENCH_REPLICA_SESSIONS=$per_process $command"
+[ -z "${BENCH_REPLICAS:-}" ] || command="BENCH_REPLICAS=$replicas $command"
 # Apart from the other scripts' ports, so that one of them may run meanwhile.
 up_port=3110 port=8190 admin_base=9290
 
@@ -87,7 +91,7 @@ release_idle
 section=$(cat <<MD
 ## Three processes on one port
 
-Written by \`bench/replicas.sh\` on $(date -u +%Y-%m-%d) (muxgate $rev, $(nproc) cores, kernel $(uname -r)).
+Written by \`$command\` on $(date -u +%Y-%m-%d) (muxgate $rev, $(nproc) cores, kernel $(uname -r)).
 $replicas multiplexed brokers (binary envelope, pool_size $pool_size, \`workers: 1\` each) listen on one
 client port with \`server.reuse_port: true\`, each with an admin port of its own, in front of one
 demo upstream; $total idle sessions ($per_process per process on average) from $(( (total + 4999) / 5000 ))
