@@ -299,6 +299,8 @@ elapsed=$SECONDS
   echo "The numbers behind the tables and charts are in [bench/results.tsv](bench/results.tsv); the charts"
   echo "are redrawn from it by \`target/release/charts bench/results.tsv bench/charts\`."
   echo
+  # What bench/replicas.sh last measured into the same place, if it did.
+  [ ! -f "$out/bench/replicas.md" ] || { cat "$out/bench/replicas.md"; echo; }
   # The reasons behind the relay's shape, kept by hand.
   cat "$(dirname "$0")/why.md"
 } > "$out/BENCHMARKS.md"

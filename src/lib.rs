@@ -21,7 +21,7 @@
 //! Transport (`transport/`), sockets and nothing above them:
 //! - `transport/mod.rs`: the room's map.
 //! - `transport/event_loops.rs`: thread-per-core; the `server.workers` loops that serve clients.
-//! - `transport/accept.rs`: the loops take accepted connections in turn.
+//! - `transport/accept.rs`: the loops take accepted connections in turn; a handover closes them.
 //! - `transport/tls.rs`: the `wss://` listener and `wss://` upstream streams (rustls).
 //! - `transport/http1.rs`: the client listeners' HTTP/1 server (hyper, on the broker's own sockets).
 //! - `transport/upgraded.rs`: client and upstream sockets taken back out of hyper after the upgrade.

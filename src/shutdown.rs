@@ -8,17 +8,27 @@
 //!
 //! # One tree of cancellation
 //!
-//! Three tokens, each a child of the one above it, so that cancelling the
+//! Four tokens, each a child of the one above it, so that cancelling the
 //! root reaches every task:
 //!
 //! ```text
-//! root          cancelled last (`stop`): the admin listener
-//! └─ released   cancelled once the drain is over (`release`): the event
-//!    │          loops, and any client HTTP connection still open
-//!    └─ begun   cancelled when shutdown begins (`begin`): accepting stops,
-//!               `/readyz` turns 503, sessions close with 1001, the mux
-//!               pools and the probes end
+//! root            cancelled last (`stop`): the admin listener
+//! └─ released     cancelled once the drain is over (`release`): the event
+//!    │            loops, and any client HTTP connection still open
+//!    └─ begun     cancelled when shutdown begins (`begin`): new upgrades
+//!       │         get 503, sessions close with 1001, the mux pools and
+//!       │         the probes end
+//!       └─ closed cancelled when the client listeners close (`hand_over`,
+//!                 or with `begun`): accepting stops, each connection
+//!                 finishes the request it serves without keep-alive, and
+//!                 `/readyz` turns 503
 //! ```
+//!
+//! A plain shutdown cancels `begun`, and `closed` with it. A restart's
+//! handover (`server.reuse_port`, see `app`) cancels `closed` first: the
+//! old process stops taking connections, which the kernel then gives the
+//! new one, while those it has taken still complete their upgrades; only
+//! then does it begin.
 //!
 //! Tasks hold children of these ([`Shutdown::token`] and its siblings), never
 //! the tokens themselves, so no task can cancel more than its own.
@@ -31,7 +41,9 @@
 //! - the sessions, the mux pools and the probes, which [`Shutdown::drain`]
 //!   waits for up to `shutdown_grace` ([`Shutdown::spawn`]);
 //! - the client listeners: their servers, HTTP connections and TLS
-//!   handshakes ([`Shutdown::listeners`]), waited for after the drain.
+//!   handshakes ([`Shutdown::listeners`]), waited for after the drain (and,
+//!   in a handover, before it: until every connection taken is upgraded
+//!   or closed).
 //!
 //! What belongs to neither group (the admin listener) runs on the tracker
 //! itself ([`Shutdown::spawn_last`]).
@@ -71,6 +83,8 @@ pub struct Shutdown {
     released: CancellationToken,
     /// A child of `released`.
     begun: CancellationToken,
+    /// A child of `begun`.
+    closed: CancellationToken,
     /// Counts every task.
     tracker: TaskTracker,
     /// Sessions, pools and probes: what [`Shutdown::drain`] waits for.
@@ -99,6 +113,7 @@ impl Shutdown {
         let root = CancellationToken::new();
         let released = root.child_token();
         let begun = released.child_token();
+        let closed = begun.child_token();
         let tracker = TaskTracker::new();
         Shutdown {
             sessions: TaskGroup::of(&tracker),
@@ -106,6 +121,7 @@ impl Shutdown {
             root,
             released,
             begun,
+            closed,
             tracker,
         }
     }
@@ -113,6 +129,12 @@ impl Shutdown {
     /// A token cancelled when shutdown begins.
     pub fn token(&self) -> CancellationToken {
         self.begun.child_token()
+    }
+
+    /// A token cancelled when the client listeners close: by
+    /// [`Shutdown::hand_over`], or when shutdown begins.
+    pub fn closed_token(&self) -> CancellationToken {
+        self.closed.child_token()
     }
 
     /// A token cancelled once the drain is over ([`Shutdown::release`]),
@@ -126,7 +148,15 @@ impl Shutdown {
         self.root.child_token()
     }
 
+    /// Whether the broker is on its way out: its client listeners have
+    /// closed (a handover) or shutdown has begun. `/readyz` says 503.
     pub fn is_shutting_down(&self) -> bool {
+        self.closed.is_cancelled()
+    }
+
+    /// Whether shutdown has begun: new upgrades are refused and sessions
+    /// close (during a handover's first step, they are not yet).
+    pub fn has_begun(&self) -> bool {
         self.begun.is_cancelled()
     }
 
@@ -175,6 +205,14 @@ impl Shutdown {
         self.sessions.len()
     }
 
+    /// A restart's first step: the client listeners close (the kernel
+    /// gives new connections to the other processes on the port), the
+    /// connections they took finish their upgrades, and `/readyz` says 503;
+    /// sessions go on until [`Shutdown::begin`].
+    pub fn hand_over(&self) {
+        self.closed.cancel();
+    }
+
     /// Tells every task to stop (they close their clients with 1001).
     pub fn begin(&self) {
         self.begun.cancel();
@@ -194,8 +232,8 @@ impl Shutdown {
 
     /// Waits up to `within` for the client listeners' servers and HTTP
     /// connections to end (they stop accepting, and each connection
-    /// finishes the request it serves, when shutdown begins); true if they
-    /// all did.
+    /// finishes the request it serves, when the listeners close); true if
+    /// they all did.
     pub async fn listeners_stopped(&self, within: Duration) -> bool {
         tokio::time::timeout(within, self.listeners.closed())
             .await
@@ -298,6 +336,7 @@ mod tests {
     async fn the_root_reaches_every_token() {
         let shutdown = Shutdown::new();
         let tokens = [
+            shutdown.closed_token(),
             shutdown.token(),
             shutdown.released_token(),
             shutdown.root_token(),
@@ -343,6 +382,21 @@ mod tests {
         shutdown.release();
         assert!(shutdown.listeners_stopped(Duration::from_secs(5)).await);
         assert!(shutdown.tracker.is_empty());
+    }
+
+    /// A handover closes the listeners and turns `/readyz` 503 without
+    /// beginning: sessions and handshakes go on.
+    #[tokio::test]
+    async fn a_handover_closes_the_listeners_only() {
+        let shutdown = Shutdown::new();
+        let (closed, begun) = (shutdown.closed_token(), shutdown.token());
+        shutdown.hand_over();
+        assert!(closed.is_cancelled() && shutdown.is_shutting_down());
+        assert!(!begun.is_cancelled() && !shutdown.has_begun());
+        let shutdown = Shutdown::new();
+        let closed = shutdown.closed_token();
+        shutdown.begin();
+        assert!(closed.is_cancelled() && shutdown.has_begun());
     }
 
     /// A drain that runs out of grace says how many tasks were left.

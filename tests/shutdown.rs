@@ -7,17 +7,7 @@ use std::time::Instant;
 
 use common::upstream::TestUpstream;
 use common::*;
-use tokio::process::Child;
 use tokio_tungstenite::tungstenite::Message;
-
-fn sigterm(child: &Child) {
-    let pid = child.id().expect("running").to_string();
-    let status = std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap();
-    assert!(status.success());
-}
 
 /// SIGTERM closes open sessions with 1001 (the upstream too) and exits 0.
 #[tokio::test]

@@ -12,7 +12,6 @@ use std::time::{Duration, Instant};
 
 use axum::extract::{ConnectInfo, Request, State};
 use axum::response::Response;
-use axum::serve::ListenerExt;
 use axum::Router;
 use http::header::{self, HeaderValue};
 use tracing::debug;
@@ -41,8 +40,9 @@ pub(super) struct ClientLimits {
     pub max_request_head: usize,
 }
 
-/// Serves client handshakes on `listener` until shutdown begins; one call
-/// per event loop, `index` being the loop's.
+/// Serves client handshakes on `listener` until its listener closes (and,
+/// in a handover, what it had taken); one call per event loop, `index`
+/// being the loop's.
 pub(super) fn serve_clients(
     listener: BalancedListener,
     index: usize,
@@ -59,20 +59,15 @@ pub(super) fn serve_clients(
     };
     let shutdown = state.shutdown.clone();
     let router = Router::new().fallback(handle).with_state(state);
+    let server = http1::Server::new(router, limits, accepted, shutdown.clone());
     Box::pin(async move {
         match tls {
-            None => {
-                let listener = listener.tap_io(move |tcp| {
-                    accepted.inc();
-                    let _ = tcp.set_nodelay(true);
-                });
-                http1::serve(listener, router, limits, shutdown).await
-            }
+            None => server.run(listener).await,
             Some(config) => {
                 let handshakes = shutdown.listeners().clone();
-                let listener = tls::TlsListener::new(listener, config, handshakes)
-                    .tap_io(move |_| accepted.inc());
-                http1::serve(listener, router, limits, shutdown).await
+                server
+                    .run(tls::TlsListener::new(listener, config, handshakes))
+                    .await
             }
         }
     })
@@ -130,7 +125,9 @@ async fn accept(
 ) -> Result<Response, HandshakeError> {
     let route = route.ok_or(HandshakeError::NotFound)?;
     let key = handshake::check_upgrade(request)?;
-    if app.shutdown.is_shutting_down() {
+    // Not yet during a handover: a connection the closed listener had
+    // taken is served as any other.
+    if app.shutdown.has_begun() {
         return Err(HandshakeError::ShuttingDown);
     }
     let upstream = Arc::clone(&route.upstream);

@@ -10,6 +10,23 @@
 //! drain them up to `shutdown_grace`, then stop the listeners and the event
 //! loops, and the admin listener last.
 //!
+//! # A restart's handover
+//!
+//! With `server.reuse_port` both listeners are bound with `SO_REUSEPORT`,
+//! so that a new process can bind the same ports while this one runs; the
+//! kernel then spreads new connections over both. SIGTERM to the old one
+//! must then not refuse what the kernel gave it, so its shutdown has a
+//! first step (the *handover*): its client listener closes at once (each
+//! loop first takes what the socket's queue holds, see
+//! `transport::accept`), from which moment the kernel gives every new
+//! connection to the other processes on the port; `/readyz` turns 503;
+//! and the connections it had taken complete their upgrades as usual, for
+//! up to `HAND_OVER_LIMIT`. Only then do its sessions get 1001 and drain,
+//! and their clients reconnect to the new process. Closing at once, rather
+//! than accepting a while longer after `/readyz` turned 503, is the point:
+//! while the socket is open the kernel keeps giving it connections, and
+//! every one in its queue at the close would be reset.
+//!
 //! What a running broker's config can become is `reload`'s: a new
 //! `snapshot` swapped in whole, its `changes` logged; `watch` starts the
 //! reloads that SIGHUP and file changes ask for.
@@ -29,6 +46,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
+#[cfg(unix)]
+use tokio::net::TcpSocket;
 use tracing::{info, warn};
 
 use clients::{serve_clients, ClientLimits};
@@ -44,9 +63,29 @@ use crate::transport::accept::{BalancedListener, Turns};
 use crate::transport::event_loops::ClientLoops;
 use crate::transport::tls::{ServerTls, TlsError};
 
+/// How long, in a handover, the connections the closed client listener had
+/// taken may take to complete their upgrades (or other requests) before
+/// the drain begins; one that has not by then is answered as during any
+/// shutdown (503). A client sends its upgrade as soon as it has connected,
+/// so this is reached only by one that sends nothing, or by a handshake
+/// that waits for its upstream.
+const HAND_OVER_LIMIT: Duration = Duration::from_secs(5);
+
+/// The accept queue of a listener bound with `SO_REUSEPORT`. Each process
+/// of the port has its own queue, and none can take from another's, so
+/// each must take a whole burst on its own: the clients of a process that
+/// restarts (1001 to every session) reconnect at once, all to the others.
+/// 1,024 (mio's, and so tokio's, `bind` takes std's 128) rides out such a
+/// burst where 128 would drop SYNs (a second's wait for the client's
+/// retry); the kernel caps it at `net.core.somaxconn` (4,096 by default).
+#[cfg(unix)]
+const SHARED_BACKLOG: u32 = 1024;
+
 /// A broker with both listeners bound, not yet serving.
 pub struct Broker {
     state: Arc<AppState>,
+    /// `server.reuse_port`, as bound: a SIGTERM hands over first.
+    reuse_port: bool,
     client: TcpListener,
     /// The other `server.workers - 1` loops serving `client`.
     loops: ClientLoops,
@@ -81,14 +120,18 @@ impl Broker {
         let metrics = Arc::new(Metrics::new());
         metrics.config_applied(config.generation);
         let shutdown = Shutdown::new();
+        let reuse_port = config.server.reuse_port;
         let bind = |which: &'static str, addr: SocketAddr| async move {
-            TcpListener::bind(addr)
-                .await
-                .map_err(|source| StartError::Bind {
-                    which,
-                    addr,
-                    source,
-                })
+            let bound = if reuse_port {
+                bind_shared(addr)
+            } else {
+                TcpListener::bind(addr).await
+            };
+            bound.map_err(|source| StartError::Bind {
+                which,
+                addr,
+                source,
+            })
         };
         let tls = match &config.server.tls {
             Some(t) => Some(Arc::new(arc_swap::ArcSwap::new(
@@ -128,6 +171,7 @@ impl Broker {
         });
         Ok(Broker {
             state,
+            reuse_port,
             client,
             loops,
             tls,
@@ -155,6 +199,7 @@ impl Broker {
     pub async fn run(self, signal: impl Future<Output = ()>) -> DrainOutcome {
         let Broker {
             state,
+            reuse_port,
             client,
             mut loops,
             tls,
@@ -199,7 +244,11 @@ impl Broker {
         info!(%client_addr, %admin_addr, event_loops = loops.len() + 1, "muxgate listening");
 
         tokio::select! {
-            _ = signal => {}
+            _ = signal => {
+                if reuse_port {
+                    hand_over(&shutdown).await;
+                }
+            }
             _ = shutdown.begun() => {}
         }
         // The grace the config applied last says.
@@ -230,5 +279,46 @@ impl Broker {
         shutdown.stop();
         let _ = tokio::time::timeout(Duration::from_secs(1), admin_server).await;
         outcome
+    }
+}
+
+/// `addr` bound with `SO_REUSEPORT`, so that other muxgate processes (of
+/// the same user: the kernel allows no other) can listen on it too, and
+/// `SO_REUSEADDR`, as tokio's `bind` sets it.
+#[cfg(unix)]
+fn bind_shared(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.set_reuseport(true)?;
+    socket.bind(addr)?;
+    socket.listen(SHARED_BACKLOG)
+}
+
+#[cfg(not(unix))]
+fn bind_shared(_addr: SocketAddr) -> io::Result<TcpListener> {
+    Err(io::Error::new(
+        io::ErrorKind::Unsupported,
+        "server.reuse_port needs SO_REUSEPORT, which only Unix systems have",
+    ))
+}
+
+/// A restart's first step (see the module docs): the client listener
+/// closes and `/readyz` turns 503 while sessions go on, and the
+/// connections it had taken complete their upgrades, for up to
+/// [`HAND_OVER_LIMIT`].
+async fn hand_over(shutdown: &Shutdown) {
+    info!("handing over: closing the client listener, finishing the handshakes it took");
+    shutdown.hand_over();
+    if shutdown.listeners_stopped(HAND_OVER_LIMIT).await {
+        info!("client listener closed, its handshakes done");
+    } else {
+        warn!(
+            limit = %humantime::format_duration(HAND_OVER_LIMIT),
+            "client connections still without an upgrade after the handover's limit"
+        );
     }
 }

@@ -24,7 +24,20 @@
 //! connection waiting in a busy loop's queue cannot be taken by an idle
 //! one, and closing one loop's listener resets the connections in its
 //! queue.
+//!
+//! # Closing for a handover
+//!
+//! With `server.reuse_port`, a restart's old process closes its listener
+//! while the new one keeps the port ([`HandOver`]): each loop stops taking
+//! turns, takes whatever the kernel has already queued on the socket, and
+//! only then closes its handle on it, so that the connections a close would
+//! reset are the few that complete their TCP handshake between that last
+//! `accept` and the `close` (none with `net.ipv4.tcp_migrate_req = 1`, which
+//! has the kernel move them to another listener of the port). What it took,
+//! and what other loops had handed it, it serves still.
 
+use std::collections::VecDeque;
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -74,13 +87,28 @@ impl Turns {
     }
 }
 
+/// A client listener that a restart's handover closes while what it has
+/// already taken is still served (see the module docs).
+pub(crate) trait HandOver: axum::serve::Listener {
+    /// Stops taking connections: takes what the kernel has queued on the
+    /// socket, then closes this listener's handle on it.
+    fn close(&mut self);
+
+    /// After [`HandOver::close`]: each connection it had taken, then
+    /// `None`.
+    fn rest(&mut self) -> impl Future<Output = Option<(Self::Io, Self::Addr)>> + Send;
+}
+
 /// One loop's client listener: its own duplicate of the listening socket,
 /// and the connections other loops hand it.
 pub(crate) struct BalancedListener {
-    tcp: TcpListener,
+    /// `None` once closed.
+    tcp: Option<TcpListener>,
     index: usize,
     turns: Arc<Turns>,
     handed: HandOffs,
+    /// What the socket's queue held when it was closed.
+    taken: VecDeque<(TcpStream, SocketAddr)>,
 }
 
 impl BalancedListener {
@@ -93,29 +121,28 @@ impl BalancedListener {
         handed: HandOffs,
     ) -> BalancedListener {
         BalancedListener {
-            tcp,
+            tcp: Some(tcp),
             index,
             turns,
             handed,
+            taken: VecDeque::new(),
         }
     }
+}
 
-    /// Passes `tcp` to loop `to`; gives it back if that loop's queue is
-    /// full or gone.
-    fn hand_off(&self, to: usize, tcp: TcpStream, addr: SocketAddr) -> Option<TcpStream> {
-        let std = match tcp.into_std() {
-            Ok(std) => std,
-            Err(error) => {
-                debug!(%addr, %error, "could not hand a connection to another loop");
-                return None;
-            }
-        };
-        match self.turns.queues[to].try_send((std, addr)) {
-            Ok(()) => None,
-            Err(TrySendError::Full((std, _)) | TrySendError::Closed((std, _))) => {
-                register(std, addr)
-            }
+/// Passes `tcp` to loop `to`; gives it back if that loop's queue is full
+/// or gone (closed for a handover, or stopped).
+fn hand_off(turns: &Turns, to: usize, tcp: TcpStream, addr: SocketAddr) -> Option<TcpStream> {
+    let std = match tcp.into_std() {
+        Ok(std) => std,
+        Err(error) => {
+            debug!(%addr, %error, "could not hand a connection to another loop");
+            return None;
         }
+    };
+    match turns.queues[to].try_send((std, addr)) {
+        Ok(()) => None,
+        Err(TrySendError::Full((std, _)) | TrySendError::Closed((std, _))) => register(std, addr),
     }
 }
 
@@ -135,6 +162,13 @@ impl axum::serve::Listener for BalancedListener {
     type Addr = SocketAddr;
 
     async fn accept(&mut self) -> (TcpStream, SocketAddr) {
+        let Some(tcp) = self.tcp.as_mut() else {
+            // Closed: what it had taken, then nothing more.
+            return match self.rest().await {
+                Some(accepted) => accepted,
+                None => std::future::pending().await,
+            };
+        };
         loop {
             tokio::select! {
                 // Both are cancel-safe: a connection is taken by one branch
@@ -146,13 +180,14 @@ impl axum::serve::Listener for BalancedListener {
                 }
                 // axum's accept logs and backs off on errors such as
                 // running out of file descriptors.
-                (tcp, addr) = axum::serve::Listener::accept(&mut self.tcp) => {
+                (stream, addr) = axum::serve::Listener::accept(tcp) => {
                     let turn = self.turns.take_turn();
                     if turn == self.index {
-                        return (tcp, addr);
+                        return (stream, addr);
                     }
-                    if let Some(tcp) = self.hand_off(turn, tcp, addr) {
-                        return (tcp, addr);
+                    let turns = &self.turns;
+                    if let Some(stream) = hand_off(turns, turn, stream, addr) {
+                        return (stream, addr);
                     }
                 }
             }
@@ -160,7 +195,75 @@ impl axum::serve::Listener for BalancedListener {
     }
 
     fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.tcp.local_addr()
+        match &self.tcp {
+            Some(tcp) => tcp.local_addr(),
+            None => Err(io::Error::new(
+                io::ErrorKind::NotConnected,
+                "the client listener is closed",
+            )),
+        }
+    }
+}
+
+impl HandOver for BalancedListener {
+    fn close(&mut self) {
+        // No loop hands this one a connection from now on (they keep
+        // theirs); those already in the queue stay there for `rest`.
+        self.handed.0.close();
+        let Some(tcp) = self.tcp.take() else {
+            return;
+        };
+        // Out of the reactor, still non-blocking: `accept` says
+        // `WouldBlock` once the queue is empty.
+        let std = match tcp.into_std() {
+            Ok(std) => std,
+            Err(error) => {
+                debug!(%error, "could not take the client listener out of its event loop; its queue is dropped");
+                return;
+            }
+        };
+        loop {
+            match std.accept() {
+                Ok((stream, addr)) => {
+                    let registered = stream
+                        .set_nonblocking(true)
+                        .map_err(
+                            |error| debug!(%addr, %error, "could not take a queued connection"),
+                        )
+                        .ok()
+                        .and_then(|()| register(stream, addr));
+                    if let Some(stream) = registered {
+                        self.taken.push_back((stream, addr));
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted
+                    ) => {}
+                Err(error) => {
+                    // Out of file descriptors, say: the rest of the queue
+                    // is reset with the socket.
+                    debug!(%error, "stopped taking queued connections");
+                    break;
+                }
+            }
+        }
+        // `std` is dropped here: this loop's handle on the socket closes.
+    }
+
+    async fn rest(&mut self) -> Option<(TcpStream, SocketAddr)> {
+        if let Some(taken) = self.taken.pop_front() {
+            return Some(taken);
+        }
+        // The queue is closed: this ends once it is empty.
+        while let Some((std, addr)) = self.handed.0.recv().await {
+            if let Some(stream) = register(std, addr) {
+                return Some((stream, addr));
+            }
+        }
+        None
     }
 }
 
@@ -213,6 +316,35 @@ mod tests {
         let mut local: Vec<SocketAddr> = clients.iter().map(|c| c.local_addr().unwrap()).collect();
         local.sort();
         assert_eq!(peers, local, "each connection is served once");
+    }
+
+    /// A handover's close takes what the socket's queue holds and what
+    /// other loops had handed the loop; a loop closed hands nothing more;
+    /// once every loop has closed, connecting is refused.
+    #[tokio::test]
+    async fn a_closed_listener_serves_what_it_had_taken_then_the_port_is_free() {
+        let (mut zero, mut one, addr) = two_loops().await;
+        let a = TcpStream::connect(addr).await.unwrap();
+        let b = TcpStream::connect(addr).await.unwrap();
+        // Loop 1 takes both: `a` was loop 0's turn and waits in its queue.
+        let (_, remote) = one.accept().await;
+        assert_eq!(remote, b.local_addr().unwrap());
+        let c = TcpStream::connect(addr).await.unwrap();
+
+        zero.close();
+        let (_, first) = zero.rest().await.expect("the queued connection");
+        assert_eq!(first, c.local_addr().unwrap(), "taken from the socket");
+        let (_, second) = zero.rest().await.expect("the handed connection");
+        assert_eq!(second, a.local_addr().unwrap());
+        assert!(zero.rest().await.is_none());
+
+        // Loop 1 still listens; loop 0's turn stays with it.
+        let d = TcpStream::connect(addr).await.unwrap();
+        let (_, remote) = one.accept().await;
+        assert_eq!(remote, d.local_addr().unwrap());
+        one.close();
+        assert!(one.rest().await.is_none());
+        assert!(TcpStream::connect(addr).await.is_err(), "still listening");
     }
 
     #[tokio::test]

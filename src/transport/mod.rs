@@ -5,7 +5,7 @@
 //! header limits) and get sockets back.
 //!
 //! - [`event_loops`]: thread-per-core; the `server.workers` loops that serve clients.
-//! - [`accept`]: the loops take accepted connections in turn.
+//! - [`accept`]: the loops take accepted connections in turn; a handover closes them.
 //! - [`tls`]: the `wss://` listener and the `wss://` upstream stream (rustls).
 //! - [`http1`]: the client listeners' HTTP/1 server (hyper, on the broker's own sockets).
 //! - [`upgraded`]: client and upstream sockets taken back out of hyper after the upgrade.

@@ -24,7 +24,7 @@ use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tracing::debug;
 
 use crate::shutdown::TaskGroup;
-use crate::transport::accept::BalancedListener;
+use crate::transport::accept::{BalancedListener, HandOver};
 
 /// Bound on one client's TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -280,6 +280,27 @@ impl TlsListener {
     }
 }
 
+impl TlsListener {
+    /// Starts `tcp`'s TLS handshake in the listener's set.
+    fn start_handshake(&mut self, tcp: TcpStream, addr: SocketAddr) {
+        let _ = tcp.set_nodelay(true);
+        let acceptor = TlsAcceptor::from(self.config.load_full());
+        self.handshakes.spawn(self.group.track_future(async move {
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(tls)) => Some((tls, addr)),
+                Ok(Err(error)) => {
+                    debug!(%addr, %error, "TLS handshake failed");
+                    None
+                }
+                Err(_) => {
+                    debug!(%addr, "TLS handshake timed out");
+                    None
+                }
+            }
+        }));
+    }
+}
+
 impl axum::serve::Listener for TlsListener {
     type Io = tokio_rustls::server::TlsStream<TcpStream>;
     type Addr = SocketAddr;
@@ -288,21 +309,7 @@ impl axum::serve::Listener for TlsListener {
         loop {
             tokio::select! {
                 (tcp, addr) = self.tcp.accept(), if self.handshakes.len() < MAX_HANDSHAKES => {
-                    let _ = tcp.set_nodelay(true);
-                    let acceptor = TlsAcceptor::from(self.config.load_full());
-                    self.handshakes.spawn(self.group.track_future(async move {
-                        match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                            Ok(Ok(tls)) => Some((tls, addr)),
-                            Ok(Err(error)) => {
-                                debug!(%addr, %error, "TLS handshake failed");
-                                None
-                            }
-                            Err(_) => {
-                                debug!(%addr, "TLS handshake timed out");
-                                None
-                            }
-                        }
-                    }));
+                    self.start_handshake(tcp, addr);
                 }
                 Some(done) = self.handshakes.join_next(), if !self.handshakes.is_empty() => {
                     if let Ok(Some(ready)) = done {
@@ -315,6 +322,32 @@ impl axum::serve::Listener for TlsListener {
 
     fn local_addr(&self) -> io::Result<Self::Addr> {
         self.tcp.local_addr()
+    }
+}
+
+impl HandOver for TlsListener {
+    fn close(&mut self) {
+        self.tcp.close();
+    }
+
+    /// The connections the TCP listener had taken, each once its TLS
+    /// handshake is done, and those whose handshakes were under way.
+    async fn rest(&mut self) -> Option<(Self::Io, Self::Addr)> {
+        loop {
+            tokio::select! {
+                // Once the TCP listener has nothing left, this branch is
+                // off and the handshakes under way are waited for.
+                Some((tcp, addr)) = self.tcp.rest(), if self.handshakes.len() < MAX_HANDSHAKES => {
+                    self.start_handshake(tcp, addr);
+                }
+                Some(done) = self.handshakes.join_next(), if !self.handshakes.is_empty() => {
+                    if let Ok(Some(ready)) = done {
+                        return Some(ready);
+                    }
+                }
+                else => return None,
+            }
+        }
     }
 }
 

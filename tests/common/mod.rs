@@ -449,6 +449,50 @@ pub async fn spawn_binary_with(
     path: &std::path::Path,
     args: &[&str],
 ) -> (Child, std::net::SocketAddr) {
+    let started = spawn_binary_logged(path, args, &[]).await;
+    (started.child, started.client_addr)
+}
+
+/// The binary, started: its listeners' addresses, as its "muxgate
+/// listening" line gave them, and the log lines asked for.
+pub struct Spawned {
+    pub child: Child,
+    pub client_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    /// The JSON log lines after "muxgate listening" with the messages
+    /// asked for (as many as [`LOG_LINES`] while nobody reads them).
+    pub logs: tokio::sync::mpsc::Receiver<serde_json::Value>,
+}
+
+/// The log lines a [`Spawned`] keeps unread; later ones are dropped.
+pub const LOG_LINES: usize = 256;
+
+impl Spawned {
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("running")
+    }
+
+    /// Skips log lines until one whose message is `message`.
+    pub async fn log_line(&mut self, message: &str) -> serde_json::Value {
+        within(&format!("the log line {message:?}"), async {
+            loop {
+                let line = self.logs.recv().await.expect("the process logs on");
+                if line["message"] == message {
+                    return line;
+                }
+            }
+        })
+        .await
+    }
+}
+
+/// Starts the binary on the config at `path` with extra arguments, and
+/// keeps its log lines whose message is one of `messages`.
+pub async fn spawn_binary_logged(
+    path: &std::path::Path,
+    args: &[&str],
+    messages: &[&str],
+) -> Spawned {
     let mut child = Command::new(env!("CARGO_BIN_EXE_muxgate"))
         .arg("--config")
         .arg(path)
@@ -460,17 +504,47 @@ pub async fn spawn_binary_with(
         .spawn()
         .expect("spawn muxgate");
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let addr = within("the listening log line", async {
+    let addr = |v: &serde_json::Value, field: &str| -> SocketAddr {
+        v[field].as_str().unwrap().parse().unwrap()
+    };
+    let (client_addr, admin_addr) = within("the listening log line", async {
         while let Some(line) = lines.next_line().await.unwrap() {
             let v: serde_json::Value = serde_json::from_str(&line).expect("JSON log line");
             if v["message"] == "muxgate listening" {
-                return v["client_addr"].as_str().unwrap().parse().unwrap();
+                return (addr(&v, "client_addr"), addr(&v, "admin_addr"));
             }
         }
         panic!("muxgate exited before listening");
     })
     .await;
-    // Keep draining the log so the child never blocks on a full pipe.
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    (child, addr)
+    // Keep draining the log so the child never blocks on a full pipe,
+    // whether or not anyone reads what it says.
+    let (tx, logs) = tokio::sync::mpsc::channel(LOG_LINES);
+    let messages: Vec<String> = messages.iter().map(|m| m.to_string()).collect();
+    tokio::spawn(async move {
+        while let Ok(Some(line)) = lines.next_line().await {
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
+                continue;
+            };
+            if messages.iter().any(|m| v["message"] == m.as_str()) {
+                let _ = tx.try_send(v);
+            }
+        }
+    });
+    Spawned {
+        child,
+        client_addr,
+        admin_addr,
+        logs,
+    }
+}
+
+/// Sends SIGTERM to `child`.
+pub fn sigterm(child: &Child) {
+    let pid = child.id().expect("running").to_string();
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(status.success());
 }
