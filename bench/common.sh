@@ -1,14 +1,14 @@
-# Shared by the bench/*.sh scripts (sourced, not run): builds the release
-# binaries (or takes prebuilt ones from BENCH_BIN), makes a scratch
+# Shared by the bench/*.sh scripts (sourced, not run): builds the shipped
+# binaries, Cargo's `dist` profile (or takes prebuilt ones from BENCH_BIN), makes a scratch
 # directory, stops every process the script recorded in `pids` when it
 # exits, and holds the helpers the scripts share.
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 if [ -n "${BENCH_BIN:-}" ]; then
   bin=$BENCH_BIN
 else
-  cargo build --release --quiet --manifest-path "$root/Cargo.toml" \
+  cargo build --profile dist --quiet --manifest-path "$root/Cargo.toml" \
     -p muxgate -p muxgate-backend -p muxgate-bench
-  bin=$root/target/release
+  bin=$root/target/dist
 fi
 work=$(mktemp -d)
 pids=()

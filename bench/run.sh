@@ -203,7 +203,7 @@ elapsed=$SECONDS
   echo "  $(awk '/^MemTotal/ {printf "%.0f", $2 / 1048576}' /proc/meminfo) GiB, kernel $(uname -r), Debian $(cat /etc/debian_version), at most $(ulimit -Hn) open files per process;"
   echo "  load average $load when the measurements began (anything above 0 is other work competing for the cores)."
   echo "- Versions: $("$nginx" -v 2>&1 | sed 's/^nginx version: //'), $("$haproxy" -v | head -1 | cut -d' ' -f1-3), muxgate $rev,"
-  echo "  built by $(rustc --version | cut -d' ' -f1-2) ($([ -n "${BENCH_BIN:-}" ] && echo "binaries from $BENCH_BIN" || echo release profile))."
+  echo "  built by $(rustc --version | cut -d' ' -f1-2) ($([ -n "${BENCH_BIN:-}" ] && echo "binaries from $BENCH_BIN" || echo dist profile))."
   echo "- Paths: the demo echo upstream (\`demo-upstream\`, path /echo) with no proxy, through NGINX, through"
   echo "  HAProxy (HTTP mode), through muxgate direct, and through muxgate multiplexed (binary envelope, pool_size $pool_size)."
   echo "- Everything (load generator, proxies, upstream) shares the same $(nproc) cores, so a proxy costs a large"
