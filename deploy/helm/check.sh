@@ -6,5 +6,5 @@
 # MUXGATE_BIN=path/to/muxgate also runs `muxgate check` on each rendered config.
 set -euo pipefail
 cd "$(dirname "$0")"
-python3 -m pip install --quiet --disable-pip-version-check -r requirements.txt
+python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore -r requirements.txt
 exec python3 check.py ${MUXGATE_BIN:+--muxgate "$MUXGATE_BIN"}
