@@ -15,11 +15,13 @@
 # to buildah's local storage; with MUXGATE_IMAGE_ARCHIVE=FILE it also
 # writes a docker-archive that `docker load` / `podman load` read.
 set -euo pipefail
+# BINARY as given, relative to the caller's directory.
+given=${1:+$(realpath "$1")}
 cd "$(dirname "$0")/../.."
 . deploy/image/common.sh
 image_deps
 
-binary=${1:-}
+binary=$given
 if [ -z "$binary" ]; then
   cargo build --release --locked -p muxgate
   binary="${CARGO_TARGET_DIR:-target}/release/muxgate"

@@ -19,11 +19,13 @@
 # MUXGATE_IMAGE_RUN=no skips step 5; =auto (the default) skips it with a
 # warning only if podman cannot start any container on the machine.
 set -euo pipefail
+# BINARY as given, relative to the caller's directory.
+given=${1:+$(realpath "$1")}
 cd "$(dirname "$0")/../.."
 . deploy/image/common.sh
 image_deps
 
-binary=${1:-}
+binary=$given
 if [ -z "$binary" ]; then
   echo "-- cargo build --release --locked -p muxgate"
   cargo build --release --locked -p muxgate
@@ -67,7 +69,9 @@ run=("${PODMAN[@]}" --cgroup-manager cgroupfs)
 run+=(--runtime runc)
 # --no-healthcheck: podman runs HEALTHCHECK from systemd timers, and there
 # is no systemd here; the check runs its command by `podman exec` instead.
-limits=(--no-healthcheck --ulimit "nofile=$(ulimit -Hn):$(ulimit -Hn)" --ulimit nproc=4096:4096)
+nofile=$(ulimit -Hn)
+[ "$nofile" = unlimited ] && nofile=1048576
+limits=(--no-healthcheck --ulimit "nofile=$nofile:$nofile" --ulimit nproc=4096:4096)
 
 echo "-- podman run $IMAGE --version"
 if ! out=$("${run[@]}" run --rm "${limits[@]}" "$IMAGE" --version 2>&1); then
