@@ -446,7 +446,11 @@ fn compose_file_mounts_what_exists_and_scrapes_the_admin_port() {
         "Prometheus reaches the admin listener from another container"
     );
     let demo = strings(&service(&compose, "demo-upstream")["command"]);
-    let demo_port = demo[0].rsplit(':').next().unwrap();
+    let at = demo
+        .iter()
+        .position(|a| a == "--demo")
+        .expect("the demo service runs `muxgate --demo ADDR`");
+    let demo_port = demo[at + 1].rsplit(':').next().unwrap();
     for upstream in &config.upstreams {
         for target in &upstream.targets {
             assert_eq!(
