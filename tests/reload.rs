@@ -294,6 +294,18 @@ struct Tally {
     disconnected: u64,
 }
 
+impl Tally {
+    /// No disconnect, no loss, no duplicate.
+    fn assert_lossless(&self) {
+        eprintln!("{self:?}");
+        assert_eq!(
+            (self.disconnected, self.lost, self.duplicated),
+            (0, 0, 0),
+            "{self:?}"
+        );
+    }
+}
+
 /// Sequence-numbered round trips on `ws` until `stop`, one every `pace`;
 /// after each, reports (on `reached`) the first round trip begun after
 /// each new `epoch`. Ends with a clean close.
@@ -542,12 +554,7 @@ async fn a_thousand_sessions_keep_every_message_across_twenty_reloads_of_other_u
         "the same mux connections"
     );
     let tally = traffic.finish().await;
-    eprintln!("{tally:?}");
-    assert_eq!(
-        (tally.disconnected, tally.lost, tally.duplicated),
-        (0, 0, 0),
-        "{tally:?}"
-    );
+    tally.assert_lossless();
     assert!(tally.round_trips >= 21 * 1000, "{tally:?}");
     assert_eq!(reloads(&broker).await, (20.0, 0.0));
     // The 500 direct sessions and the pool held their sockets throughout
@@ -625,12 +632,7 @@ upstreams:
         .everyone_round_trips("round trips after the move")
         .await;
     let tally = traffic.finish().await;
-    eprintln!("{tally:?}");
-    assert_eq!(
-        (tally.disconnected, tally.lost, tally.duplicated),
-        (0, 0, 0),
-        "{tally:?}"
-    );
+    tally.assert_lossless();
     assert!(c.open_connections() >= 1);
     let m = broker.metrics().await;
     assert_eq!(
@@ -718,22 +720,12 @@ async fn a_rejected_reload_keeps_the_running_config_and_names_field_and_line() {
 async fn a_mode_toggle_by_reload_or_put_moves_new_sessions_and_keeps_old_ones() {
     let (demo, _stop) = demo_upstream().await;
     let config = |direct: bool| {
-        format!(
-            "server:
-  listen: 127.0.0.1:0
-  admin_listen: 127.0.0.1:0
-upstreams:
-  - name: echo
-    routes:
-      - external_path: /ws/echo
-        internal_path: /echo
-    targets:
-      - url: ws://{demo}
-    websocket_config:
-      enable_direct_communication: {direct}
-      pool_size: 2
-"
-        )
+        let in_mode = if direct {
+            common::direct_config
+        } else {
+            common::mux_config
+        };
+        in_mode(&[demo], "pool_size: 2", "", "")
     };
     let broker = Broker::start(&config(true)).await;
     let active = |m: &Metrics, mode: &str| {

@@ -21,12 +21,7 @@ cd "$(dirname "$0")/../.."
 . deploy/image/common.sh
 image_deps
 
-binary=$given
-if [ -z "$binary" ]; then
-  cargo build --release --locked -p muxgate
-  binary="${CARGO_TARGET_DIR:-target}/release/muxgate"
-fi
-[ -x "$binary" ] || { echo "deploy/image/build.sh: $binary: not an executable" >&2; exit 1; }
+image_binary deploy/image/build.sh "$given"
 
 root=$(mktemp -d)
 trap 'rm -rf "$root"' EXIT

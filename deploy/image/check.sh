@@ -25,12 +25,7 @@ cd "$(dirname "$0")/../.."
 . deploy/image/common.sh
 image_deps
 
-binary=$given
-if [ -z "$binary" ]; then
-  echo "-- cargo build --release --locked -p muxgate"
-  cargo build --release --locked -p muxgate
-  binary="${CARGO_TARGET_DIR:-target}/release/muxgate"
-fi
+image_binary deploy/image/check.sh "$given"
 bash deploy/image/build.sh "$binary"
 
 work=$(mktemp -d)

@@ -22,3 +22,17 @@ image_deps() {
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
   fi
 }
+
+# The binary to put in the image: $1 if given (checked to be executable),
+# else a `cargo build --release` one (check.sh says why not dist). Sets
+# `binary`; `who` names the calling script in its error.
+image_binary() {
+  local who=$1
+  binary=$2
+  if [ -z "$binary" ]; then
+    echo "-- cargo build --release --locked -p muxgate"
+    cargo build --release --locked -p muxgate
+    binary="${CARGO_TARGET_DIR:-target}/release/muxgate"
+  fi
+  [ -x "$binary" ] || { echo "$who: $binary: not an executable" >&2; exit 1; }
+}
