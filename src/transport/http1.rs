@@ -324,6 +324,19 @@ mod tests {
         }
     }
 
+    /// Serves `router` on `tcp` as a task of the listeners' group.
+    fn spawn_server(
+        mut tcp: TcpListener,
+        router: Router,
+        shutdown: &Shutdown,
+    ) -> tokio::task::JoinHandle<()> {
+        let accepted = IntCounter::new("accepted", "test").unwrap();
+        let server = Server::new(router, limits(), accepted, shutdown.clone());
+        shutdown
+            .listeners()
+            .spawn(async move { server.serve(&mut tcp).await })
+    }
+
     /// A keep-alive connection idle between requests is closed as soon as
     /// shutdown begins, and the listeners' group is then empty, while the
     /// drain has not ended.
@@ -333,12 +346,7 @@ mod tests {
         let addr = tcp.local_addr().unwrap();
         let shutdown = Shutdown::new();
         let router = Router::new().fallback(|| async { "ok" });
-        let accepted = IntCounter::new("accepted", "test").unwrap();
-        let server = Server::new(router, limits(), accepted, shutdown.clone());
-        let server = shutdown.listeners().spawn(async move {
-            let mut tcp = tcp;
-            server.serve(&mut tcp).await
-        });
+        let server = spawn_server(tcp, router, &shutdown);
         let mut client = TcpStream::connect(addr).await.unwrap();
         client
             .write_all(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n")
@@ -427,12 +435,7 @@ mod tests {
                     .unwrap()
             })
         };
-        let accepted = IntCounter::new("accepted", "test").unwrap();
-        let server = Server::new(router, limits(), accepted, shutdown.clone());
-        let server = shutdown.listeners().spawn(async move {
-            let mut tcp = tcp;
-            server.serve(&mut tcp).await
-        });
+        let server = spawn_server(tcp, router, &shutdown);
         let mut client = TcpStream::connect(addr).await.unwrap();
         client
             .write_all(b"GET / HTTP/1.1\r\nHost: test\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n")
