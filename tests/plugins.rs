@@ -9,10 +9,11 @@ mod mux_peer;
 use std::net::SocketAddr;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use base64::Engine as _;
 use common::upstream::TestUpstream;
 use common::*;
 use futures_util::SinkExt;
-use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use mux_peer::{Behavior, MuxPeer, OutFrame, Payload, PeerEvent};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -25,13 +26,31 @@ fn now() -> i64 {
         .as_secs() as i64
 }
 
+/// A token signed by RustCrypto. `jsonwebtoken::encode` is not used: it
+/// would make RustCrypto the process's provider, and the broker in this
+/// process must verify with its own (ring).
+fn sign(alg: Algorithm, claims: &serde_json::Value, key: &EncodingKey) -> String {
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let header = serde_json::to_vec(&Header::new(alg)).unwrap();
+    let body = format!(
+        "{}.{}",
+        b64.encode(header),
+        b64.encode(serde_json::to_vec(claims).unwrap())
+    );
+    let signer = jsonwebtoken::crypto::rust_crypto::DEFAULT_PROVIDER.signer_factory;
+    let signature = signer(&alg, key)
+        .unwrap()
+        .try_sign(body.as_bytes())
+        .unwrap();
+    format!("{body}.{}", b64.encode(signature))
+}
+
 fn hs256(claims: serde_json::Value, secret: &str) -> String {
-    encode(
-        &Header::new(Algorithm::HS256),
+    sign(
+        Algorithm::HS256,
         &claims,
         &EncodingKey::from_secret(secret.as_bytes()),
     )
-    .unwrap()
 }
 
 fn good_claims() -> serde_json::Value {
@@ -232,7 +251,7 @@ async fn jwt_plugin_with_rsa_and_ec_keys() {
             Algorithm::RS256 => EncodingKey::from_rsa_pem(&pem).unwrap(),
             _ => EncodingKey::from_ec_pem(&pem).unwrap(),
         };
-        let token = encode(&Header::new(alg), &good_claims(), &key).unwrap();
+        let token = sign(alg, &good_claims(), &key);
         let (_ws, _) = connect(
             &broker.url("/ws/echo"),
             &[("authorization", &format!("Bearer {token}"))],

@@ -2,6 +2,11 @@
 //! file. An invalid message (or one that is not JSON) is dropped and the
 //! client told why (`reply`, the default), or the session is closed with
 //! 1008 (`close`).
+//!
+//! Schemas are compiled by `boon` (drafts 4 to 2020-12, `$ref` to files
+//! beside the schema). It replaced `jsonschema`, whose build alone took
+//! about 100 s of a release build on two cores (BENCHMARKS.md, Build
+//! profiles).
 
 use std::sync::Arc;
 
@@ -28,8 +33,37 @@ pub struct JsonSchemaSettings {
     pub action: SchemaAction,
 }
 
+/// A compiled schema: `boon` keeps every schema it compiled (the root and
+/// what it refers to) in one `Schemas`, and names the root by its index.
+struct CompiledSchema {
+    schemas: boon::Schemas,
+    root: boon::SchemaIndex,
+}
+
+impl CompiledSchema {
+    /// `Err` holds what the client is told: each failed keyword with the
+    /// place in the message, without the schema's path on the broker.
+    fn check(&self, value: &serde_json::Value) -> Result<(), String> {
+        let Err(e) = self.schemas.validate(value, self.root) else {
+            return Ok(());
+        };
+        let mut problems = Vec::new();
+        leaf_errors(&e, &mut problems);
+        Err(problems.join("; "))
+    }
+}
+
+fn leaf_errors(e: &boon::ValidationError, out: &mut Vec<String>) {
+    if e.causes.is_empty() {
+        out.push(format!("at '{}': {}", e.instance_location, e.kind));
+    }
+    for cause in &e.causes {
+        leaf_errors(cause, out);
+    }
+}
+
 pub struct JsonSchemaPlugin {
-    validator: Arc<jsonschema::Validator>,
+    schema: Arc<CompiledSchema>,
     action: SchemaAction,
 }
 
@@ -40,11 +74,24 @@ impl JsonSchemaPlugin {
             .map_err(|e| BuildError::new(field, format!("{}: {e}", s.schema_file)))?;
         let schema: serde_json::Value = serde_json::from_str(&text)
             .map_err(|e| BuildError::new(field, format!("{}: not JSON: {e}", s.schema_file)))?;
-        let validator = jsonschema::validator_for(&schema).map_err(|e| {
+        // The schema's own location, so that a relative `$ref` resolves
+        // beside the file, as the config's other paths do.
+        let path = std::path::absolute(&s.schema_file)
+            .map_err(|e| BuildError::new(field, format!("{}: {e}", s.schema_file)))?;
+        let location = path.to_string_lossy().into_owned();
+        let invalid = |e: &dyn std::fmt::Display| {
             BuildError::new(field, format!("{}: not a valid schema: {e}", s.schema_file))
-        })?;
+        };
+        let mut compiler = boon::Compiler::new();
+        compiler
+            .add_resource(&location, schema)
+            .map_err(|e| invalid(&e))?;
+        let mut schemas = boon::Schemas::new();
+        let root = compiler
+            .compile(&location, &mut schemas)
+            .map_err(|e| invalid(&e))?;
         Ok(JsonSchemaPlugin {
-            validator: Arc::new(validator),
+            schema: Arc::new(CompiledSchema { schemas, root }),
             action: s.action,
         })
     }
@@ -57,14 +104,14 @@ impl Plugin for JsonSchemaPlugin {
 
     fn session(&self, _ctx: &SessionCtx) -> Box<dyn MessageHook> {
         Box::new(Check {
-            validator: Arc::clone(&self.validator),
+            schema: Arc::clone(&self.schema),
             action: self.action,
         })
     }
 }
 
 struct Check {
-    validator: Arc<jsonschema::Validator>,
+    schema: Arc<CompiledSchema>,
     action: SchemaAction,
 }
 
@@ -72,9 +119,9 @@ impl MessageHook for Check {
     fn on_message(&mut self, msg: Message) -> Verdict {
         let problem = match serde_json::from_slice::<serde_json::Value>(crate::payload(&msg)) {
             Err(e) => format!("not JSON: {e}"),
-            Ok(value) => match self.validator.validate(&value) {
+            Ok(value) => match self.schema.check(&value) {
                 Ok(()) => return Verdict::Pass(msg),
-                Err(e) => e.to_string(),
+                Err(problem) => problem,
             },
         };
         match self.action {
@@ -113,9 +160,66 @@ mod tests {
         let mut h = p.session(&ctx);
         let ok = Message::text(r#"{"text":"hello","room":7}"#);
         assert_eq!(h.on_message(ok.clone()), Verdict::Pass(ok));
+        let Verdict::Reply(reply) = h.on_message(Message::text(r#"{"room":"seven"}"#)) else {
+            panic!("an invalid message must be answered");
+        };
+        let reply: serde_json::Value = serde_json::from_slice(crate::payload(&reply)).unwrap();
+        let detail = reply["detail"].as_str().unwrap();
+        assert!(detail.contains("missing properties 'text'"), "{detail}");
+        assert!(detail.contains("at '/room'"), "{detail}");
+        assert!(!detail.contains("chat-message.json"), "{detail}");
+    }
+
+    /// A `$ref` to another file resolves beside the schema file.
+    #[test]
+    fn refers_to_a_file_beside_the_schema() {
+        let dir = std::env::temp_dir().join(format!("muxgate-schema-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("room.json"),
+            r#"{"type": "integer", "minimum": 1}"#,
+        )
+        .unwrap();
+        let root = dir.join("message.json");
+        std::fs::write(
+            &root,
+            r#"{"type": "object", "properties": {"room": {"$ref": "room.json"}}}"#,
+        )
+        .unwrap();
+        let p = JsonSchemaPlugin::build(&JsonSchemaSettings {
+            schema_file: root.to_string_lossy().into_owned(),
+            action: SchemaAction::Close,
+        })
+        .unwrap();
+        let ctx = SessionCtx {
+            session: "s".into(),
+            route: "/r".into(),
+            remote: "127.0.0.1:1".parse().unwrap(),
+            claims: None,
+        };
+        let mut h = p.session(&ctx);
+        let ok = Message::text(r#"{"room":7}"#);
+        assert_eq!(h.on_message(ok.clone()), Verdict::Pass(ok));
         assert!(matches!(
-            h.on_message(Message::text(r#"{"room":7}"#)),
-            Verdict::Reply(_)
+            h.on_message(Message::text(r#"{"room":0}"#)),
+            Verdict::Close { code: 1008, .. }
         ));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_schema_that_is_not_one_is_refused_when_the_config_loads() {
+        let dir = std::env::temp_dir().join(format!("muxgate-bad-schema-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("bad.json");
+        std::fs::write(&file, r#"{"type": "no-such-type"}"#).unwrap();
+        let Err(e) = JsonSchemaPlugin::build(&JsonSchemaSettings {
+            schema_file: file.to_string_lossy().into_owned(),
+            action: SchemaAction::Reply,
+        }) else {
+            panic!("an invalid schema must be refused");
+        };
+        assert!(e.to_string().contains("not a valid schema"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

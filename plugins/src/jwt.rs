@@ -77,6 +77,7 @@ impl std::fmt::Debug for JwtVerifier {
 
 impl JwtVerifier {
     pub fn build(s: &JwtSettings) -> Result<JwtVerifier, BuildError> {
+        crate::jwt_crypto::install();
         let (key, default_algs) = match (&s.secret, &s.public_key_file) {
             (Some(secret), None) => {
                 if secret.expose().is_empty() {

@@ -26,6 +26,7 @@ pub mod values;
 mod api_key;
 mod json_schema;
 mod jwt;
+mod jwt_crypto;
 mod message_size;
 mod rate_limit;
 mod regex_filter;
