@@ -20,7 +20,8 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode};
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
-use crate::config::Text;
+use crate::config::{Compression, Text};
+use crate::deflate::negotiate;
 use crate::limits::LimitRefusal;
 use crate::routing::Route;
 use crate::upstream::ConnectError;
@@ -227,7 +228,9 @@ pub(crate) fn upstream_headers(
             out.append(name.clone(), v.clone());
         }
     }
-    // Never forwarded: the broker reads frames and implements no extension.
+    // Never forwarded as sent: the broker passes on only permessage-deflate
+    // offers, and only where it relays frames undecoded
+    // ([`deflate_offers`]).
     out.remove(header::SEC_WEBSOCKET_EXTENSIONS);
     let ip = remote.ip().to_string();
     let prior: Vec<&str> = incoming
@@ -254,6 +257,20 @@ pub(crate) fn upstream_headers(
         out.insert("x-request-id", v);
     }
     out
+}
+
+/// The client's permessage-deflate offers, in its order, when `compression`
+/// is enabled (none otherwise); a `Sec-WebSocket-Extensions` header that
+/// breaks RFC 6455 §9.1's grammar is a bad request.
+pub(crate) fn deflate_offers(
+    headers: &HeaderMap,
+    compression: &Compression,
+) -> Result<Vec<negotiate::Params>, HandshakeError> {
+    if !compression.enabled {
+        return Ok(Vec::new());
+    }
+    negotiate::offers(headers)
+        .map_err(|_| HandshakeError::BadRequest("malformed Sec-WebSocket-Extensions header"))
 }
 
 impl From<LimitRefusal> for HandshakeError {

@@ -41,6 +41,10 @@
 //! - `upstream/probe.rs`: active health checks.
 //! - `routing.rs`: `external_path` to upstream and `internal_path`.
 //!
+//! Compression (`deflate/`), permessage-deflate:
+//! - `deflate/mod.rs`: where the broker compresses and where it lets compressed frames pass.
+//! - `deflate/negotiate.rs`: the `Sec-WebSocket-Extensions` offers and answers.
+//!
 //! Handshake and sessions, what both modes share:
 //! - `handshake.rs`: the upgrade checks and answers; every refusal is an HTTP status.
 //! - `session/mod.rs`: session ids and the registry.
@@ -113,6 +117,7 @@
 mod app;
 mod close;
 pub mod config;
+mod deflate;
 mod direct;
 mod handshake;
 mod limits;

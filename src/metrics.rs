@@ -28,6 +28,7 @@ pub(crate) struct Metrics {
     config_reloads_total: IntCounterVec,
     sessions_active: IntGaugeVec,
     sessions_draining: IntGaugeVec,
+    compressed_sessions_active: IntGaugeVec,
     sessions_total: IntCounterVec,
     messages_total: IntCounterVec,
     message_bytes_total: IntCounterVec,
@@ -98,7 +99,7 @@ impl Metrics {
         );
         let upstream_connect_failures_total = counter(
             "upstream_connect_failures_total",
-            "Failed upstream connects, by upstream, target and reason (connect, handshake, timeout).",
+            "Failed upstream connects, by upstream, target and reason (connect, handshake, subprotocol, extensions, timeout).",
             &["upstream", "target", "reason"],
         );
         let ping_timeouts_total = counter(
@@ -189,6 +190,11 @@ impl Metrics {
             "Client sessions a reload or an admin drain took away (removed route, upstream or target), open until they end or server.drain_timeout closes them with 1001.",
             &["upstream"],
         );
+        let compressed_sessions_active = gauge(
+            "compressed_sessions_active",
+            "Client sessions open now that agreed permessage-deflate with the client, by upstream (in direct mode's frame relay the upstream compresses, end to end).",
+            &["upstream"],
+        );
         let mux_connections = gauge(
             "mux_connections",
             "Mux connections by upstream, target and state (connecting, live).",
@@ -230,6 +236,7 @@ impl Metrics {
         Metrics {
             registry,
             sessions_active,
+            compressed_sessions_active,
             sessions_draining,
             config_reloads_total,
             sessions_total,
@@ -297,19 +304,29 @@ impl Metrics {
         String::from_utf8(buf).expect("exposition is UTF-8")
     }
 
-    pub(crate) fn session_opened(&self, upstream: &str, mode: &str) {
+    pub(crate) fn session_opened(&self, upstream: &str, mode: &str, compressed: bool) {
         self.sessions_total
             .with_label_values(&[upstream, mode])
             .inc();
         self.sessions_active
             .with_label_values(&[upstream, mode])
             .inc();
+        if compressed {
+            self.compressed_sessions_active
+                .with_label_values(&[upstream])
+                .inc();
+        }
     }
 
-    pub(crate) fn session_closed(&self, upstream: &str, mode: &str) {
+    pub(crate) fn session_closed(&self, upstream: &str, mode: &str, compressed: bool) {
         self.sessions_active
             .with_label_values(&[upstream, mode])
             .dec();
+        if compressed {
+            self.compressed_sessions_active
+                .with_label_values(&[upstream])
+                .dec();
+        }
     }
 
     /// Counter handles for the messages of `upstream`'s sessions in one

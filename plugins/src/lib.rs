@@ -477,6 +477,12 @@ impl Pipeline {
         self.handshake.is_empty() && self.pre_request.is_empty() && self.post_response.is_empty()
     }
 
+    /// Some plugin needs whole messages (`pre_request` or `post_response`),
+    /// so the broker must decode every session's messages.
+    pub fn reads_messages(&self) -> bool {
+        !self.pre_request.is_empty() || !self.post_response.is_empty()
+    }
+
     /// Runs the handshake stage in order; the first refusal wins.
     pub fn on_handshake(&self, ctx: &mut HandshakeCtx<'_>) -> Result<(), Rejection> {
         self.handshake.iter().try_for_each(|p| p.on_handshake(ctx))

@@ -19,6 +19,7 @@ use tracing::debug;
 use super::snapshot::Snapshot;
 use super::state::AppState;
 use crate::config::Mode;
+use crate::deflate::negotiate;
 use crate::direct::{self, DirectSession, UpstreamUnavailable};
 use crate::handshake::{self, HandshakeError};
 use crate::mux::pool::Tenancy;
@@ -180,6 +181,7 @@ async fn accept(
                 route: Arc::clone(&route.external_path),
                 mode: Mode::Multiplexed,
                 target: None,
+                compressed: false,
             },
             remote,
             request_id,
@@ -204,6 +206,19 @@ async fn accept(
 
     let mut headers =
         handshake::upstream_headers(&route, request, remote, &request_id, app.tls.is_some());
+    // The frame relay passes compressed frames through as bytes: the
+    // upstream answers the client's permessage-deflate offers, and its
+    // answer is checked (`upstream::connect`) and passed back. The message
+    // relay must read messages, and offers nothing yet.
+    if !upstream.pipeline.reads_messages() {
+        let offers = handshake::deflate_offers(
+            request.headers(),
+            &upstream.config.websocket_config.compression,
+        )?;
+        if let Some(offers) = negotiate::offers_header(&offers) {
+            headers.insert(header::SEC_WEBSOCKET_EXTENSIONS, offers);
+        }
+    }
     if let Some(c) = &claims {
         if let Ok(v) = HeaderValue::from_str(&c.to_string()) {
             headers.insert(upstream.claims_header.clone(), v);
@@ -225,6 +240,11 @@ async fn accept(
             .headers_mut()
             .insert(header::SEC_WEBSOCKET_PROTOCOL, protocol.clone());
     }
+    if let Some((_, answer)) = &connected.deflate {
+        response
+            .headers_mut()
+            .insert(header::SEC_WEBSOCKET_EXTENSIONS, answer.clone());
+    }
     app.metrics
         .handshake_completed(&upstream.name, started.elapsed());
 
@@ -234,6 +254,7 @@ async fn accept(
             route: Arc::clone(&route.external_path),
             mode: Mode::Direct,
             target: Some(Arc::clone(&lease.target().label)),
+            compressed: connected.deflate.is_some(),
         },
         remote,
         request_id,

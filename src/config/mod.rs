@@ -60,6 +60,15 @@ pub const DEFAULT_READ_BUFFER_SIZE: u64 = 4096;
 pub const DEFAULT_WRITE_BUFFER_SIZE: u64 = 4096;
 /// Largest message accepted from either side.
 pub const DEFAULT_MAX_MESSAGE_SIZE: u64 = 1 << 20;
+/// permessage-deflate's default level: zlib's fastest, which keeps most of
+/// the ratio on chat-sized JSON.
+pub const DEFAULT_COMPRESSION_LEVEL: u32 = 1;
+/// Messages below this many bytes are sent uncompressed: deflate's own
+/// overhead eats most of what it saves on them.
+pub const DEFAULT_COMPRESSION_MIN_SIZE: u64 = 256;
+/// The LZ77 window permessage-deflate allows (RFC 7692 §7.1.2): 2^8 to 2^15.
+pub const MIN_WINDOW_BITS: u8 = 8;
+pub const MAX_WINDOW_BITS: u8 = 15;
 /// Mux connections per multiplexed upstream.
 pub const DEFAULT_POOL_SIZE: usize = 4;
 /// Per-session queue toward the client, in messages (multiplexed mode).
@@ -347,6 +356,61 @@ pub struct WebSocketSettings {
         deserialize_with = "values::duration"
     )]
     pub resume_timeout: Duration,
+    #[serde(default)]
+    pub compression: Compression,
+}
+
+/// `websocket_config.compression`: permessage-deflate (RFC 7692). The
+/// `server_*` fields bound what the broker sends clients, the `client_*`
+/// ones what it asks clients to send (and, in direct mode's frame relay,
+/// what the upstream's answer to the client's offer may agree to).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Compression {
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// zlib level, 0 (stored) to 9 (smallest).
+    #[serde(default = "default_compression_level")]
+    pub level: u32,
+    /// Messages smaller than this are sent uncompressed.
+    #[serde(default = "default_compression_min_size")]
+    pub min_size: Size,
+    /// Reset the broker's compressor after each message: no window is
+    /// kept between messages (less memory, a worse ratio).
+    #[serde(default)]
+    pub server_no_context_takeover: bool,
+    /// Ask clients to reset theirs, so that the broker keeps no inflate
+    /// window between their messages either.
+    #[serde(default)]
+    pub client_no_context_takeover: bool,
+    #[serde(default = "default_window_bits")]
+    pub server_max_window_bits: u8,
+    #[serde(default = "default_window_bits")]
+    pub client_max_window_bits: u8,
+    /// Largest message after inflating; inflating stops there and the
+    /// client is closed with 1009. Default: `max_message_size`.
+    #[serde(default)]
+    pub max_decompressed_size: Option<Size>,
+    /// Multiplexed mode: negotiate permessage-deflate on the mux
+    /// connections themselves (one context per connection).
+    #[serde(default)]
+    pub mux_compression: bool,
+}
+
+impl Default for Compression {
+    fn default() -> Self {
+        Compression {
+            enabled: true,
+            level: DEFAULT_COMPRESSION_LEVEL,
+            min_size: default_compression_min_size(),
+            server_no_context_takeover: false,
+            client_no_context_takeover: false,
+            server_max_window_bits: MAX_WINDOW_BITS,
+            client_max_window_bits: MAX_WINDOW_BITS,
+            max_decompressed_size: None,
+            mux_compression: false,
+        }
+    }
 }
 
 impl Default for WebSocketSettings {
@@ -366,7 +430,18 @@ impl Default for WebSocketSettings {
             client_queue: DEFAULT_CLIENT_QUEUE,
             resume_buffer: DEFAULT_RESUME_BUFFER,
             resume_timeout: DEFAULT_RESUME_TIMEOUT,
+            compression: Compression::default(),
         }
+    }
+}
+
+impl WebSocketSettings {
+    /// `compression.max_decompressed_size`, or `max_message_size`.
+    pub fn max_decompressed_size(&self) -> u64 {
+        self.compression
+            .max_decompressed_size
+            .unwrap_or(self.max_message_size)
+            .0
     }
 }
 
@@ -494,6 +569,15 @@ fn default_write_buffer_size() -> Size {
 }
 fn default_max_message_size() -> Size {
     Size(DEFAULT_MAX_MESSAGE_SIZE)
+}
+fn default_compression_level() -> u32 {
+    DEFAULT_COMPRESSION_LEVEL
+}
+fn default_compression_min_size() -> Size {
+    Size(DEFAULT_COMPRESSION_MIN_SIZE)
+}
+fn default_window_bits() -> u8 {
+    MAX_WINDOW_BITS
 }
 fn default_pool_size() -> usize {
     DEFAULT_POOL_SIZE

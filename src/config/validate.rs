@@ -312,4 +312,33 @@ fn check_websocket(out: &mut Problems, wp: &FieldPath, ws: &WebSocketSettings) {
             out.push(wp.key(name), "must be at least 1");
         }
     }
+    check_compression(out, &wp.key("compression"), &ws.compression);
+}
+
+fn check_compression(out: &mut Problems, at: &FieldPath, c: &super::Compression) {
+    if c.level > 9 {
+        out.push(
+            at.key("level"),
+            format!("must be from 0 to 9, got {}", c.level),
+        );
+    }
+    let bits = super::MIN_WINDOW_BITS..=super::MAX_WINDOW_BITS;
+    for (name, value) in [
+        ("server_max_window_bits", c.server_max_window_bits),
+        ("client_max_window_bits", c.client_max_window_bits),
+    ] {
+        if !bits.contains(&value) {
+            out.push(
+                at.key(name),
+                format!(
+                    "must be from {} to {}, got {value}",
+                    bits.start(),
+                    bits.end()
+                ),
+            );
+        }
+    }
+    if c.max_decompressed_size.is_some_and(|s| s.0 == 0) {
+        out.push(at.key("max_decompressed_size"), "must be greater than 0");
+    }
 }

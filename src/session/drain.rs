@@ -95,6 +95,7 @@ mod tests {
             route: "/ws".into(),
             mode: Mode::Direct,
             target: Some(target.into()),
+            compressed: false,
         }
     }
 

@@ -68,6 +68,9 @@ pub(crate) struct SessionHandle {
     pub started: Instant,
     /// Cancelling it ends the session (the client gets 1001).
     pub cancel: CancellationToken,
+    /// permessage-deflate was agreed with the client (whoever compresses):
+    /// `muxgate_compressed_sessions_active` counts it.
+    pub compressed: bool,
     /// A reload or an admin drain took its route or target away (see
     /// [`drain`]): `muxgate_sessions_draining` counts it.
     draining: AtomicBool,
@@ -85,6 +88,7 @@ pub(crate) struct Placement {
     pub route: Arc<str>,
     pub mode: Mode,
     pub target: Option<Arc<str>>,
+    pub compressed: bool,
 }
 
 /// The registry of open sessions.
@@ -115,6 +119,7 @@ impl SessionManager {
             route,
             mode,
             target,
+            compressed,
         } = placement;
         let handle = Arc::new(SessionHandle {
             id: SessionId::new(),
@@ -126,9 +131,11 @@ impl SessionManager {
             request_id,
             started: Instant::now(),
             cancel: self.shutdown.token(),
+            compressed,
             draining: AtomicBool::new(false),
         });
-        self.metrics.session_opened(&handle.upstream, mode.as_str());
+        self.metrics
+            .session_opened(&handle.upstream, mode.as_str(), compressed);
         self.sessions.insert(handle.id, Arc::clone(&handle));
         SessionGuard {
             manager: Arc::clone(self),
@@ -156,9 +163,11 @@ pub(crate) struct SessionGuard {
 impl Drop for SessionGuard {
     fn drop(&mut self) {
         self.manager.sessions.remove(&self.handle.id);
-        self.manager
-            .metrics
-            .session_closed(&self.handle.upstream, self.handle.mode.as_str());
+        self.manager.metrics.session_closed(
+            &self.handle.upstream,
+            self.handle.mode.as_str(),
+            self.handle.compressed,
+        );
         if self.handle.draining.swap(false, Ordering::AcqRel) {
             self.manager
                 .metrics

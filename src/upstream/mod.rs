@@ -27,6 +27,7 @@ pub(crate) use balance::Balancer;
 pub(crate) use health::TargetHealth;
 
 use crate::config::{Mode, UpstreamConfig};
+use crate::deflate::negotiate::{self, Agreed, BadAnswer};
 use crate::metrics::Metrics;
 use tracing::warn;
 
@@ -308,6 +309,10 @@ impl ConnectError {
                 source: HandshakeFailure::Subprotocol(_),
                 ..
             } => "subprotocol",
+            ConnectError::Handshake {
+                source: HandshakeFailure::Extensions(_),
+                ..
+            } => "extensions",
             ConnectError::Handshake { .. } => "handshake",
             ConnectError::Timeout { .. } => "timeout",
         }
@@ -327,14 +332,19 @@ pub(crate) enum HandshakeFailure {
     BadAccept,
     #[error("selected the subprotocol {0:?}, which was not offered")]
     Subprotocol(HeaderValue),
+    #[error("Sec-WebSocket-Extensions: {0}")]
+    Extensions(#[from] BadAnswer),
     #[error("taking the upgraded connection: {0}")]
     Upgraded(std::io::Error),
 }
 
-/// An upgraded connection to a target and the subprotocol it selected.
+/// An upgraded connection to a target, the subprotocol it selected and the
+/// permessage-deflate offer it accepted, if any (with its answer, which
+/// direct mode's frame relay passes on to the client that made the offer).
 pub(crate) struct Connected {
     pub io: UpstreamIo,
     pub protocol: Option<HeaderValue>,
+    pub deflate: Option<(Agreed, HeaderValue)>,
 }
 
 impl Connected {
@@ -345,7 +355,8 @@ impl Connected {
 }
 
 /// Opens a WebSocket to `target` at `path_and_query`, sending `headers`
-/// (which may carry `Sec-WebSocket-Protocol`), all within `timeout`.
+/// (which may carry `Sec-WebSocket-Protocol` and permessage-deflate offers
+/// in `Sec-WebSocket-Extensions`), all within `timeout`.
 ///
 /// The upgrade goes through hyper's HTTP/1 client rather than tungstenite's
 /// so that the connection comes back as raw bytes: direct mode can then
@@ -392,7 +403,8 @@ pub(crate) async fn connect(
 }
 
 /// Sends the WebSocket upgrade request over `stream` and checks the answer
-/// (RFC 6455 §4.1): status 101, the accept key, an offered subprotocol.
+/// (RFC 6455 §4.1): status 101, the accept key, an offered subprotocol, no
+/// extension but an answer to one of the permessage-deflate offers sent.
 async fn upgrade(
     stream: crate::transport::tls::UpstreamStream,
     target: &TargetUrl,
@@ -402,6 +414,8 @@ async fn upgrade(
     let key = generate_key();
     let mut request = http::Request::get(path_and_query).body(Empty::<Bytes>::new())?;
     let offered = headers.get(header::SEC_WEBSOCKET_PROTOCOL).cloned();
+    // Only offers the broker rendered itself are sent, so they parse.
+    let deflate_offers = negotiate::offers(&headers).unwrap_or_default();
     let h = request.headers_mut();
     *h = headers;
     h.insert(
@@ -451,9 +465,12 @@ async fn upgrade(
             return Err(HandshakeFailure::Subprotocol(selected.clone()));
         }
     }
+    let deflate = negotiate::check_answer(response.headers(), &deflate_offers)?
+        .map(|agreed| (agreed, negotiate::answer_header(response.headers())));
     let upgraded = hyper::upgrade::on(&mut response).await?;
     Ok(Connected {
         io: UpstreamIo::take(upgraded).map_err(HandshakeFailure::Upgraded)?,
         protocol,
+        deflate,
     })
 }

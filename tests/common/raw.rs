@@ -50,16 +50,23 @@ impl RawPeer {
     /// Opens a WebSocket to `path` at `addr` as a client and reads the
     /// broker's 101.
     pub async fn client(addr: SocketAddr, path: &str) -> RawPeer {
+        Self::client_with(addr, path, "").await.0
+    }
+
+    /// The same with `extra` header lines in the request; also returns the
+    /// 101's head.
+    pub async fn client_with(addr: SocketAddr, path: &str, extra: &str) -> (RawPeer, String) {
         let mut tcp = TcpStream::connect(addr).await.expect("connect");
-        tcp.write_all(upgrade_request(addr, path, "").as_bytes())
+        tcp.write_all(upgrade_request(addr, path, extra).as_bytes())
             .await
             .expect("write the upgrade request");
         let head = read_head(&mut tcp).await.expect("a response");
         assert!(head.starts_with("HTTP/1.1 101"), "{head}");
-        RawPeer {
+        let peer = RawPeer {
             tcp,
             role: Role::Client,
-        }
+        };
+        (peer, head)
     }
 
     /// Accepts one connection on `listener` as a server and answers its

@@ -98,6 +98,11 @@ impl Pump {
         }
     }
 
+    /// The peers agreed permessage-deflate: see [`Scanner::allow_compressed`].
+    pub(super) fn allow_compressed(&mut self) {
+        self.scan.allow_compressed();
+    }
+
     /// Polling this direction now would do nothing but register the
     /// task's waker with the source again: it is still registered since
     /// the last poll, nothing waits to be written, and the source has

@@ -68,6 +68,12 @@ pub(in crate::direct) async fn run(
             ),
         )
     };
+    // The peers agreed permessage-deflate between them (the upstream
+    // answered the client's offer): compressed messages pass as they are.
+    if session.guard.handle.compressed {
+        up.allow_compressed();
+        down.allow_compressed();
+    }
     // Both sides are pinged together.
     let mut keepalive = Keepalive::new(
         Instant::now(),

@@ -91,6 +91,12 @@ pub(super) struct Scanner {
     frame: Option<InFrame>,
     /// The data message in progress and its size so far.
     message: Option<(Kind, u64)>,
+    /// permessage-deflate was agreed between the peers: the first frame of
+    /// a data message may set RSV1.
+    deflate: bool,
+    /// The message in progress is compressed (RSV1 on its first frame): its
+    /// bytes are not text to check, and its size is the compressed one.
+    compressed: bool,
     /// The close code this side sent, once its close frame has been read:
     /// passed on, or refused (1002 for one that breaks a rule itself; see
     /// `poisoned`).
@@ -203,6 +209,8 @@ impl Scanner {
             head_len: 0,
             frame: None,
             message: None,
+            deflate: false,
+            compressed: false,
             closed: None,
             utf8: Utf8Check::default(),
             poisoned: false,
@@ -212,6 +220,12 @@ impl Scanner {
             #[cfg(test)]
             shortcut: true,
         }
+    }
+
+    /// The peers agreed permessage-deflate (RFC 7692): compressed messages
+    /// pass as they are.
+    pub(super) fn allow_compressed(&mut self) {
+        self.deflate = true;
     }
 
     /// Notes the first broken rule; from now on nothing is passed on.
@@ -323,7 +337,8 @@ impl Scanner {
         }
         // A continuation with no message is `None`, but `check` refused it.
         let (kind, size) = self.message_with(data, len)?;
-        if kind == Kind::Text {
+        let compressed = self.compressed_with(data, &header);
+        if kind == Kind::Text && !compressed {
             // Checked on a copy, kept only if the frame passes.
             let mut utf8 = self.utf8.clone();
             let payload = &rest[header_len..end];
@@ -334,6 +349,7 @@ impl Scanner {
             self.utf8 = utf8;
         }
         out.pass(chunk, at..at + end);
+        self.compressed = compressed;
         if header.is_final {
             self.message = None;
             let end = out.len();
@@ -416,8 +432,9 @@ impl Scanner {
             // (checked otherwise).
             let (kind, size) = self.message_with(data, len).unwrap_or((Kind::Binary, len));
             self.message = Some((kind, size));
+            self.compressed = self.compressed_with(data, &header);
             frame.ends_message = header.is_final;
-            frame.text = kind == Kind::Text && !self.poisoned;
+            frame.text = kind == Kind::Text && !self.compressed && !self.poisoned;
         }
         self.head_len = 0;
         self.frame = Some(frame);
@@ -437,6 +454,15 @@ impl Scanner {
         Some((kind, self.message_size_with(len)))
     }
 
+    /// Whether the message a data frame with `header` belongs to is
+    /// compressed: its first frame says so, and its continuations follow.
+    fn compressed_with(&self, data: Data, header: &FrameHeader) -> bool {
+        match data {
+            Data::Continue => self.compressed,
+            _ => header.rsv1,
+        }
+    }
+
     /// The size of the data message in progress (0 if none) with `len`
     /// more bytes.
     fn message_size_with(&self, len: u64) -> u64 {
@@ -452,8 +478,11 @@ impl Scanner {
             (Side::Upstream, true) => return protocol(ProtocolError::MaskedFrameFromServer),
             _ => {}
         }
-        // No extension is ever negotiated through the broker.
-        if header.rsv1 || header.rsv2 || header.rsv3 {
+        // permessage-deflate is the one extension passed through: RSV1, on
+        // a data message's first frame only (RFC 7692 §6.1).
+        let compressed_start =
+            self.deflate && matches!(header.opcode, OpCode::Data(Data::Text | Data::Binary));
+        if (header.rsv1 && !compressed_start) || header.rsv2 || header.rsv3 {
             return protocol(ProtocolError::NonZeroReservedBits);
         }
         match header.opcode {
@@ -998,6 +1027,134 @@ mod tests {
         for (bytes, what) in cases {
             let mut s = Scanner::new(Side::Client, 1024);
             assert!(scan_in_steps(&mut s, &bytes, 64).2.is_err(), "{what}");
+        }
+    }
+
+    /// A data frame with RSV1 set: the first frame of a compressed message.
+    fn compressed(payload: &[u8], opcode: OpCode, fin: bool, mask: Option<[u8; 4]>) -> Vec<u8> {
+        let mut frame = Frame::message(payload.to_vec(), opcode, fin);
+        frame.header_mut().rsv1 = true;
+        wire(frame, mask)
+    }
+
+    /// With permessage-deflate agreed, compressed messages pass whole and
+    /// unchanged, in one frame or several, the shortcut and the slow path
+    /// alike; their bytes (not text) are not checked as UTF-8, and their
+    /// size is what crosses the wire.
+    #[test]
+    fn compressed_messages_pass_as_bytes_once_agreed() {
+        // Not UTF-8 (compressed "Hello", RFC 7692 §7.2.3.1).
+        let hello = [0xf2, 0x48, 0xcd, 0xc9, 0xc9, 0x07, 0x00];
+        let mut stream = compressed(&hello, OpCode::Data(Data::Text), true, MASK);
+        let first_end = stream.len();
+        stream.extend(compressed(
+            &hello[..3],
+            OpCode::Data(Data::Text),
+            false,
+            MASK,
+        ));
+        stream.extend(wire(
+            Frame::message(hello[3..].to_vec(), OpCode::Data(Data::Continue), true),
+            MASK,
+        ));
+        let second_end = stream.len();
+        // An uncompressed text message between is still checked.
+        stream.extend(text("plain".as_bytes(), true, MASK));
+        let plain_end = stream.len();
+        stream.extend(compressed(&[0x00], OpCode::Data(Data::Binary), true, MASK));
+        for shortcut in [true, false] {
+            for step in [1, 2, 5, stream.len()] {
+                let mut s = Scanner::new(Side::Client, 1024);
+                s.shortcut = shortcut;
+                s.allow_compressed();
+                let (written, seen, r) = scan_in_steps(&mut s, &stream, step);
+                r.unwrap();
+                assert_eq!(written, stream, "step {step}");
+                assert_eq!(
+                    seen,
+                    vec![
+                        Seen::Message {
+                            kind: Kind::Text,
+                            len: 7,
+                            end: first_end
+                        },
+                        Seen::Message {
+                            kind: Kind::Text,
+                            len: 7,
+                            end: second_end
+                        },
+                        Seen::Message {
+                            kind: Kind::Text,
+                            len: 5,
+                            end: plain_end
+                        },
+                        Seen::Message {
+                            kind: Kind::Binary,
+                            len: 1,
+                            end: stream.len()
+                        },
+                    ],
+                    "step {step}, shortcut {shortcut}"
+                );
+            }
+        }
+        // An uncompressed text message is still checked once agreed.
+        let mut s = Scanner::new(Side::Client, 1024);
+        s.allow_compressed();
+        let r = scan_in_steps(&mut s, &text(&[0xff], true, MASK), 64).2;
+        assert!(matches!(r, Err(WsError::Utf8(_))));
+        // The compressed size is the one held to max_message_size.
+        let mut s = Scanner::new(Side::Upstream, 6);
+        s.allow_compressed();
+        let r = scan_in_steps(
+            &mut s,
+            &compressed(&hello, OpCode::Data(Data::Binary), true, None),
+            64,
+        )
+        .2;
+        assert!(matches!(r, Err(WsError::Capacity(_))));
+    }
+
+    /// RSV1 is refused where permessage-deflate allows none: without the
+    /// extension, on a continuation, on a control frame; RSV2 and RSV3
+    /// always.
+    #[test]
+    fn reserved_bits_outside_permessage_deflate_fail_the_session() {
+        let refused = |agreed: bool, bytes: &[u8]| {
+            for shortcut in [true, false] {
+                let mut s = Scanner::new(Side::Client, 1024);
+                s.shortcut = shortcut;
+                if agreed {
+                    s.allow_compressed();
+                }
+                let (written, _, r) = scan_in_steps(&mut s, bytes, 64);
+                if !matches!(
+                    r,
+                    Err(WsError::Protocol(ProtocolError::NonZeroReservedBits))
+                ) {
+                    return false;
+                }
+                assert!(written.len() < bytes.len());
+            }
+            true
+        };
+        let first = compressed(b"ab", OpCode::Data(Data::Text), true, MASK);
+        assert!(refused(false, &first), "RSV1 with no extension agreed");
+        let mut continuation = text(b"a", false, MASK);
+        let mut frame = Frame::message(b"b".to_vec(), OpCode::Data(Data::Continue), true);
+        frame.header_mut().rsv1 = true;
+        continuation.extend(wire(frame, MASK));
+        assert!(refused(true, &continuation), "RSV1 on a continuation");
+        let mut ping = Frame::ping(b"p".to_vec());
+        ping.header_mut().rsv1 = true;
+        assert!(refused(true, &wire(ping, MASK)), "RSV1 on a ping");
+        for bit in [2, 3] {
+            let mut frame = Frame::message(b"x".to_vec(), OpCode::Data(Data::Binary), true);
+            match bit {
+                2 => frame.header_mut().rsv2 = true,
+                _ => frame.header_mut().rsv3 = true,
+            }
+            assert!(refused(true, &wire(frame, MASK)), "RSV{bit}");
         }
     }
 }

@@ -1,0 +1,294 @@
+//! permessage-deflate (RFC 7692) through the broker.
+//!
+//! Direct mode's frame relay passes it end to end: the client's offers go
+//! to the upstream, the upstream's answer comes back only if it is a valid
+//! answer to them (else 502), and compressed frames cross unchanged. The
+//! peers here are Python `websockets` (tests/support/deflate_peer.py), an
+//! implementation independent of the broker, and hand-made frames.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::process::Stdio;
+
+use common::raw::RawPeer;
+use common::upstream::TestUpstream;
+use common::*;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpListener;
+use tokio::process::{Child, Command};
+
+const PEER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/support/deflate_peer.py");
+
+/// Python `websockets` echoing with permessage-deflate, its defaults.
+struct PythonEcho {
+    addr: SocketAddr,
+    _child: Child,
+}
+
+async fn python_echo() -> PythonEcho {
+    let mut child = Command::new("python3")
+        .args([PEER, "serve"])
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("python3 (pip install -r examples/python_upstream/requirements.txt)");
+    let stdout = child.stdout.take().expect("piped");
+    let port = within("the Python echo's port", async {
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line).await.unwrap();
+        line.trim().parse::<u16>().expect("a port")
+    })
+    .await;
+    PythonEcho {
+        addr: SocketAddr::from(([127, 0, 0, 1], port)),
+        _child: child,
+    }
+}
+
+/// Runs the Python client against `url`; its report.
+async fn python_client(url: &str) -> serde_json::Value {
+    let out = within(
+        "the Python client",
+        Command::new("python3")
+            .args([PEER, "client", url])
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("python3");
+    assert!(
+        out.status.success(),
+        "client failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("one JSON line")
+}
+
+fn bytes_relayed(m: &Metrics, direction: &str) -> f64 {
+    ["text", "binary"]
+        .iter()
+        .map(|kind| {
+            m.value(
+                "muxgate_message_bytes_total",
+                &[
+                    ("upstream", "echo"),
+                    ("direction", direction),
+                    ("kind", kind),
+                ],
+            )
+        })
+        .sum()
+}
+
+/// What `deflate_peer.py client` sends: every length class, compressible
+/// and not, as text and binary.
+fn client_payload_bytes() -> f64 {
+    let lengths = [0, 1, 125, 126, 255, 256, 4096, 65535, 65536, 300_000];
+    lengths.iter().map(|&n| (4 * n) as f64).sum()
+}
+
+/// A browser-like client and a server that both speak permessage-deflate
+/// agree on it through the frame relay, and every message arrives byte
+/// for byte. The broker relays the compressed bytes: what it counts is
+/// well under what the client sent, since half the messages are JSON.
+#[tokio::test]
+async fn the_frame_relay_passes_permessage_deflate_end_to_end() {
+    let echo = python_echo().await;
+    let broker = start_broker(&direct_config(&[echo.addr], "", "", "")).await;
+    let report = python_client(&broker.url("/ws/echo")).await;
+    let agreed = report["extensions"].as_str().expect("an extension agreed");
+    assert!(agreed.starts_with("permessage-deflate"), "{agreed}");
+    assert_eq!(report["echoed"], 40);
+    let m = broker
+        .metrics_when("the session counted as ended", |m| {
+            m.value(
+                "muxgate_sessions_active",
+                &[("upstream", "echo"), ("mode", "direct")],
+            ) == 0.0
+        })
+        .await;
+    let sent = client_payload_bytes();
+    let relayed = bytes_relayed(&m, "client_to_upstream");
+    assert!(
+        relayed < 0.8 * sent,
+        "compressed frames relayed as they are: {relayed} of {sent} bytes"
+    );
+    assert_eq!(
+        m.value(
+            "muxgate_compressed_sessions_active",
+            &[("upstream", "echo")]
+        ),
+        0.0
+    );
+    broker.stop().await;
+}
+
+/// The same client with `compression.enabled: false`: nothing is offered
+/// upstream, nothing agreed, and the messages still arrive.
+#[tokio::test]
+async fn with_compression_disabled_nothing_is_offered() {
+    let echo = python_echo().await;
+    let broker = start_broker(&direct_config(
+        &[echo.addr],
+        "compression: {enabled: false}",
+        "",
+        "",
+    ))
+    .await;
+    let report = python_client(&broker.url("/ws/echo")).await;
+    assert_eq!(report["extensions"], serde_json::Value::Null);
+    assert_eq!(report["echoed"], 40);
+    broker.stop().await;
+}
+
+/// Compressed frames cross the broker unchanged both ways, byte for byte:
+/// RFC 7692 §7.2.3.1's "Hello", then §7.2.3.2's second "Hello" with the
+/// window taken over, which only the upstream's own inflater can read. The
+/// session counts as compressed while open.
+#[tokio::test]
+async fn compressed_frames_cross_unchanged() {
+    let echo = python_echo().await;
+    let broker = start_broker(&direct_config(&[echo.addr], "", "", "")).await;
+    let (mut client, head) = RawPeer::client_with(
+        broker.client_addr,
+        "/ws/echo",
+        "Sec-WebSocket-Extensions: permessage-deflate\r\n",
+    )
+    .await;
+    let head = head.to_ascii_lowercase();
+    assert!(
+        head.contains("sec-websocket-extensions: permessage-deflate"),
+        "{head}"
+    );
+    let m = broker.metrics().await;
+    assert_eq!(
+        m.value(
+            "muxgate_compressed_sessions_active",
+            &[("upstream", "echo")]
+        ),
+        1.0
+    );
+    let first = [0xf2, 0x48, 0xcd, 0xc9, 0xc9, 0x07, 0x00];
+    let second = [0xf2, 0x00, 0x11, 0x00, 0x00];
+    for payload in [&first[..], &second[..]] {
+        // FIN, RSV1, text.
+        client.write_frame(0xc1, payload).await;
+        let echoed = within("the echo", client.read_frame())
+            .await
+            .expect("a frame");
+        assert_eq!(echoed.first, 0xc1, "a compressed text frame");
+        assert_eq!(
+            echoed.payload, payload,
+            "zlib's bytes for \"Hello\", relayed as they are"
+        );
+    }
+    // RSV1 on a control frame is refused whatever was agreed.
+    client.write_frame(0xc9, b"ping").await;
+    match within("the close", client.next_close()).await {
+        common::raw::CloseSeen::Close(code, _) => assert_eq!(code, 1002),
+        other => panic!("expected a 1002 close, got {other:?}"),
+    }
+    broker.stop().await;
+}
+
+/// One WebSocket upgrade answered 101 with `extensions` as the upstream's
+/// `Sec-WebSocket-Extensions`.
+async fn upstream_answering(extensions: &'static str) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Some(reply) = common::upstream::switching_protocols(&mut tcp).await else {
+                    return;
+                };
+                let mut reply = String::from_utf8(reply).unwrap();
+                reply.truncate(reply.len() - 2);
+                reply.push_str(&format!("Sec-WebSocket-Extensions: {extensions}\r\n\r\n"));
+                let _ = tcp.write_all(reply.as_bytes()).await;
+            });
+        }
+    });
+    addr
+}
+
+/// An upstream whose answer no client could accept for the offers it got
+/// fails the upstream handshake: 502, counted with reason `extensions`.
+#[tokio::test]
+async fn an_answer_outside_the_offers_is_a_502() {
+    for (offer, answer) in [
+        // An extension the broker never passes on.
+        ("permessage-deflate", "x-webkit-deflate-frame"),
+        // A limit on the client's window it did not offer to honour.
+        (
+            "permessage-deflate",
+            "permessage-deflate; client_max_window_bits=10",
+        ),
+        // An answer to nothing: the client offered no compression.
+        ("", "permessage-deflate"),
+        // Malformed.
+        ("permessage-deflate", "permessage-deflate;"),
+    ] {
+        let target = upstream_answering(answer).await;
+        let broker = start_broker(&direct_config(&[target], "", "", "")).await;
+        let a = broker.client_addr;
+        let extra = if offer.is_empty() {
+            String::new()
+        } else {
+            format!("Sec-WebSocket-Extensions: {offer}\r\n")
+        };
+        let (status, _, _) = raw_http(a, &upgrade_request(a, "/ws/echo", &extra)).await;
+        assert_eq!(status, 502, "{offer:?} answered {answer:?}");
+        let m = broker.metrics().await;
+        assert_eq!(
+            m.value(
+                "muxgate_upstream_connect_failures_total",
+                &[("upstream", "echo"), ("reason", "extensions")]
+            ),
+            1.0,
+            "{offer:?} answered {answer:?}"
+        );
+        broker.stop().await;
+    }
+}
+
+/// Offers other than permessage-deflate are not passed on, and a malformed
+/// `Sec-WebSocket-Extensions` is a 400 before anything is connected.
+#[tokio::test]
+async fn only_permessage_deflate_offers_reach_the_upstream() {
+    let mut up = TestUpstream::start().await;
+    let broker = start_broker(&direct_config(&[up.addr], "", "", "")).await;
+    let (_client, head) = RawPeer::client_with(
+        broker.client_addr,
+        "/ws/echo",
+        "Sec-WebSocket-Extensions: x-webkit-deflate-frame, permessage-deflate; client_max_window_bits; server_max_window_bits=\"10\"; bogus\r\nSec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n",
+    )
+    .await;
+    // tungstenite's test upstream answers no extension: none is agreed.
+    assert!(
+        !head
+            .to_ascii_lowercase()
+            .contains("sec-websocket-extensions"),
+        "{head}"
+    );
+    let (_, headers) = up.handshake().await;
+    assert_eq!(
+        header(&headers, "sec-websocket-extensions"),
+        Some("permessage-deflate; client_max_window_bits"),
+        "the invalid offer (an unknown parameter) and the other extension are left out"
+    );
+    let a = broker.client_addr;
+    let (status, _, body) = raw_http(
+        a,
+        &upgrade_request(
+            a,
+            "/ws/echo",
+            "Sec-WebSocket-Extensions: permessage-deflate; x=\"\r\n",
+        ),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("Sec-WebSocket-Extensions"), "{body}");
+    broker.stop().await;
+}
