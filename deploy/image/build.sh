@@ -26,8 +26,9 @@ image_binary deploy/image/build.sh "$given"
 root=$(mktemp -d)
 trap 'rm -rf "$root"' EXIT
 
-# Without debug info, as deploy/Dockerfile builds it (the line tables of
-# the release and dist profiles are four fifths of the binary).
+# Without debug info, as deploy/Dockerfile builds it (cargo already leaves
+# it out of the release and dist profiles; this keeps a binary given from
+# a profile with debug info the image's size).
 install -d -m 0755 "$root/usr/local/bin"
 objcopy --strip-debug "$binary" "$root/usr/local/bin/muxgate"
 chmod 0755 "$root/usr/local/bin/muxgate"
