@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
-# Runs the Autobahn TestSuite (cases 1-10) through muxgate in direct mode, in
-# both directions and through both relays, each beside a direct baseline:
+# Runs the Autobahn TestSuite (cases 1-10, and 12-13 for permessage-deflate)
+# through muxgate in direct mode, in both directions and through both relays,
+# each beside a direct baseline:
 #
 # - fuzzingclient: Autobahn plays a client against the bundled echo upstream,
 #   directly and through the broker (frame relay: a route without message
 #   plugins; message relay: the same upstream with a message plugin that
 #   passes everything);
+# - fuzzingclient, sections 12 and 13: the same against an echo that speaks
+#   permessage-deflate (tests/support/deflate_peer.py, Python `websockets`),
+#   directly and through the frame relay, which passes it end to end;
 # - fuzzingserver: Autobahn plays a misbehaving server, and an echoing client
 #   (scripts/autobahn_echo_client.py, Python `websockets`) connects to it
 #   directly and through the broker (both relays again).
@@ -23,7 +27,7 @@ work=${AUTOBAHN_WORK:-$here/target/autobahn}
 target_dir=${CARGO_TARGET_DIR:-$here/target}
 venv=$work/venv
 mkdir -p "$work"
-rm -rf "$work/client-reports" "$work/server-reports" "$work/times"
+rm -rf "$work/client-reports" "$work/server-reports" "$work/deflate-reports" "$work/times"
 mkdir -p "$work/times"
 
 if [ ! -x "$venv/bin/wstest" ]; then
@@ -65,6 +69,10 @@ upstreams:
     targets: [{url: "ws://127.0.0.1:9002"}]
     $pass_all
     $ws_config
+  - name: echo-deflate
+    routes: [{external_path: /deflate, internal_path: /}]
+    targets: [{url: "ws://127.0.0.1:9004"}]
+    $ws_config
   - name: fuzz-frames
     routes:
 $(fuzz_routes frames)
@@ -101,8 +109,13 @@ timed() {
 
 "$target_dir/release/muxgate" --config "$work/muxgate.yaml" --demo 127.0.0.1:9002 --log-level warn &
 pids+=($!)
+# 9004: an echo that speaks permessage-deflate (Python websockets), for
+# sections 12 and 13 through the frame relay, which passes it end to end.
+python3 "$here/tests/support/deflate_peer.py" serve 9004 >/dev/null &
+pids+=($!)
 wait_for_port 9001
 wait_for_port 9002
+wait_for_port 9004
 
 cases='["1.*", "2.*", "3.*", "4.*", "5.*", "6.*", "7.*", "9.*", "10.*"]'
 
@@ -120,6 +133,22 @@ for run in "direct ws://127.0.0.1:9002/" "muxgate-frames ws://127.0.0.1:9001/" \
 }
 JSON
   (cd "$work" && timed "client-$1" "$venv/bin/wstest" -m fuzzingclient -s "fuzzingclient-$1.json" >/dev/null)
+done
+
+# permessage-deflate (sections 12 and 13): against the deflate echo, then
+# through the frame relay in front of it.
+for run in "direct ws://127.0.0.1:9004/" "muxgate-frames ws://127.0.0.1:9001/deflate"; do
+  set -- $run
+  cat > "$work/fuzzingclient-deflate-$1.json" <<JSON
+{
+  "outdir": "$work/deflate-reports/$1",
+  "servers": [{"agent": "$1", "url": "$2"}],
+  "cases": ["12.*", "13.*"],
+  "exclude-cases": [],
+  "exclude-agent-cases": {}
+}
+JSON
+  (cd "$work" && timed "deflate-$1" "$venv/bin/wstest" -m fuzzingclient -s "fuzzingclient-deflate-$1.json" >/dev/null)
 done
 
 # fuzzingserver: one server, an echoing client per agent.
@@ -158,14 +187,18 @@ def load(pattern):
     return agents
 
 differ = False  # the broker added a failure
-for direction, pattern in [("fuzzingclient", "client-reports/*/index.json"),
-                           ("fuzzingserver", "server-reports/index.json")]:
+for direction, prefix, pattern, runs in [
+        ("fuzzingclient", "client", "client-reports/*/index.json",
+         ["direct", "muxgate-frames", "muxgate-messages"]),
+        ("fuzzingclient permessage-deflate", "deflate", "deflate-reports/*/index.json",
+         ["direct", "muxgate-frames"]),
+        ("fuzzingserver", "server", "server-reports/index.json",
+         ["direct", "muxgate-frames", "muxgate-messages"])]:
     agents = load(os.path.join(work, pattern))
     base = agents.get("direct", {})
-    for agent in ["direct", "muxgate-frames", "muxgate-messages"]:
+    for agent in runs:
         cases = agents.get(agent, {})
         failed = sorted((k for k, c in cases.items() if verdict(c) == "FAILED"), key=key)
-        prefix = "client" if direction == "fuzzingclient" else "server"
         seconds = lambda a: float(open(os.path.join(work, "times", f"{prefix}-{a}")).read())
         secs = seconds(agent)
         ratio = "" if agent == "direct" else f" ({secs / seconds('direct'):.2f} x direct)"

@@ -20,11 +20,13 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode};
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
-use crate::config::{Compression, Text};
-use crate::deflate::negotiate;
+use crate::config::{Compression, Text, WebSocketSettings};
 use crate::limits::LimitRefusal;
 use crate::routing::Route;
 use crate::upstream::ConnectError;
+use muxgate_backend::deflate::codec::MIN_DEFLATE_WINDOW_BITS;
+use muxgate_backend::deflate::negotiate;
+use muxgate_backend::deflate::stream::DeflateSettings;
 use muxgate_plugins::Rejection;
 
 /// Why a client's handshake was refused, each variant one HTTP status.
@@ -271,6 +273,28 @@ pub(crate) fn deflate_offers(
     }
     negotiate::offers(headers)
         .map_err(|_| HandshakeError::BadRequest("malformed Sec-WebSocket-Extensions header"))
+}
+
+/// The broker's own answer to the client's permessage-deflate `offers`,
+/// where it terminates compression (it must read the messages): the first
+/// offer it can accept within `ws.compression` is answered in `response`,
+/// and the settings the client's stream needs are returned.
+pub(crate) fn terminate_deflate(
+    offers: &[negotiate::Params],
+    ws: &WebSocketSettings,
+    response: &mut Response,
+) -> Option<DeflateSettings> {
+    let c = &ws.compression;
+    let (agreed, answer) = negotiate::accept(offers, &c.preferences(), MIN_DEFLATE_WINDOW_BITS)?;
+    response
+        .headers_mut()
+        .insert(header::SEC_WEBSOCKET_EXTENSIONS, answer);
+    Some(DeflateSettings {
+        agreed,
+        level: c.level,
+        min_size: c.min_size.bytes(),
+        max_decompressed_size: usize::try_from(ws.max_decompressed_size()).unwrap_or(usize::MAX),
+    })
 }
 
 impl From<LimitRefusal> for HandshakeError {

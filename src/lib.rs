@@ -41,10 +41,6 @@
 //! - `upstream/probe.rs`: active health checks.
 //! - `routing.rs`: `external_path` to upstream and `internal_path`.
 //!
-//! Compression (`deflate/`), permessage-deflate:
-//! - `deflate/mod.rs`: where the broker compresses and where it lets compressed frames pass.
-//! - `deflate/negotiate.rs`: the `Sec-WebSocket-Extensions` offers and answers.
-//!
 //! Handshake and sessions, what both modes share:
 //! - `handshake.rs`: the upgrade checks and answers; every refusal is an HTTP status.
 //! - `session/mod.rs`: session ids and the registry.
@@ -86,6 +82,10 @@
 //!
 //! Plugins (handshake, pre_request, post_response) live in the
 //! `muxgate-plugins` crate; each upstream holds its built `Pipeline`.
+//! permessage-deflate's negotiation, codec and stream adapter live in
+//! `muxgate_backend::deflate`, which Rust upstreams share: the frame relay
+//! passes compression end to end, and the message relay and multiplexed
+//! sessions terminate it (`session/client.rs`).
 //!
 //! # One message in direct mode
 //!
@@ -117,7 +117,6 @@
 mod app;
 mod close;
 pub mod config;
-mod deflate;
 mod direct;
 mod handshake;
 mod limits;

@@ -29,6 +29,8 @@ pub(crate) struct Metrics {
     sessions_active: IntGaugeVec,
     sessions_draining: IntGaugeVec,
     compressed_sessions_active: IntGaugeVec,
+    compression_bytes_total: IntCounterVec,
+    decompression_limit_closes_total: IntCounterVec,
     sessions_total: IntCounterVec,
     messages_total: IntCounterVec,
     message_bytes_total: IntCounterVec,
@@ -195,6 +197,16 @@ impl Metrics {
             "Client sessions open now that agreed permessage-deflate with the client, by upstream (in direct mode's frame relay the upstream compresses, end to end).",
             &["upstream"],
         );
+        let compression_bytes_total = counter(
+            "compression_bytes_total",
+            "permessage-deflate where the broker compresses: message bytes (form=uncompressed) and the compressed payload bytes that carry them (form=compressed), by upstream, hop (client: the client's socket) and direction.",
+            &["upstream", "hop", "direction", "form"],
+        );
+        let decompression_limit_closes_total = counter(
+            "decompression_limit_closes_total",
+            "Sockets failed (1009) for a compressed message that inflated past compression.max_decompressed_size, by upstream and hop.",
+            &["upstream", "hop"],
+        );
         let mux_connections = gauge(
             "mux_connections",
             "Mux connections by upstream, target and state (connecting, live).",
@@ -237,6 +249,8 @@ impl Metrics {
             registry,
             sessions_active,
             compressed_sessions_active,
+            compression_bytes_total,
+            decompression_limit_closes_total,
             sessions_draining,
             config_reloads_total,
             sessions_total,
@@ -361,6 +375,29 @@ impl Metrics {
                 .message_bytes_total
                 .with_label_values(&[upstream, d, "binary"]),
             shards: Default::default(),
+        }
+    }
+
+    /// The counters of one compressed socket of `upstream`: the client's
+    /// (`hop` "client") or a mux connection's ("upstream"). `read` is the
+    /// direction of what the socket receives.
+    pub(crate) fn compression_counters(
+        &self,
+        upstream: &str,
+        hop: &str,
+        read: impl Label,
+        written: impl Label,
+    ) -> CompressionCounters {
+        let c = &self.compression_bytes_total;
+        let (r, w) = (read.label(), written.label());
+        CompressionCounters {
+            read_wire: c.with_label_values(&[upstream, hop, r, "compressed"]),
+            read_message: c.with_label_values(&[upstream, hop, r, "uncompressed"]),
+            written_message: c.with_label_values(&[upstream, hop, w, "uncompressed"]),
+            written_wire: c.with_label_values(&[upstream, hop, w, "compressed"]),
+            too_large: self
+                .decompression_limit_closes_total
+                .with_label_values(&[upstream, hop]),
         }
     }
 
@@ -515,6 +552,34 @@ pub(crate) struct ConnMetrics {
     pub frames_in: IntCounter,
     pub bytes_in: IntCounter,
     pub queue_depth: prometheus::IntGauge,
+}
+
+/// One compressed socket's byte counts before and after compression.
+pub(crate) struct CompressionCounters {
+    /// Compressed payload bytes read, and the message bytes they inflated to.
+    pub read_wire: IntCounter,
+    pub read_message: IntCounter,
+    /// Message bytes compressed for writing, and the payload bytes sent.
+    pub written_message: IntCounter,
+    pub written_wire: IntCounter,
+    /// Messages refused for inflating past `max_decompressed_size`.
+    pub too_large: IntCounter,
+}
+
+impl muxgate_backend::deflate::stream::CompressionCounts for CompressionCounters {
+    fn read_compressed(&self, n: u64) {
+        self.read_wire.inc_by(n);
+    }
+    fn read_inflated(&self, n: u64) {
+        self.read_message.inc_by(n);
+    }
+    fn written(&self, message: u64, compressed: u64) {
+        self.written_message.inc_by(message);
+        self.written_wire.inc_by(compressed);
+    }
+    fn too_large(&self) {
+        self.too_large.inc();
+    }
 }
 
 /// Pre-resolved message counters of one direction of one upstream, shared

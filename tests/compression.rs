@@ -14,7 +14,7 @@ use std::process::Stdio;
 use common::raw::RawPeer;
 use common::upstream::TestUpstream;
 use common::*;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
 use tokio::process::{Child, Command};
 
@@ -291,4 +291,268 @@ async fn only_permessage_deflate_offers_reach_the_upstream() {
     assert_eq!(status, 400, "{body}");
     assert!(body.contains("Sec-WebSocket-Extensions"), "{body}");
     broker.stop().await;
+}
+
+/// Where the broker must read messages (multiplexed mode, and direct mode's
+/// message relay behind a message plugin) it terminates permessage-deflate
+/// itself: it answers the client's offer, inflates what the client sends
+/// and compresses what it sends back, and the upstream (the demo, which
+/// speaks no compression) sees plain messages. Every message of the
+/// Python client's set arrives byte for byte, and the counts show the JSON
+/// half compressed both ways.
+#[tokio::test]
+async fn the_broker_terminates_permessage_deflate_where_it_reads_messages() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let demo = listener.local_addr().unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(muxgate_backend::demo::serve(listener, stop.clone()));
+    let pass_all =
+        "plugins: [{name: message_size, stage: pre_request, settings: {max_bytes: 1MiB}}]";
+    for (what, config) in [
+        ("multiplexed", mux_config(&[demo], "", "", "")),
+        ("message relay", direct_config(&[demo], "", pass_all, "")),
+    ] {
+        let broker = start_broker(&config).await;
+        let report = python_client(&broker.url("/ws/echo")).await;
+        let agreed = report["extensions"].as_str().expect("an extension agreed");
+        assert_eq!(agreed, "permessage-deflate", "{what}");
+        assert_eq!(report["echoed"], 40, "{what}");
+        let m = broker
+            .metrics_when("the session counted as ended", |m| {
+                m.value(
+                    "muxgate_compressed_sessions_active",
+                    &[("upstream", "echo")],
+                ) == 0.0
+            })
+            .await;
+        let bytes = |direction: &str, form: &str| {
+            m.value(
+                "muxgate_compression_bytes_total",
+                &[
+                    ("upstream", "echo"),
+                    ("hop", "client"),
+                    ("direction", direction),
+                    ("form", form),
+                ],
+            )
+        };
+        for direction in ["client_to_upstream", "upstream_to_client"] {
+            let (message, wire) = (
+                bytes(direction, "uncompressed"),
+                bytes(direction, "compressed"),
+            );
+            assert!(
+                wire > 0.0 && wire < 0.8 * message,
+                "{what}, {direction}: {wire} compressed bytes for {message}"
+            );
+        }
+        // What crossed uncompressed is what the client sent, message bytes.
+        assert_eq!(
+            bytes_relayed(&m, "client_to_upstream"),
+            client_payload_bytes(),
+            "{what}"
+        );
+        broker.stop().await;
+    }
+    stop.cancel();
+    within("demo stop", task).await.unwrap();
+}
+
+/// The VmRSS (or, with `peak`, VmHWM) of process `pid`, in bytes.
+fn rss(pid: u32, peak: bool) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = if peak { "VmHWM:" } else { "VmRSS:" };
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("a VmRSS line");
+    kib * 1024
+}
+
+/// A compression bomb: one frame of a few KiB per MiB it inflates to, 1 GiB
+/// of zeros in all. The broker stops inflating at `max_decompressed_size` (1 MiB
+/// here, as `max_message_size`) and closes that client with 1009; its
+/// peak memory grows by less than the cap plus 1 MiB, and a neighbour on
+/// the same upstream goes on echoing.
+#[tokio::test]
+async fn a_compression_bomb_closes_its_client_with_1009_and_costs_at_most_the_cap() {
+    use flate2::{Compress, Compression, FlushCompress};
+    use futures_util::SinkExt;
+    use tokio_tungstenite::tungstenite::Message;
+
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let demo = listener.local_addr().unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(muxgate_backend::demo::serve(listener, stop.clone()));
+    let yaml = mux_config(&[demo], "", "", "");
+    let path = std::env::temp_dir().join(format!("muxgate-bomb-{}.yaml", std::process::id()));
+    std::fs::write(&path, &yaml).unwrap();
+    let broker = spawn_binary_logged(&path, &[], &[]).await;
+    let pid = broker.child.id().unwrap();
+
+    // 1 GiB of zeros, deflated (raw, as permessage-deflate carries it):
+    // the first MiB, then the next one, whose blocks only repeat the zero
+    // before them, so that they stand for any further MiB of zeros.
+    let mut deflate = Compress::new(Compression::best(), false);
+    let zeros = vec![0u8; 1 << 20];
+    let mut first = Vec::with_capacity(64 * 1024);
+    let mut next = Vec::with_capacity(64 * 1024);
+    for out in [&mut first, &mut next] {
+        deflate
+            .compress_vec(&zeros, out, FlushCompress::Sync)
+            .unwrap();
+        assert_eq!(deflate.total_in() % (1 << 20), 0, "all taken");
+        assert!(out.ends_with(&[0, 0, 0xff, 0xff]));
+    }
+    let mut bomb = first;
+    for _ in 1..1024 {
+        bomb.extend_from_slice(&next);
+    }
+    bomb.truncate(bomb.len() - 4);
+    assert!(bomb.len() < 2 << 20, "{} compressed bytes", bomb.len());
+
+    // The pool is up once a mux connection is live.
+    within("a live mux connection", async {
+        loop {
+            let (_, _, body) = http_get(broker.admin_addr, "/metrics").await;
+            let live = Metrics::parse(&body).value("muxgate_mux_connections", &[("state", "live")]);
+            if live > 0.0 {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    let url = format!("ws://{}/ws/echo", broker.client_addr);
+    let (mut neighbour, _) = connect(&url, &[]).await;
+    echo_roundtrip(&mut neighbour, Message::text("before")).await;
+    let before = rss(pid, false);
+
+    let addr = broker.client_addr;
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(
+        upgrade_request(
+            addr,
+            "/ws/echo",
+            "Sec-WebSocket-Extensions: permessage-deflate\r\n",
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let head = common::raw::read_head(&mut tcp).await.expect("a 101");
+    assert!(
+        head.to_ascii_lowercase().contains("permessage-deflate"),
+        "{head}"
+    );
+    // FIN, RSV1, binary; masked, with a 64-bit length.
+    let mask = [0x5a, 0x13, 0xc4, 0x7e];
+    let mut frame = vec![0xc2, 0x80 | 127];
+    frame.extend((bomb.len() as u64).to_be_bytes());
+    frame.extend(mask);
+    frame.extend(bomb.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    let bomb_len = bomb.len();
+    // The broker stops reading once it gave up: the rest may never go.
+    let (mut reader, mut writer) = tcp.into_split();
+    let write = tokio::spawn(async move {
+        let _ = writer.write_all(&frame).await;
+        writer
+    });
+    // The broker's first frame is its close (unmasked, a short payload).
+    let mut close = [0u8; 4];
+    within("the 1009", reader.read_exact(&mut close))
+        .await
+        .unwrap();
+    assert_eq!(close[0], 0x88, "a close frame");
+    assert_eq!(u16::from_be_bytes([close[2], close[3]]), 1009);
+    write.abort();
+    let peak = rss(pid, true);
+    let cap = 1 << 20;
+    eprintln!(
+        "bomb: {} KiB compressed for 1 GiB; broker RSS {} KiB before, peak {} KiB after (+{} KiB)",
+        bomb_len / 1024,
+        before / 1024,
+        peak / 1024,
+        peak.saturating_sub(before) / 1024
+    );
+    assert!(
+        peak.saturating_sub(before) < cap + (1 << 20),
+        "peak RSS grew by {} KiB (before {} KiB, peak {} KiB)",
+        (peak.saturating_sub(before)) / 1024,
+        before / 1024,
+        peak / 1024
+    );
+    // The neighbour never noticed.
+    echo_roundtrip(&mut neighbour, Message::text("after")).await;
+    neighbour.send(Message::Close(None)).await.unwrap();
+    let (status, _, body) = http_get(broker.admin_addr, "/metrics").await;
+    assert_eq!(status, 200);
+    let m = Metrics::parse(&body);
+    assert_eq!(
+        m.value(
+            "muxgate_decompression_limit_closes_total",
+            &[("upstream", "echo"), ("hop", "client")]
+        ),
+        1.0
+    );
+    let _ = std::fs::remove_file(&path);
+    stop.cancel();
+    within("demo stop", task).await.unwrap();
+}
+
+/// A compressed session's close handshake completes: the client's close
+/// is answered with the broker's, in both modes that terminate
+/// compression.
+#[tokio::test]
+async fn a_compressed_session_closes_cleanly() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let demo = listener.local_addr().unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(muxgate_backend::demo::serve(listener, stop.clone()));
+    let pass_all =
+        "plugins: [{name: message_size, stage: pre_request, settings: {max_bytes: 1MiB}}]";
+    for (what, config) in [
+        ("multiplexed", mux_config(&[demo], "", "", "")),
+        ("message relay", direct_config(&[demo], "", pass_all, "")),
+    ] {
+        let broker = start_broker(&config).await;
+        broker
+            .metrics_when("a live pool, if any", |m| {
+                what != "multiplexed"
+                    || m.value("muxgate_mux_connections", &[("state", "live")]) > 0.0
+            })
+            .await;
+        let (mut client, head) = RawPeer::client_with(
+            broker.client_addr,
+            "/ws/echo",
+            "Sec-WebSocket-Extensions: permessage-deflate\r\n",
+        )
+        .await;
+        assert!(
+            head.to_ascii_lowercase().contains("permessage-deflate"),
+            "{what}: {head}"
+        );
+        // RFC 7692's compressed "Hello" comes back as "Hello" (below
+        // min_size: uncompressed).
+        client
+            .write_frame(0xc1, &[0xf2, 0x48, 0xcd, 0xc9, 0xc9, 0x07, 0x00])
+            .await;
+        let echoed = within("the echo", client.read_frame())
+            .await
+            .expect("a frame");
+        assert_eq!(
+            (echoed.first, &echoed.payload[..]),
+            (0x81, &b"Hello"[..]),
+            "{what}"
+        );
+        client.write_frame(0x88, &[0x03, 0xe8]).await;
+        match within("the close", client.next_close()).await {
+            common::raw::CloseSeen::Close(code, _) => assert_eq!(code, 1000, "{what}"),
+            other => panic!("{what}: expected the broker's close, got {other:?}"),
+        }
+        broker.stop().await;
+    }
+    stop.cancel();
+    within("demo stop", task).await.unwrap();
 }

@@ -21,7 +21,6 @@ const LAYERS: &[(&str, u8, &str)] = &[
     ("config", 2, "config"),
     ("upstream", 3, "upstreams"),
     ("routing", 3, "upstreams"),
-    ("deflate", 3, "compression"),
     ("handshake", 4, "handshake and sessions"),
     ("session", 4, "handshake and sessions"),
     ("direct", 5, "modes"),

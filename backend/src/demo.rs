@@ -2,7 +2,8 @@
 //!
 //! - A plain WebSocket (direct mode) is an echo: every text and binary
 //!   message comes back unchanged, a close is answered with the same code,
-//!   and the first offered subprotocol is selected.
+//!   and the first offered subprotocol is selected. It takes
+//!   permessage-deflate when offered (context takeover, full windows).
 //! - A mux connection (the broker offers `muxgate.v1.json` or
 //!   `muxgate.v1.binary`) serves sessions through [`crate::mux`]: a session
 //!   whose path starts with `/chat` joins one chat room, where every message
@@ -25,8 +26,18 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info};
 use uuid::Uuid;
 
+use tokio_tungstenite::tungstenite::protocol::Role;
+
+use crate::deflate::stream::{DeflateSettings, Deflating};
+use crate::deflate::{codec, negotiate};
 use crate::mux::{self, Connection, Handler, Session};
 use crate::protocol::{Open, Payload};
+
+/// The echo's compression: zlib's fastest level, messages of 256 bytes and
+/// up, and tungstenite's own limit on a message (64 MiB) after inflating.
+const DEMO_COMPRESSION_LEVEL: u32 = 1;
+const DEMO_COMPRESSION_MIN_SIZE: usize = 256;
+const DEMO_MAX_MESSAGE: usize = 64 << 20;
 
 /// Serves the echo upstream on `listener` until `stop` is cancelled, then
 /// waits for its connections to end.
@@ -52,7 +63,8 @@ pub async fn serve(listener: TcpListener, stop: CancellationToken) {
 }
 
 /// Accepts one connection: a mux connection if the broker offered a mux
-/// subprotocol, else a plain echo.
+/// subprotocol, else a plain echo, which takes permessage-deflate when
+/// offered (a browser's, passed on by the broker's frame relay).
 async fn accept(
     tcp: TcpStream,
     peer: SocketAddr,
@@ -61,25 +73,50 @@ async fn accept(
 ) {
     let _ = tcp.set_nodelay(true);
     let mut encoding = None;
+    let mut deflate = None;
     #[allow(clippy::result_large_err)] // tungstenite's callback signature
     let callback = |request: &Request, mut response: Response| {
         encoding = mux::negotiate(request, &mut response);
         if encoding.is_none() {
             select_first_protocol(request, &mut response);
+            deflate = accept_deflate(request, &mut response);
         }
         Ok(response)
     };
-    let ws = match tokio_tungstenite::accept_hdr_async(tcp, callback).await {
+    let mut ws = match tokio_tungstenite::accept_hdr_async(Deflating::plain(tcp), callback).await {
         Ok(ws) => ws,
         Err(error) => {
             debug!(%peer, %error, "demo upstream handshake failed");
             return;
         }
     };
+    if let Some(settings) = deflate {
+        ws.get_mut().enable(Role::Server, settings, Box::new(()));
+    }
     match encoding {
         Some(encoding) => mux::serve_connection(ws, encoding, handler, stop).await,
         None => echo(ws, peer, stop).await,
     }
+}
+
+/// Answers the first permessage-deflate offer that fits (full windows,
+/// context takeover); the settings to enable once the handshake is done.
+fn accept_deflate(request: &Request, response: &mut Response) -> Option<DeflateSettings> {
+    let offers = negotiate::offers(request.headers()).ok()?;
+    let (agreed, answer) = negotiate::accept(
+        &offers,
+        &negotiate::Preferences::default(),
+        codec::MIN_DEFLATE_WINDOW_BITS,
+    )?;
+    response
+        .headers_mut()
+        .insert(http::header::SEC_WEBSOCKET_EXTENSIONS, answer);
+    Some(DeflateSettings {
+        agreed,
+        level: DEMO_COMPRESSION_LEVEL,
+        min_size: DEMO_COMPRESSION_MIN_SIZE,
+        max_decompressed_size: DEMO_MAX_MESSAGE,
+    })
 }
 
 fn select_first_protocol(request: &Request, response: &mut Response) {
@@ -142,7 +179,7 @@ impl Handler for DemoHandler {
 }
 
 async fn echo(
-    mut ws: tokio_tungstenite::WebSocketStream<TcpStream>,
+    mut ws: tokio_tungstenite::WebSocketStream<Deflating<TcpStream>>,
     peer: SocketAddr,
     stop: CancellationToken,
 ) {

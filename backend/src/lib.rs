@@ -1,5 +1,6 @@
 //! The upstream side of muxgate.
 //!
+//! - [`deflate`]: permessage-deflate (RFC 7692), which tungstenite lacks;
 //! - [`protocol`]: the mux frames and both encodings of
 //!   `shared/mux-protocol.md` (the broker uses the same code);
 //! - [`mux`]: serve mux connections from a Rust backend with a session API
@@ -9,6 +10,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod deflate;
 pub mod demo;
 pub mod mux;
 pub mod protocol;

@@ -19,7 +19,6 @@ use tracing::debug;
 use super::snapshot::Snapshot;
 use super::state::AppState;
 use crate::config::Mode;
-use crate::deflate::negotiate;
 use crate::direct::{self, DirectSession, UpstreamUnavailable};
 use crate::handshake::{self, HandshakeError};
 use crate::mux::pool::Tenancy;
@@ -30,6 +29,7 @@ use crate::transport::accept::BalancedListener;
 use crate::transport::event_loops::ServeFuture;
 use crate::transport::{http1, tls};
 use crate::upstream::Upstream;
+use muxgate_backend::deflate::negotiate;
 use muxgate_plugins::{HandshakeCtx, SessionCtx, SessionHooks};
 
 /// `server`'s bounds on a client connection before its upgrade.
@@ -154,7 +154,10 @@ async fn accept(
 
     let path = route.upstream_path(request.uri().query());
     let mut response = handshake::switching_protocols(&key, &request_id);
+    let ws = &upstream.config.websocket_config;
+    let deflate_offers = handshake::deflate_offers(request.headers(), &ws.compression)?;
     if upstream.mode() == Mode::Multiplexed {
+        let deflate = handshake::terminate_deflate(&deflate_offers, ws, &mut response);
         let pool = Tenancy::new(Arc::clone(
             snapshot
                 .pools
@@ -181,7 +184,7 @@ async fn accept(
                 route: Arc::clone(&route.external_path),
                 mode: Mode::Multiplexed,
                 target: None,
-                compressed: false,
+                compressed: deflate.is_some(),
             },
             remote,
             request_id,
@@ -195,6 +198,7 @@ async fn accept(
             pool,
             metrics: Arc::clone(&app.metrics),
             open: Arc::new(open),
+            deflate,
         });
         app.metrics
             .handshake_completed(&upstream.name, started.elapsed());
@@ -209,13 +213,11 @@ async fn accept(
     // The frame relay passes compressed frames through as bytes: the
     // upstream answers the client's permessage-deflate offers, and its
     // answer is checked (`upstream::connect`) and passed back. The message
-    // relay must read messages, and offers nothing yet.
-    if !upstream.pipeline.reads_messages() {
-        let offers = handshake::deflate_offers(
-            request.headers(),
-            &upstream.config.websocket_config.compression,
-        )?;
-        if let Some(offers) = negotiate::offers_header(&offers) {
+    // relay must read messages: the broker answers the client itself
+    // (below, once the upstream is connected).
+    let frame_relay = !upstream.pipeline.reads_messages();
+    if frame_relay {
+        if let Some(offers) = negotiate::offers_header(&deflate_offers) {
             headers.insert(header::SEC_WEBSOCKET_EXTENSIONS, offers);
         }
     }
@@ -245,6 +247,11 @@ async fn accept(
             .headers_mut()
             .insert(header::SEC_WEBSOCKET_EXTENSIONS, answer.clone());
     }
+    let client_deflate = if frame_relay {
+        None
+    } else {
+        handshake::terminate_deflate(&deflate_offers, ws, &mut response)
+    };
     app.metrics
         .handshake_completed(&upstream.name, started.elapsed());
 
@@ -254,7 +261,7 @@ async fn accept(
             route: Arc::clone(&route.external_path),
             mode: Mode::Direct,
             target: Some(Arc::clone(&lease.target().label)),
-            compressed: connected.deflate.is_some(),
+            compressed: connected.deflate.is_some() || client_deflate.is_some(),
         },
         remote,
         request_id,
@@ -267,6 +274,7 @@ async fn accept(
         lease,
         upstream: Arc::clone(&upstream),
         metrics: Arc::clone(&app.metrics),
+        client_deflate,
     });
     app.shutdown
         .spawn(direct::relay(session, on_upgrade, connected));

@@ -391,10 +391,18 @@ pub struct Compression {
     /// client is closed with 1009. Default: `max_message_size`.
     #[serde(default)]
     pub max_decompressed_size: Option<Size>,
-    /// Multiplexed mode: negotiate permessage-deflate on the mux
-    /// connections themselves (one context per connection).
-    #[serde(default)]
-    pub mux_compression: bool,
+}
+
+impl Compression {
+    /// What the broker prefers when it answers a client's offer itself.
+    pub fn preferences(&self) -> muxgate_backend::deflate::negotiate::Preferences {
+        muxgate_backend::deflate::negotiate::Preferences {
+            server_no_context_takeover: self.server_no_context_takeover,
+            client_no_context_takeover: self.client_no_context_takeover,
+            server_max_window_bits: self.server_max_window_bits,
+            client_max_window_bits: self.client_max_window_bits,
+        }
+    }
 }
 
 impl Default for Compression {
@@ -408,7 +416,6 @@ impl Default for Compression {
             server_max_window_bits: MAX_WINDOW_BITS,
             client_max_window_bits: MAX_WINDOW_BITS,
             max_decompressed_size: None,
-            mux_compression: false,
         }
     }
 }

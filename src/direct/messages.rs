@@ -29,7 +29,7 @@ use super::DirectSession;
 use crate::close;
 use crate::metrics::{MessageCounters, Metrics};
 use crate::session::alarms::{Alarm, Alarms};
-use crate::session::client::client_socket;
+use crate::session::client::{client_socket, ClientDeflate};
 use crate::session::ending::{conclude, log_ended, log_opened, LegSummary, Stop};
 use crate::session::keepalive::{Due, Keepalive, Liveness};
 use crate::session::side::{Direction, Side};
@@ -40,9 +40,22 @@ use muxgate_plugins::{SessionHooks, Verdict};
 /// cannot starve the other or the timers.
 const BURST: usize = 64;
 
-pub(super) async fn run(session: Box<DirectSession>, on_upgrade: OnUpgrade, upstream: Connected) {
+pub(super) async fn run(
+    mut session: Box<DirectSession>,
+    on_upgrade: OnUpgrade,
+    upstream: Connected,
+) {
     let config = session.upstream.socket_config;
-    let client = match client_socket(on_upgrade, config).await {
+    let deflate = session.client_deflate.take().map(|settings| ClientDeflate {
+        settings,
+        counters: session.metrics.compression_counters(
+            &session.upstream.name,
+            "client",
+            Direction::ClientToUpstream,
+            Direction::UpstreamToClient,
+        ),
+    });
+    let client = match client_socket(on_upgrade, config, deflate).await {
         Ok(client) => client,
         Err(error) => return super::abandon(session, upstream, error).await,
     };

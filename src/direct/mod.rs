@@ -25,6 +25,7 @@ use crate::limits::ConnectionPermit;
 use crate::metrics::Metrics;
 use crate::session::SessionGuard;
 use crate::upstream::{Connected, TargetLease, Upstream};
+use muxgate_backend::deflate::stream::DeflateSettings;
 use muxgate_plugins::SessionHooks;
 
 mod connect;
@@ -45,6 +46,10 @@ pub(crate) struct DirectSession {
     pub lease: TargetLease,
     pub upstream: Arc<Upstream>,
     pub metrics: Arc<Metrics>,
+    /// The message relay: permessage-deflate as agreed with the client,
+    /// which the broker terminates (the upstream socket is uncompressed).
+    /// The frame relay leaves compression to the peers.
+    pub client_deflate: Option<DeflateSettings>,
 }
 
 /// The session's task, ready to spawn: it relays between the client, once

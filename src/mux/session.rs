@@ -37,11 +37,13 @@ use crate::config::WebSocketSettings;
 use crate::limits::ConnectionPermit;
 use crate::metrics::Metrics;
 use crate::session::alarms::{Alarm, Alarms};
+use crate::session::client::ClientDeflate;
 use crate::session::ending::{log_ended, log_opened, plugin_reason, LegSummary};
 use crate::session::keepalive::{Due, Keepalive, Liveness};
 use crate::session::side::{Direction, Side};
 use crate::session::SessionGuard;
 use crate::upstream::Upstream;
+use muxgate_backend::deflate::stream::{self as deflate_stream, DeflateSettings};
 use muxgate_plugins::{SessionHooks, Verdict};
 
 /// A close code and reason.
@@ -62,6 +64,9 @@ pub(crate) struct MuxSession {
     pub pool: Tenancy,
     pub metrics: Arc<Metrics>,
     pub open: Arc<Open>,
+    /// permessage-deflate as agreed with the client, which the broker
+    /// terminates (the mux connection carries the messages uncompressed).
+    pub deflate: Option<DeflateSettings>,
 }
 
 /// Where the session stands with the pool.
@@ -128,6 +133,14 @@ fn client_event(
         }),
         Some(Ok(_)) => Ok(None),
         Some(Err(error)) => Err(match &error {
+            // A compressed message that could not be inflated.
+            e if deflate_stream::close_for(e).is_some() => {
+                let (code, generic) = deflate_stream::close_for(e).expect("checked");
+                Ending::ClientFault {
+                    code,
+                    reason: close::reason(generic, Some(&error), details),
+                }
+            }
             WsError::Capacity(CapacityError::MessageTooLong { .. }) => Ending::ClientFault {
                 code: close::MESSAGE_TOO_BIG,
                 reason: close::reason("message too big", Some(&error), details),
@@ -293,7 +306,17 @@ fn on_control(
 /// task's future holds it once.
 pub(crate) async fn run(mut session: Box<MuxSession>, on_upgrade: hyper::upgrade::OnUpgrade) {
     let config = session.upstream.socket_config;
-    let mut client = match crate::session::client::client_socket(on_upgrade, config).await {
+    let deflate = session.deflate.take().map(|settings| ClientDeflate {
+        settings,
+        counters: session.metrics.compression_counters(
+            &session.upstream.name,
+            "client",
+            Direction::ClientToUpstream,
+            Direction::UpstreamToClient,
+        ),
+    });
+    let mut client = match crate::session::client::client_socket(on_upgrade, config, deflate).await
+    {
         Ok(client) => client,
         Err(error) => {
             debug!(session = %session.guard.handle.id, %error, "client upgrade failed");

@@ -5,11 +5,20 @@
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::WebSocketStream;
 
+use crate::metrics::CompressionCounters;
 use crate::transport::chunked::{self, ChunkedRead};
 use crate::transport::upgraded::{self, ClientIo};
+use muxgate_backend::deflate::stream::{DeflateSettings, Deflating};
 
-/// A client's upgraded connection, read in chunks.
-pub(crate) type DecodedClientIo = ChunkedRead<ClientIo>;
+/// A client's upgraded connection, read in chunks, with permessage-deflate
+/// taken off and put on when the client agreed it.
+pub(crate) type DecodedClientIo = Deflating<ChunkedRead<ClientIo>>;
+
+/// permessage-deflate as agreed with a client, and where its bytes count.
+pub(crate) struct ClientDeflate {
+    pub settings: DeflateSettings,
+    pub counters: CompressionCounters,
+}
 
 /// The client's WebSocket, once hyper has handed over the upgraded
 /// connection; reads go through [`ChunkedRead`], so an idle client holds
@@ -17,8 +26,13 @@ pub(crate) type DecodedClientIo = ChunkedRead<ClientIo>;
 pub(crate) async fn client_socket(
     on_upgrade: hyper::upgrade::OnUpgrade,
     config: WebSocketConfig,
+    deflate: Option<ClientDeflate>,
 ) -> std::io::Result<WebSocketStream<DecodedClientIo>> {
     let io = ChunkedRead::new(upgraded::client(on_upgrade).await?, config.read_buffer_size);
+    let io = match deflate {
+        None => Deflating::plain(io),
+        Some(d) => Deflating::new(io, Role::Server, d.settings, Box::new(d.counters)),
+    };
     let config = config.read_buffer_size(chunked::DECODER_BUFFER);
     Ok(WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await)
 }

@@ -16,6 +16,7 @@ use super::SessionHandle;
 use crate::close;
 use crate::metrics::Metrics;
 use crate::upstream::{Target, Upstream};
+use muxgate_backend::deflate::stream as deflate_stream;
 
 /// Why a direct session's relay stopped.
 #[derive(Debug)]
@@ -159,6 +160,10 @@ pub(crate) fn decide(stop: &Stop, details: bool) -> Ending {
         },
         Stop::ReadFailed { side, error } => {
             let (code, generic) = match error {
+                // A compressed message that could not be inflated.
+                e if deflate_stream::close_for(e).is_some() => {
+                    deflate_stream::close_for(e).expect("checked")
+                }
                 WsError::Capacity(CapacityError::MessageTooLong { .. }) => {
                     (close::MESSAGE_TOO_BIG, "message too big")
                 }

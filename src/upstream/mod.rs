@@ -27,8 +27,8 @@ pub(crate) use balance::Balancer;
 pub(crate) use health::TargetHealth;
 
 use crate::config::{Mode, UpstreamConfig};
-use crate::deflate::negotiate::{self, Agreed, BadAnswer};
 use crate::metrics::Metrics;
+use muxgate_backend::deflate::negotiate::{self, Agreed, BadAnswer};
 use tracing::warn;
 
 /// Worst-case growth of a message inside a JSON mux frame (`\u0000` escapes).

@@ -1,8 +1,9 @@
 """Both ends of a permessage-deflate session, with Python `websockets`
 (an implementation independent of the broker's), for tests/compression.rs.
 
-    deflate_peer.py serve        an echo server that accepts permessage-deflate
-                                 (websockets' defaults); prints its port
+    deflate_peer.py serve [PORT] an echo server that accepts permessage-deflate
+                                 (websockets' defaults) on PORT (default: any);
+                                 prints its port
     deflate_peer.py client URL   connects with permessage-deflate offered,
                                  round-trips text and binary messages of every
                                  length class, byte-exact, then closes with
@@ -24,8 +25,8 @@ async def echo(ws):
         await ws.send(message)
 
 
-async def run_server():
-    async with serve(echo, "127.0.0.1", 0, max_size=None) as server:
+async def run_server(port):
+    async with serve(echo, "127.0.0.1", port, max_size=None) as server:
         port = server.sockets[0].getsockname()[1]
         print(port, flush=True)
         await asyncio.get_running_loop().create_future()
@@ -38,7 +39,7 @@ def messages():
         yield chat
         yield os.urandom(length)
         yield chat.encode()
-        yield os.urandom(length // 2).hex()[:length]
+        yield os.urandom(length).hex()[:length]
 
 
 async def run_client(url):
@@ -57,6 +58,6 @@ async def run_client(url):
 
 if __name__ == "__main__":
     if sys.argv[1] == "serve":
-        asyncio.run(run_server())
+        asyncio.run(run_server(int(sys.argv[2]) if len(sys.argv) > 2 else 0))
     else:
         asyncio.run(run_client(sys.argv[2]))

@@ -11,14 +11,35 @@
 
 use http::header::{HeaderMap, HeaderValue, SEC_WEBSOCKET_EXTENSIONS};
 
-use crate::config::{Compression, MAX_WINDOW_BITS, MIN_WINDOW_BITS};
+use super::codec::{MAX_WINDOW_BITS, MIN_WINDOW_BITS};
+
+/// What a server prefers, within which it answers an offer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Preferences {
+    pub server_no_context_takeover: bool,
+    pub client_no_context_takeover: bool,
+    pub server_max_window_bits: u8,
+    pub client_max_window_bits: u8,
+}
+
+impl Default for Preferences {
+    /// Context takeover both ways, full windows.
+    fn default() -> Self {
+        Preferences {
+            server_no_context_takeover: false,
+            client_no_context_takeover: false,
+            server_max_window_bits: MAX_WINDOW_BITS,
+            client_max_window_bits: MAX_WINDOW_BITS,
+        }
+    }
+}
 
 /// The extension's name.
-pub(crate) const PERMESSAGE_DEFLATE: &str = "permessage-deflate";
+pub const PERMESSAGE_DEFLATE: &str = "permessage-deflate";
 
 /// One element of an extension list: a name and its parameters.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Element {
+pub struct Element {
     pub name: String,
     pub params: Vec<(String, Option<String>)>,
 }
@@ -26,7 +47,7 @@ pub(crate) struct Element {
 /// The `Sec-WebSocket-Extensions` header does not follow RFC 6455 §9.1.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("malformed Sec-WebSocket-Extensions: {0}")]
-pub(crate) struct Malformed(&'static str);
+pub struct Malformed(&'static str);
 
 /// Whether parameters are read as a client's offer or a server's answer:
 /// only an offer may give `client_max_window_bits` without a value.
@@ -38,7 +59,7 @@ enum Role {
 
 /// The parameters of one permessage-deflate offer or answer, as sent.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub(crate) struct Params {
+pub struct Params {
     pub server_no_context_takeover: bool,
     pub client_no_context_takeover: bool,
     pub server_max_window_bits: Option<u8>,
@@ -50,7 +71,7 @@ pub(crate) struct Params {
 /// What both ends agreed: how each compresses (`server_*`: what the server
 /// sends, `client_*`: what the client sends).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Agreed {
+pub struct Agreed {
     pub server_no_context_takeover: bool,
     pub client_no_context_takeover: bool,
     pub server_max_window_bits: u8,
@@ -59,7 +80,7 @@ pub(crate) struct Agreed {
 
 /// A server's answer that no client could accept for its offers.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub(crate) enum BadAnswer {
+pub enum BadAnswer {
     #[error("{0}")]
     Malformed(#[from] Malformed),
     #[error("answered with more than one extension")]
@@ -74,7 +95,7 @@ pub(crate) enum BadAnswer {
 
 /// Parses every `Sec-WebSocket-Extensions` line of `headers` into one list
 /// (several lines are one comma-separated list, RFC 9110 §5.3).
-pub(crate) fn elements(headers: &HeaderMap) -> Result<Vec<Element>, Malformed> {
+pub fn elements(headers: &HeaderMap) -> Result<Vec<Element>, Malformed> {
     let mut out = Vec::new();
     for value in headers.get_all(SEC_WEBSOCKET_EXTENSIONS) {
         let text = value.to_str().map_err(|_| Malformed("not visible ASCII"))?;
@@ -85,7 +106,7 @@ pub(crate) fn elements(headers: &HeaderMap) -> Result<Vec<Element>, Malformed> {
 
 /// The client's valid permessage-deflate offers, in its order of
 /// preference; an invalid one is left out (declined).
-pub(crate) fn offers(headers: &HeaderMap) -> Result<Vec<Params>, Malformed> {
+pub fn offers(headers: &HeaderMap) -> Result<Vec<Params>, Malformed> {
     Ok(elements(headers)?
         .iter()
         .filter(|e| e.name.eq_ignore_ascii_case(PERMESSAGE_DEFLATE))
@@ -95,7 +116,7 @@ pub(crate) fn offers(headers: &HeaderMap) -> Result<Vec<Params>, Malformed> {
 
 /// The header that passes `offers` on (to an upstream that is to answer
 /// the client's offers itself), or `None` for no offer.
-pub(crate) fn offers_header(offers: &[Params]) -> Option<HeaderValue> {
+pub fn offers_header(offers: &[Params]) -> Option<HeaderValue> {
     if offers.is_empty() {
         return None;
     }
@@ -109,7 +130,7 @@ pub(crate) fn offers_header(offers: &[Params]) -> Option<HeaderValue> {
 
 /// The answer in `headers` as one line, for a client to read as the
 /// server sent it (its lines joined, as RFC 9110 §5.3 allows).
-pub(crate) fn answer_header(headers: &HeaderMap) -> HeaderValue {
+pub fn answer_header(headers: &HeaderMap) -> HeaderValue {
     let mut lines = headers.get_all(SEC_WEBSOCKET_EXTENSIONS).iter();
     let first = lines
         .next()
@@ -126,10 +147,7 @@ pub(crate) fn answer_header(headers: &HeaderMap) -> HeaderValue {
 /// Checks a server's `Sec-WebSocket-Extensions` answer to `offers` as the
 /// client must (RFC 7692 §7.1): `Ok(None)` when it accepted none, the
 /// agreement when it accepted one of them.
-pub(crate) fn check_answer(
-    headers: &HeaderMap,
-    offers: &[Params],
-) -> Result<Option<Agreed>, BadAnswer> {
+pub fn check_answer(headers: &HeaderMap, offers: &[Params]) -> Result<Option<Agreed>, BadAnswer> {
     let answered = elements(headers)?;
     let element = match answered.as_slice() {
         [] => return Ok(None),
@@ -147,16 +165,12 @@ pub(crate) fn check_answer(
         .ok_or(BadAnswer::FitsNoOffer)
 }
 
-/// The broker as the server: the first of `offers` it can accept within
+/// As the server: the first of `offers` that can be accepted within
 /// `ours`, with the answer to send. `min_server_window` is the smallest
-/// window the broker's compressor can keep to (see `deflate::codec`).
-// Answered by the broker only where it terminates compression (the
-// message relay and multiplexed mode), which is being built on
-// `deflate::codec`; until then only the tests call it.
-#[cfg_attr(not(test), allow(dead_code))]
-pub(crate) fn accept(
+/// window the compressor can keep to ([`super::codec::MIN_DEFLATE_WINDOW_BITS`]).
+pub fn accept(
     offers: &[Params],
-    ours: &Compression,
+    ours: &Preferences,
     min_server_window: u8,
 ) -> Option<(Agreed, HeaderValue)> {
     offers.iter().find_map(|offer| {
@@ -613,8 +627,8 @@ mod tests {
 
     #[test]
     fn the_broker_answers_within_the_offer_and_its_config() {
-        let ours = Compression::default();
-        let accept_line = |line: &str, ours: &Compression, min: u8| {
+        let ours = Preferences::default();
+        let accept_line = |line: &str, ours: &Preferences, min: u8| {
             accept(&offer(line), ours, min).map(|(a, h)| (a, h.to_str().unwrap().to_owned()))
         };
         let (agreed, answer) =
@@ -622,12 +636,11 @@ mod tests {
         assert_eq!(agreed, FULL);
         assert_eq!(answer, "permessage-deflate");
 
-        let tight = Compression {
+        let tight = Preferences {
             server_no_context_takeover: true,
             client_no_context_takeover: true,
             server_max_window_bits: 11,
             client_max_window_bits: 10,
-            ..Compression::default()
         };
         let (agreed, answer) =
             accept_line("permessage-deflate; client_max_window_bits", &tight, 9).unwrap();

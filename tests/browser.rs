@@ -1,0 +1,91 @@
+//! A real browser against the broker: headless Chromium (Debian's
+//! `chromium`, driven by npm's `playwright-core` from tests/browser) opens
+//! the shipped `/ws/echo` and `/ws/chat` on the shipped `upstreams.yaml`
+//! with its bundled demo upstream, listeners moved to port 0.
+//!
+//! Needs `apt-get install chromium` and `npm ci --prefix tests/browser`
+//! (`.ci/run` does both).
+
+mod common;
+
+use std::path::Path;
+
+use common::*;
+use tokio::process::Command;
+
+const BROWSER_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/browser");
+
+/// The shipped config on port 0, its targets pointing at `demo`.
+fn shipped_config(demo: std::net::SocketAddr) -> String {
+    let text =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("upstreams.yaml"))
+            .expect("the shipped upstreams.yaml");
+    text.replace("listen: 127.0.0.1:8080", "listen: 127.0.0.1:0")
+        .replace("admin_listen: 127.0.0.1:9090", "admin_listen: 127.0.0.1:0")
+        .replace("ws://127.0.0.1:3000", &format!("ws://{demo}"))
+}
+
+/// Chromium agrees permessage-deflate with the broker on both shipped
+/// routes (the demo upstream is multiplexed: the broker compresses), and
+/// text and binary messages come back byte for byte.
+#[tokio::test]
+async fn chromium_gets_permessage_deflate_on_the_shipped_routes() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let demo = listener.local_addr().unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(muxgate_backend::demo::serve(listener, stop.clone()));
+    let broker = start_broker(&shipped_config(demo)).await;
+    // The pool must be live before a browser's handshake can succeed.
+    broker
+        .metrics_when("a live mux connection", |m| {
+            m.value("muxgate_mux_connections", &[("state", "live")]) > 0.0
+        })
+        .await;
+    let out = within(
+        "Chromium",
+        Command::new("node")
+            .current_dir(BROWSER_DIR)
+            .arg("websockets.mjs")
+            .arg(format!("ws://{}", broker.client_addr))
+            .args(["/ws/echo", "/ws/chat"])
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("node (and `npm ci --prefix tests/browser`)");
+    assert!(
+        out.status.success(),
+        "the browser script failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON line");
+    eprintln!("chromium: {report}");
+    for path in ["/ws/echo", "/ws/chat"] {
+        let seen = &report[path];
+        assert_eq!(seen["extensions"], "permessage-deflate", "{path}: {seen}");
+        assert_eq!(seen["textBack"], true, "{path}: {seen}");
+        assert_eq!(seen["binaryBack"], true, "{path}: {seen}");
+        assert_eq!(seen["closed"], 1000, "{path}: {seen}");
+    }
+    let m = broker
+        .metrics_when("both sessions ended", |m| {
+            m.value("muxgate_sessions_active", &[]) == 0.0
+        })
+        .await;
+    assert_eq!(m.value("muxgate_sessions_total", &[]), 2.0);
+    let compressed = m.value(
+        "muxgate_compression_bytes_total",
+        &[("hop", "client"), ("form", "compressed")],
+    );
+    let uncompressed = m.value(
+        "muxgate_compression_bytes_total",
+        &[("hop", "client"), ("form", "uncompressed")],
+    );
+    assert!(
+        compressed > 0.0 && compressed < uncompressed,
+        "{compressed} compressed bytes for {uncompressed}"
+    );
+    broker.stop().await;
+    stop.cancel();
+    within("demo stop", task).await.unwrap();
+}
