@@ -7,9 +7,10 @@
 #   directly and through the broker (frame relay: a route without message
 #   plugins; message relay: the same upstream with a message plugin that
 #   passes everything);
-# - fuzzingclient, sections 12 and 13: the same against an echo that speaks
-#   permessage-deflate (tests/support/deflate_peer.py, Python `websockets`),
-#   directly and through the frame relay, which passes it end to end;
+# - fuzzingclient, sections 12 and 13 (permessage-deflate): the same, the
+#   demo's echo taking the extension, and once more through multiplexed
+#   mode; the frame relay passes it end to end, the message relay and
+#   multiplexed mode terminate it;
 # - fuzzingserver: Autobahn plays a misbehaving server, and an echoing client
 #   (scripts/autobahn_echo_client.py, Python `websockets`) connects to it
 #   directly and through the broker (both relays again).
@@ -18,6 +19,7 @@
 # seconds) and, for each broker run, the cases whose verdict differs from
 # its direct baseline; exits non-zero if the broker made any case FAILED.
 # Too slow for CI; run it by hand:  scripts/autobahn.sh
+# (AUTOBAHN_PARTS="deflate" runs only sections 12-13; see below).
 # Needs pyenv's CPython 2.7.18 (virtualenv<20.22, pins in
 # ../shared/tools/autobahn-py27-requirements.txt or scripts/autobahn-requirements.txt),
 # and python3 with `websockets` (examples/python_upstream/requirements.txt).
@@ -69,10 +71,14 @@ upstreams:
     targets: [{url: "ws://127.0.0.1:9002"}]
     $pass_all
     $ws_config
-  - name: echo-deflate
-    routes: [{external_path: /deflate, internal_path: /}]
-    targets: [{url: "ws://127.0.0.1:9004"}]
-    $ws_config
+  - name: echo-mux
+    routes: [{external_path: /mux, internal_path: /echo}]
+    targets: [{url: "ws://127.0.0.1:9002"}]
+    websocket_config:
+      enable_direct_communication: false
+      max_message_size: 64MiB
+      read_buffer_size: 64KiB
+      write_buffer_size: 64KiB
   - name: fuzz-frames
     routes:
 $(fuzz_routes frames)
@@ -89,7 +95,8 @@ $(fuzz_routes messages)
 YAML
 
 pids=()
-trap 'for p in "${pids[@]}"; do kill "$p" 2>/dev/null; wait "$p" 2>/dev/null; done' EXIT
+# (A killed child's status is not the run's: `|| true` under set -e.)
+trap 'for p in "${pids[@]}"; do kill "$p" 2>/dev/null; wait "$p" 2>/dev/null || true; done' EXIT
 wait_for_port() {
   for _ in $(seq 100); do
     (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
@@ -109,18 +116,17 @@ timed() {
 
 "$target_dir/release/muxgate" --config "$work/muxgate.yaml" --demo 127.0.0.1:9002 --log-level warn &
 pids+=($!)
-# 9004: an echo that speaks permessage-deflate (Python websockets), for
-# sections 12 and 13 through the frame relay, which passes it end to end.
-python3 "$here/tests/support/deflate_peer.py" serve 9004 >/dev/null &
-pids+=($!)
 wait_for_port 9001
 wait_for_port 9002
-wait_for_port 9004
 
 cases='["1.*", "2.*", "3.*", "4.*", "5.*", "6.*", "7.*", "9.*", "10.*"]'
+# AUTOBAHN_PARTS picks what runs: client (cases 1-10 as a client), deflate
+# (12-13 as a client), server (1-10 as a server); all three by default.
+parts=" ${AUTOBAHN_PARTS:-client deflate server} "
+part() { [[ $parts == *" $1 "* ]]; }
 
 # fuzzingclient: one wstest run per agent, so that each is timed alone.
-for run in "direct ws://127.0.0.1:9002/" "muxgate-frames ws://127.0.0.1:9001/" \
+part client && for run in "direct ws://127.0.0.1:9002/" "muxgate-frames ws://127.0.0.1:9001/" \
            "muxgate-messages ws://127.0.0.1:9001/messages"; do
   set -- $run
   cat > "$work/fuzzingclient-$1.json" <<JSON
@@ -135,9 +141,13 @@ JSON
   (cd "$work" && timed "client-$1" "$venv/bin/wstest" -m fuzzingclient -s "fuzzingclient-$1.json" >/dev/null)
 done
 
-# permessage-deflate (sections 12 and 13): against the deflate echo, then
-# through the frame relay in front of it.
-for run in "direct ws://127.0.0.1:9004/" "muxgate-frames ws://127.0.0.1:9001/deflate"; do
+# permessage-deflate (sections 12 and 13): against the demo's echo, which
+# takes it (muxgate_backend::deflate), then through the frame relay in front
+# of it (end to end), and through the message relay and multiplexed mode,
+# where the broker terminates it (the upstream hop is uncompressed).
+for run in "direct ws://127.0.0.1:9002/" "muxgate-frames ws://127.0.0.1:9001/" \
+           "muxgate-messages ws://127.0.0.1:9001/messages" "muxgate-mux ws://127.0.0.1:9001/mux"; do
+  part deflate || break
   set -- $run
   cat > "$work/fuzzingclient-deflate-$1.json" <<JSON
 {
@@ -152,6 +162,7 @@ JSON
 done
 
 # fuzzingserver: one server, an echoing client per agent.
+if part server; then
 cat > "$work/fuzzingserver.json" <<JSON
 {
   "url": "ws://127.0.0.1:9003",
@@ -169,6 +180,7 @@ for run in "direct ws://127.0.0.1:9003" "muxgate-frames ws://127.0.0.1:9001/fram
   set -- $run
   timed "server-$1" python3 "$here/scripts/autobahn_echo_client.py" "$2" "$1"
 done
+fi
 
 python3 - "$work" <<'PY'
 import glob, json, os, sys
@@ -191,10 +203,12 @@ for direction, prefix, pattern, runs in [
         ("fuzzingclient", "client", "client-reports/*/index.json",
          ["direct", "muxgate-frames", "muxgate-messages"]),
         ("fuzzingclient permessage-deflate", "deflate", "deflate-reports/*/index.json",
-         ["direct", "muxgate-frames"]),
+         ["direct", "muxgate-frames", "muxgate-messages", "muxgate-mux"]),
         ("fuzzingserver", "server", "server-reports/index.json",
          ["direct", "muxgate-frames", "muxgate-messages"])]:
     agents = load(os.path.join(work, pattern))
+    if not agents:
+        continue  # not run (AUTOBAHN_PARTS)
     base = agents.get("direct", {})
     for agent in runs:
         cases = agents.get(agent, {})
