@@ -46,6 +46,41 @@ async fn python_echo() -> PythonEcho {
     }
 }
 
+/// The Rust library's demo upstream, in this process: it takes
+/// permessage-deflate on a plain echo, and speaks the mux protocol.
+struct Demo {
+    addr: SocketAddr,
+    stop: tokio_util::sync::CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Demo {
+    async fn start() -> Demo {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = tokio_util::sync::CancellationToken::new();
+        let task = tokio::spawn(muxgate_backend::demo::serve(listener, stop.clone()));
+        Demo { addr, stop, task }
+    }
+
+    async fn stop(self) {
+        self.stop.cancel();
+        within("demo stop", self.task).await.unwrap();
+    }
+}
+
+/// The two configs in which the broker terminates compression, in front of
+/// `demo`: multiplexed, and direct behind a message plugin (the message
+/// relay).
+fn terminating(demo: SocketAddr) -> [(&'static str, String); 2] {
+    let pass_all =
+        "plugins: [{name: message_size, stage: pre_request, settings: {max_bytes: 1MiB}}]";
+    [
+        ("multiplexed", mux_config(&[demo], "", "", "")),
+        ("message relay", direct_config(&[demo], "", pass_all, "")),
+    ]
+}
+
 /// Runs the Python client against `url`; its report.
 async fn python_client(url: &str) -> serde_json::Value {
     let out = within(
@@ -296,22 +331,14 @@ async fn only_permessage_deflate_offers_reach_the_upstream() {
 /// Where the broker must read messages (multiplexed mode, and direct mode's
 /// message relay behind a message plugin) it terminates permessage-deflate
 /// itself: it answers the client's offer, inflates what the client sends
-/// and compresses what it sends back, and the upstream (the demo, which
-/// speaks no compression) sees plain messages. Every message of the
+/// and compresses what it sends back, and the upstream (the demo) gets
+/// plain messages: the broker offers it no compression. Every message of the
 /// Python client's set arrives byte for byte, and the counts show the JSON
 /// half compressed both ways.
 #[tokio::test]
 async fn the_broker_terminates_permessage_deflate_where_it_reads_messages() {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let demo = listener.local_addr().unwrap();
-    let stop = tokio_util::sync::CancellationToken::new();
-    let task = tokio::spawn(muxgate_backend::demo::serve(listener, stop.clone()));
-    let pass_all =
-        "plugins: [{name: message_size, stage: pre_request, settings: {max_bytes: 1MiB}}]";
-    for (what, config) in [
-        ("multiplexed", mux_config(&[demo], "", "", "")),
-        ("message relay", direct_config(&[demo], "", pass_all, "")),
-    ] {
+    let demo = Demo::start().await;
+    for (what, config) in terminating(demo.addr) {
         let broker = start_broker(&config).await;
         let report = python_client(&broker.url("/ws/echo")).await;
         let agreed = report["extensions"].as_str().expect("an extension agreed");
@@ -354,8 +381,7 @@ async fn the_broker_terminates_permessage_deflate_where_it_reads_messages() {
         );
         broker.stop().await;
     }
-    stop.cancel();
-    within("demo stop", task).await.unwrap();
+    demo.stop().await;
 }
 
 /// The VmRSS (or, with `peak`, VmHWM) of process `pid`, in bytes.
@@ -381,11 +407,8 @@ async fn a_compression_bomb_closes_its_client_with_1009_and_costs_at_most_the_ca
     use futures_util::SinkExt;
     use tokio_tungstenite::tungstenite::Message;
 
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let demo = listener.local_addr().unwrap();
-    let stop = tokio_util::sync::CancellationToken::new();
-    let task = tokio::spawn(muxgate_backend::demo::serve(listener, stop.clone()));
-    let yaml = mux_config(&[demo], "", "", "");
+    let demo = Demo::start().await;
+    let yaml = mux_config(&[demo.addr], "", "", "");
     let path = std::env::temp_dir().join(format!("muxgate-bomb-{}.yaml", std::process::id()));
     std::fs::write(&path, &yaml).unwrap();
     let broker = spawn_binary_logged(&path, &[], &[]).await;
@@ -497,8 +520,7 @@ async fn a_compression_bomb_closes_its_client_with_1009_and_costs_at_most_the_ca
         1.0
     );
     let _ = std::fs::remove_file(&path);
-    stop.cancel();
-    within("demo stop", task).await.unwrap();
+    demo.stop().await;
 }
 
 /// A compressed session's close handshake completes: the client's close
@@ -506,16 +528,8 @@ async fn a_compression_bomb_closes_its_client_with_1009_and_costs_at_most_the_ca
 /// compression.
 #[tokio::test]
 async fn a_compressed_session_closes_cleanly() {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let demo = listener.local_addr().unwrap();
-    let stop = tokio_util::sync::CancellationToken::new();
-    let task = tokio::spawn(muxgate_backend::demo::serve(listener, stop.clone()));
-    let pass_all =
-        "plugins: [{name: message_size, stage: pre_request, settings: {max_bytes: 1MiB}}]";
-    for (what, config) in [
-        ("multiplexed", mux_config(&[demo], "", "", "")),
-        ("message relay", direct_config(&[demo], "", pass_all, "")),
-    ] {
+    let demo = Demo::start().await;
+    for (what, config) in terminating(demo.addr) {
         let broker = start_broker(&config).await;
         broker
             .metrics_when("a live pool, if any", |m| {
@@ -553,6 +567,5 @@ async fn a_compressed_session_closes_cleanly() {
         }
         broker.stop().await;
     }
-    stop.cancel();
-    within("demo stop", task).await.unwrap();
+    demo.stop().await;
 }

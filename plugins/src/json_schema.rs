@@ -140,6 +140,15 @@ impl MessageHook for Check {
 mod tests {
     use super::*;
 
+    fn ctx() -> SessionCtx {
+        SessionCtx {
+            session: "s".into(),
+            route: "/r".into(),
+            remote: "127.0.0.1:1".parse().unwrap(),
+            claims: None,
+        }
+    }
+
     #[test]
     fn validates_against_a_schema_file() {
         let file = concat!(
@@ -151,13 +160,7 @@ mod tests {
             action: SchemaAction::Reply,
         })
         .unwrap();
-        let ctx = SessionCtx {
-            session: "s".into(),
-            route: "/r".into(),
-            remote: "127.0.0.1:1".parse().unwrap(),
-            claims: None,
-        };
-        let mut h = p.session(&ctx);
+        let mut h = p.session(&ctx());
         let ok = Message::text(r#"{"text":"hello","room":7}"#);
         assert_eq!(h.on_message(ok.clone()), Verdict::Pass(ok));
         let Verdict::Reply(reply) = h.on_message(Message::text(r#"{"room":"seven"}"#)) else {
@@ -191,13 +194,7 @@ mod tests {
             action: SchemaAction::Close,
         })
         .unwrap();
-        let ctx = SessionCtx {
-            session: "s".into(),
-            route: "/r".into(),
-            remote: "127.0.0.1:1".parse().unwrap(),
-            claims: None,
-        };
-        let mut h = p.session(&ctx);
+        let mut h = p.session(&ctx());
         let ok = Message::text(r#"{"room":7}"#);
         assert_eq!(h.on_message(ok.clone()), Verdict::Pass(ok));
         assert!(matches!(

@@ -46,15 +46,11 @@ pub(super) async fn run(
     upstream: Connected,
 ) {
     let config = session.upstream.socket_config;
-    let deflate = session.client_deflate.take().map(|settings| ClientDeflate {
-        settings,
-        counters: session.metrics.compression_counters(
-            &session.upstream.name,
-            "client",
-            Direction::ClientToUpstream,
-            Direction::UpstreamToClient,
-        ),
-    });
+    let deflate = ClientDeflate::agreed(
+        session.client_deflate.take(),
+        &session.metrics,
+        &session.upstream.name,
+    );
     let client = match client_socket(on_upgrade, config, deflate).await {
         Ok(client) => client,
         Err(error) => return super::abandon(session, upstream, error).await,

@@ -306,15 +306,11 @@ fn on_control(
 /// task's future holds it once.
 pub(crate) async fn run(mut session: Box<MuxSession>, on_upgrade: hyper::upgrade::OnUpgrade) {
     let config = session.upstream.socket_config;
-    let deflate = session.deflate.take().map(|settings| ClientDeflate {
-        settings,
-        counters: session.metrics.compression_counters(
-            &session.upstream.name,
-            "client",
-            Direction::ClientToUpstream,
-            Direction::UpstreamToClient,
-        ),
-    });
+    let deflate = ClientDeflate::agreed(
+        session.deflate.take(),
+        &session.metrics,
+        &session.upstream.name,
+    );
     let mut client = match crate::session::client::client_socket(on_upgrade, config, deflate).await
     {
         Ok(client) => client,

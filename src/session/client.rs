@@ -5,7 +5,8 @@
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::WebSocketStream;
 
-use crate::metrics::CompressionCounters;
+use crate::metrics::{CompressionCounters, Metrics};
+use crate::session::side::Direction;
 use crate::transport::chunked::{self, ChunkedRead};
 use crate::transport::upgraded::{self, ClientIo};
 use muxgate_backend::deflate::stream::{DeflateSettings, Deflating};
@@ -18,6 +19,26 @@ pub(crate) type DecodedClientIo = Deflating<ChunkedRead<ClientIo>>;
 pub(crate) struct ClientDeflate {
     pub settings: DeflateSettings,
     pub counters: CompressionCounters,
+}
+
+impl ClientDeflate {
+    /// The client socket's compression for a session of `upstream`, if the
+    /// handshake agreed one.
+    pub(crate) fn agreed(
+        settings: Option<DeflateSettings>,
+        metrics: &Metrics,
+        upstream: &str,
+    ) -> Option<ClientDeflate> {
+        settings.map(|settings| ClientDeflate {
+            settings,
+            counters: metrics.compression_counters(
+                upstream,
+                "client",
+                Direction::ClientToUpstream,
+                Direction::UpstreamToClient,
+            ),
+        })
+    }
 }
 
 /// The client's WebSocket, once hyper has handed over the upgraded
