@@ -69,7 +69,8 @@ wait_sessions() {
 # Opens $2 idle WebSocket connections to $1 and returns once every handshake
 # is done. They come from several loadgen processes, at most 5,000 each
 # (the hard limit is 20,000 open files per process), each starting at its
-# own source address in 127.0.0.0/8; release_idle closes them.
+# own source address in 127.0.0.0/8; release_idle closes them. The array
+# idle_args, if set, adds loadgen options (`--deflate --warm 1024`).
 hold_idle() {
   local url=$1 total=$2 procs i n fd line
   procs=$(( (total + 4999) / 5000 )); [ "$procs" -ge 2 ] || procs=2
@@ -78,7 +79,7 @@ hold_idle() {
     n=$(( total / procs + (i < total % procs ? 1 : 0) ))
     rm -f "$work/idle-$i"; mkfifo "$work/idle-$i"
     "$bin/loadgen" idle --url "$url" -c "$n" --source-offset $(( 1 + i * 254 / procs )) --hold 1h \
-      > "$work/idle-$i" & idle_pids+=($!); pids+=($!)
+      ${idle_args[@]+"${idle_args[@]}"} > "$work/idle-$i" & idle_pids+=($!); pids+=($!)
   done
   # Open every fifo before reading any, so that all loadgens start at once.
   for ((i = 0; i < procs; i++)); do exec {fd}<"$work/idle-$i"; idle_fds+=("$fd"); done

@@ -301,6 +301,7 @@ elapsed=$SECONDS
   echo
   # What bench/replicas.sh last measured into the same place, if it did.
   [ ! -f "$out/bench/replicas.md" ] || { cat "$out/bench/replicas.md"; echo; }
+  [ ! -f "$out/bench/compression.md" ] || { cat "$out/bench/compression.md"; echo; }
   # The reasons behind the relay's shape, kept by hand.
   cat "$(dirname "$0")/why.md"
 } > "$out/BENCHMARKS.md"

@@ -306,6 +306,22 @@ impl Deflater {
         self.finish(out)
     }
 
+    /// Drops the window between messages, even with context takeover: a
+    /// sender may always start afresh (only its peer's inflater must keep
+    /// the window, RFC 7692 §7.1.1), so an idle socket need not hold the
+    /// compressor's state. The next message compresses from an empty
+    /// window. Only between messages; a message in progress keeps it.
+    pub fn release(&mut self) {
+        if !self.message_has_input {
+            self.state = None;
+        }
+    }
+
+    /// Whether the compressor's state is held now.
+    pub fn holds_state(&self) -> bool {
+        self.state.is_some()
+    }
+
     /// The zlib state, made on first use.
     fn state(&mut self) -> &mut Compress {
         let (level, window_bits) = (self.level, self.window_bits);
@@ -1622,6 +1638,43 @@ mod tests {
     /// With `no_context_takeover` both states are dropped at each message's
     /// end, so nothing of them stays on the heap between messages; a new
     /// deflater or inflater holds nothing until a message has bytes.
+    /// A released compressor starts the next message from an empty window,
+    /// which an inflater that keeps its window (the peer's takeover) reads
+    /// as it reads any other message.
+    #[test]
+    fn a_released_deflater_starts_afresh_and_its_peer_still_reads_it() {
+        let mut deflater = Deflater::new(1, 15, false).unwrap();
+        let mut inflater = Inflater::new(15, false, 1 << 20).unwrap();
+        let message = b"the same words again and again, the same words again".repeat(8);
+        let mut sizes = Vec::new();
+        for release in [false, false, true, false] {
+            if release {
+                deflater.release();
+                assert!(!deflater.holds_state());
+            }
+            let mut payload = Vec::new();
+            deflater.compress(&message, &mut payload).unwrap();
+            assert!(deflater.holds_state());
+            sizes.push(payload.len());
+            inflater.push_frame(Bytes::from(payload), true);
+            let mut out = vec![0u8; 4096];
+            let mut got = Vec::new();
+            loop {
+                match inflater.read(&mut out).unwrap() {
+                    Inflated::Bytes(n) => got.extend_from_slice(&out[..n]),
+                    Inflated::MessageEnd => break,
+                    Inflated::NeedFrame => panic!("one frame"),
+                }
+            }
+            assert_eq!(got, message);
+        }
+        // Taken over, the second message is small; released, the third is
+        // as big as the first; the fourth takes the third's window over.
+        assert!(sizes[1] < sizes[0] / 4, "{sizes:?}");
+        assert_eq!(sizes[2], sizes[0], "{sizes:?}");
+        assert_eq!(sizes[3], sizes[1], "{sizes:?}");
+    }
+
     #[test]
     fn no_context_takeover_frees_the_state_between_messages() {
         let mut deflater = Deflater::new(1, 15, true).unwrap();

@@ -16,7 +16,11 @@
 //! A session without permessage-deflate holds only an empty `Option`; a
 //! compressed one holds its codec states (made on first use, see
 //! `codec`) and buffers that are freed whenever they empty, so an idle one
-//! holds none (reads land on the stack first). Frames handed
+//! holds none (reads land on the stack first). Its compressor's window is
+//! let go too once a ping it sends finds no compressed message sent since
+//! the ping before (a sender may always start afresh; the next message
+//! compresses from an empty window): an idle session keeps only the
+//! inflater that its peer's context takeover requires. Frames handed
 //! up to tungstenite keep the peer's masking rule: toward a server role
 //! they carry a mask (the zero key, which leaves the payload as it is), so
 //! tungstenite still refuses a client's unmasked frame as it would without
@@ -431,6 +435,8 @@ struct WriteSide {
     message_len: u64,
     /// A masked payload piece, unmasked before it is compressed.
     unmasked: Vec<u8>,
+    /// A message went out compressed since the last ping this end sent.
+    compressed_since_ping: bool,
 }
 
 impl WriteSide {
@@ -445,6 +451,7 @@ impl WriteSide {
             down: BytesMut::new(),
             message_len: 0,
             unmasked: Vec::new(),
+            compressed_since_ping: false,
         }
     }
 
@@ -511,6 +518,12 @@ impl WriteSide {
 
     fn start_frame(&mut self, len: u64, header_len: usize, first: u8, mask: Option<[u8; 4]>) {
         let opcode = first & 0x0F;
+        // This end's keepalive pings mark time: a socket that sent no
+        // compressed message between two of them is idle, and its
+        // compressor's window (hundreds of KiB) is let go.
+        if opcode == 9 && !std::mem::take(&mut self.compressed_since_ping) {
+            self.deflater.release();
+        }
         let whole_data_message = first & 0x80 != 0 && (opcode == 1 || opcode == 2);
         let compress = (whole_data_message && first & 0x70 == 0 && len >= self.min_size as u64)
             .then_some(opcode);
@@ -537,6 +550,7 @@ impl WriteSide {
             std::mem::take(&mut self.message_len),
             self.compressed.len() as u64,
         );
+        self.compressed_since_ping = true;
         // A client masks every frame with a key of its own (RFC 6455 §5.3).
         let mask = (role == Role::Client).then(rand::random::<[u8; 4]>);
         push_header(

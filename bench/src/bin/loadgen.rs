@@ -26,8 +26,26 @@ use clap::{Parser, Subcommand};
 use futures_util::{SinkExt, StreamExt};
 use hdrhistogram::Histogram;
 use tokio::net::{TcpSocket, TcpStream};
+use muxgate_backend::deflate::negotiate;
+use muxgate_backend::deflate::stream::{DeflateSettings, Deflating};
+use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
+
+/// `len` bytes of chat-like JSON: what compression is for.
+fn chat_json(len: usize) -> String {
+    let mut out = String::with_capacity(len + 64);
+    let mut k = 0;
+    while out.len() < len {
+        out.push_str(&format!(
+            "{{\"type\":\"message\",\"room\":\"lobby\",\"user\":\"user-{}\",\"text\":\"hello everyone, message {k}\"}}\n",
+            k % 17
+        ));
+        k += 1;
+    }
+    out.truncate(len);
+    out
+}
 
 #[derive(Parser)]
 struct Cli {
@@ -92,10 +110,20 @@ enum Mode {
         source_offset: u8,
         #[arg(long, value_parser = humantime::parse_duration, default_value = "30s")]
         hold: Duration,
+        /// Offer permessage-deflate (the server must agree).
+        #[arg(long)]
+        deflate: bool,
+        /// Send one message of this many bytes of chat JSON on each
+        /// connection and read its echo before holding it idle (0: none),
+        /// so that a compressing server has made its compression states.
+        #[arg(long, default_value_t = 0)]
+        warm: usize,
     },
 }
 
-type Ws = WebSocketStream<TcpStream>;
+/// A client socket; with permessage-deflate when `idle --deflate` asked
+/// and the server agreed (a pass-through otherwise).
+type Ws = WebSocketStream<Deflating<TcpStream>>;
 
 /// Connects from 127.0.0.`source` to the `ws://host:port/path` in `url`.
 async fn open(url: &str, source: u8) -> Ws {
@@ -104,6 +132,13 @@ async fn open(url: &str, source: u8) -> Ws {
 
 /// [`open`] with extra handshake headers (`Name: value`).
 async fn open_with(url: &str, source: u8, headers: &[String]) -> Ws {
+    open_deflate(url, source, headers, false).await
+}
+
+/// [`open_with`], offering permessage-deflate when `deflate` (full
+/// windows, context takeover unless the server says otherwise); panics if
+/// the server does not agree to it.
+async fn open_deflate(url: &str, source: u8, headers: &[String], deflate: bool) -> Ws {
     let rest = url.strip_prefix("ws://").expect("ws:// URL");
     let (authority, _) = rest.split_once('/').unwrap_or((rest, ""));
     let addr: SocketAddr = authority.parse().expect("IP:PORT in URL");
@@ -126,9 +161,31 @@ async fn open_with(url: &str, source: u8, headers: &[String]) -> Ws {
             value.trim().parse().expect("header value"),
         );
     }
-    let (ws, _) = tokio_tungstenite::client_async(request, tcp)
+    let offers = if deflate {
+        let offer = negotiate::Params::default();
+        request.headers_mut().insert(
+            "sec-websocket-extensions",
+            negotiate::offers_header(std::slice::from_ref(&offer)).expect("an offer"),
+        );
+        vec![offer]
+    } else {
+        Vec::new()
+    };
+    let (mut ws, response) = tokio_tungstenite::client_async(request, Deflating::plain(tcp))
         .await
         .expect("WebSocket handshake");
+    if deflate {
+        let agreed = negotiate::check_answer(response.headers(), &offers)
+            .expect("a valid permessage-deflate answer")
+            .expect("the server agreed permessage-deflate");
+        let settings = DeflateSettings {
+            agreed,
+            level: 1,
+            min_size: 0,
+            max_decompressed_size: 64 << 20,
+        };
+        ws.get_mut().enable(Role::Client, settings, Box::new(()));
+    }
     ws
 }
 
@@ -163,7 +220,9 @@ async fn main() {
             connections,
             source_offset,
             hold,
-        } => idle(url, connections, source_offset, hold).await,
+            deflate,
+            warm,
+        } => idle(url, connections, source_offset, hold, deflate, warm).await,
         Mode::Churn {
             url,
             rate,
@@ -428,12 +487,36 @@ async fn read_echoes(
     (stream, r)
 }
 
-async fn idle(url: String, connections: usize, source_offset: u8, hold: Duration) {
+async fn idle(
+    url: String,
+    connections: usize,
+    source_offset: u8,
+    hold: Duration,
+    deflate: bool,
+    warm: usize,
+) {
     // 64 handshakes in flight: several times faster than one by one, and far
     // inside every listener's accept backlog.
     let url = &url;
+    let message = chat_json(warm);
+    let message = &message;
     let sockets: Vec<Ws> = futures_util::stream::iter(0..connections)
-        .map(|i| open(url, source_offset.wrapping_add((i % 254) as u8).max(1)))
+        .map(|i| async move {
+            let source = source_offset.wrapping_add((i % 254) as u8).max(1);
+            let mut ws = open_deflate(url, source, &[], deflate).await;
+            if !message.is_empty() {
+                ws.send(Message::text(message.clone())).await.expect("send");
+                loop {
+                    match ws.next().await {
+                        Some(Ok(Message::Text(t))) if t.as_str() == message => break,
+                        Some(Ok(Message::Text(_) | Message::Binary(_))) => panic!("another echo"),
+                        Some(Ok(_)) => {}
+                        other => panic!("no echo: {other:?}"),
+                    }
+                }
+            }
+            ws
+        })
         .buffer_unordered(64)
         .collect()
         .await;
