@@ -216,6 +216,27 @@ upstreams:
     let (conn, _, _) = peer.next_open().await;
     echo_roundtrip(&mut on_mux, Message::text("hello")).await;
 
+    // A session that agreed permessage-deflate (the broker terminates it
+    // in multiplexed mode): RFC 7692's compressed "Hello" comes back.
+    let (mut compressed, head) = common::raw::RawPeer::client_with(
+        broker.client_addr,
+        "/ws/chat",
+        "Sec-WebSocket-Extensions: permessage-deflate\r\n",
+    )
+    .await;
+    assert!(
+        head.to_ascii_lowercase().contains("permessage-deflate"),
+        "{head}"
+    );
+    peer.next_open().await;
+    compressed
+        .write_frame(0xc1, &[0xf2, 0x48, 0xcd, 0xc9, 0xc9, 0x07, 0x00])
+        .await;
+    let echoed = within("the echo", compressed.read_frame())
+        .await
+        .expect("a frame");
+    assert_eq!(echoed.payload, b"Hello");
+
     // A handshake for no route: 404.
     let a = broker.client_addr;
     let (status, _, _) = raw_http(a, &upgrade_request(a, "/ws/nowhere", "")).await;
