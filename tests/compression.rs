@@ -145,6 +145,7 @@ async fn the_frame_relay_passes_permessage_deflate_end_to_end() {
         .await;
     let sent = client_payload_bytes();
     let relayed = bytes_relayed(&m, "client_to_upstream");
+    eprintln!("frame relay: {relayed} bytes relayed for {sent} message bytes sent");
     assert!(
         relayed < 0.8 * sent,
         "compressed frames relayed as they are: {relayed} of {sent} bytes"
