@@ -605,8 +605,9 @@ impl<S: AsyncRead + Unpin> AsyncRead for Deflating<S> {
             }
             if read.failed.is_none() {
                 if read.follow(*role, &**counters).is_err() {
-                    // Handed up once `up` is empty (what went up before the
-                    // failure belongs to earlier frames).
+                    // The failure is handed up at once: what `up` holds is
+                    // the failed message's start (and perhaps a control
+                    // frame), which must not reach tungstenite as a message.
                     read.up.clear();
                     continue;
                 }
