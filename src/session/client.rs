@@ -23,20 +23,24 @@ pub(crate) struct ClientDeflate {
 
 impl ClientDeflate {
     /// The client socket's compression for a session of `upstream`, if the
-    /// handshake agreed one.
+    /// handshake agreed one. Boxed: a session's future holds it across the
+    /// upgrade, and every idle session, compressed or not, would pay for
+    /// its size inline.
     pub(crate) fn agreed(
         settings: Option<DeflateSettings>,
         metrics: &Metrics,
         upstream: &str,
-    ) -> Option<ClientDeflate> {
-        settings.map(|settings| ClientDeflate {
-            settings,
-            counters: metrics.compression_counters(
-                upstream,
-                "client",
-                Direction::ClientToUpstream,
-                Direction::UpstreamToClient,
-            ),
+    ) -> Option<Box<ClientDeflate>> {
+        settings.map(|settings| {
+            Box::new(ClientDeflate {
+                settings,
+                counters: metrics.compression_counters(
+                    upstream,
+                    "client",
+                    Direction::ClientToUpstream,
+                    Direction::UpstreamToClient,
+                ),
+            })
         })
     }
 }
@@ -47,12 +51,15 @@ impl ClientDeflate {
 pub(crate) async fn client_socket(
     on_upgrade: hyper::upgrade::OnUpgrade,
     config: WebSocketConfig,
-    deflate: Option<ClientDeflate>,
+    deflate: Option<Box<ClientDeflate>>,
 ) -> std::io::Result<WebSocketStream<DecodedClientIo>> {
     let io = ChunkedRead::new(upgraded::client(on_upgrade).await?, config.read_buffer_size);
     let io = match deflate {
         None => Deflating::plain(io),
-        Some(d) => Deflating::new(io, Role::Server, d.settings, Box::new(d.counters)),
+        Some(d) => {
+            let ClientDeflate { settings, counters } = *d;
+            Deflating::new(io, Role::Server, settings, Box::new(counters))
+        }
     };
     let config = config.read_buffer_size(chunked::DECODER_BUFFER);
     Ok(WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await)
