@@ -199,12 +199,12 @@ impl Metrics {
         );
         let compression_bytes_total = counter(
             "compression_bytes_total",
-            "permessage-deflate where the broker compresses: message bytes (form=uncompressed) and the compressed payload bytes that carry them (form=compressed), by upstream, hop (client: the client's socket) and direction.",
+            "permessage-deflate where the broker compresses: message bytes (form=uncompressed) and the compressed payload bytes that carry them (form=compressed), by upstream, hop (client: the client's socket; mux: mux connections with mux_compression) and direction.",
             &["upstream", "hop", "direction", "form"],
         );
         let decompression_limit_closes_total = counter(
             "decompression_limit_closes_total",
-            "Sockets failed (1009) for a compressed message that inflated past compression.max_decompressed_size, by upstream and hop.",
+            "Sockets failed for a compressed message that inflated past its cap: clients past compression.max_decompressed_size (closed with 1009), mux connections past their message limit (dropped as lost), by upstream and hop.",
             &["upstream", "hop"],
         );
         let mux_connections = gauge(
@@ -379,7 +379,7 @@ impl Metrics {
     }
 
     /// The counters of one compressed socket of `upstream`: the client's
-    /// (`hop` "client") or a mux connection's ("upstream"). `read` is the
+    /// (`hop` "client") or a mux connection's ("mux"). `read` is the
     /// direction of what the socket receives.
     pub(crate) fn compression_counters(
         &self,

@@ -8,6 +8,8 @@
 //!   `muxgate.v1.binary`) serves sessions through [`crate::mux`]: a session
 //!   whose path starts with `/chat` joins one chat room, where every message
 //!   fans out to all members by `broadcast`; any other session is an echo.
+//!   The connection itself takes permessage-deflate when the broker offers
+//!   it (`mux_compression`).
 //!
 //! Every connection task is owned by the server's tracker and ends when the
 //! server's token is cancelled.
@@ -63,8 +65,9 @@ pub async fn serve(listener: TcpListener, stop: CancellationToken) {
 }
 
 /// Accepts one connection: a mux connection if the broker offered a mux
-/// subprotocol, else a plain echo, which takes permessage-deflate when
-/// offered (a browser's, passed on by the broker's frame relay).
+/// subprotocol, else a plain echo. Either takes permessage-deflate when
+/// offered: a browser's, passed on by the broker's frame relay, or the
+/// broker's own on a mux connection (`mux_compression`).
 async fn accept(
     tcp: TcpStream,
     peer: SocketAddr,
@@ -79,8 +82,8 @@ async fn accept(
         encoding = mux::negotiate(request, &mut response);
         if encoding.is_none() {
             select_first_protocol(request, &mut response);
-            deflate = accept_deflate(request, &mut response);
         }
+        deflate = accept_deflate(request, &mut response);
         Ok(response)
     };
     let mut ws = match tokio_tungstenite::accept_hdr_async(Deflating::plain(tcp), callback).await {

@@ -391,6 +391,11 @@ pub struct Compression {
     /// client is closed with 1009. Default: `max_message_size`.
     #[serde(default)]
     pub max_decompressed_size: Option<Size>,
+    /// Multiplexed mode: offer permessage-deflate on the mux connections
+    /// themselves (one context per connection, shared by its sessions'
+    /// envelopes); independent of `enabled`, which is about clients.
+    #[serde(default)]
+    pub mux_compression: bool,
 }
 
 impl Compression {
@@ -416,6 +421,7 @@ impl Default for Compression {
             server_max_window_bits: MAX_WINDOW_BITS,
             client_max_window_bits: MAX_WINDOW_BITS,
             max_decompressed_size: None,
+            mux_compression: false,
         }
     }
 }

@@ -26,7 +26,9 @@ use std::sync::{Arc, RwLock};
 use arc_swap::ArcSwap;
 use std::time::Duration;
 
-use http::header::{HeaderMap, HeaderValue, SEC_WEBSOCKET_PROTOCOL};
+use http::header::{HeaderMap, HeaderValue, SEC_WEBSOCKET_EXTENSIONS, SEC_WEBSOCKET_PROTOCOL};
+use muxgate_backend::deflate::negotiate;
+use muxgate_backend::deflate::stream::DeflateSettings;
 use muxgate_backend::protocol::{self, Encoding, Frame, Hello};
 use tokio::runtime::Handle;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -39,6 +41,7 @@ use uuid::Uuid;
 use super::conn::{ConnCmd, ConnEnd, MuxConn};
 use crate::config;
 use crate::metrics::Metrics;
+use crate::session::side::Direction;
 use crate::shutdown::Shutdown;
 use crate::transport::event_loops;
 use crate::upstream::{self, ConnectError, Target, TargetLease, Upstream};
@@ -353,6 +356,16 @@ impl MuxPool {
         let offered = self.encoding.subprotocol();
         let mut headers = HeaderMap::new();
         headers.insert(SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(offered));
+        let compression = &ws.compression;
+        if compression.mux_compression {
+            // Context takeover and full windows both ways, the point of
+            // compressing a connection that many sessions share; no
+            // `client_max_window_bits`, so the target cannot ask for an
+            // 8-bit window, which zlib cannot compress to.
+            let offer =
+                negotiate::offers_header(&[negotiate::Params::default()]).expect("one offer");
+            headers.insert(SEC_WEBSOCKET_EXTENSIONS, offer);
+        }
         let path = upstream
             .config
             .routes
@@ -399,7 +412,25 @@ impl MuxPool {
             }),
             self.encoding,
         );
-        let mut socket = connected.websocket(upstream.mux_socket_config).await;
+        let compressed = connected.deflate.is_some();
+        let config = upstream.mux_socket_config;
+        let mut socket = connected
+            .compressed_websocket(config, |agreed| {
+                let settings = DeflateSettings {
+                    agreed,
+                    level: compression.level,
+                    min_size: compression.min_size.bytes(),
+                    max_decompressed_size: config.max_message_size.unwrap_or(usize::MAX),
+                };
+                let counts = self.metrics.compression_counters(
+                    name,
+                    "mux",
+                    Direction::UpstreamToClient,
+                    Direction::ClientToUpstream,
+                );
+                (settings, Box::new(counts))
+            })
+            .await;
         if let Err(e) = futures_util::SinkExt::send(&mut socket, hello).await {
             let why = PoolError::Hello {
                 target: Arc::clone(&label),
@@ -418,7 +449,7 @@ impl MuxPool {
         target.report_passive(name, &self.metrics, Ok(()));
         self.publish(|live| live.push(handle));
         self.metrics.mux_conn_state(name, &label, "live", 1);
-        info!(upstream = %name, target_url = %label, slot, connection = %id, encoding = offered, "mux connection live");
+        info!(upstream = %name, target_url = %label, slot, connection = %id, encoding = offered, compressed, "mux connection live");
         let conn = MuxConn {
             upstream: Arc::clone(name),
             encoding: self.encoding,

@@ -29,6 +29,7 @@ pub(crate) use health::TargetHealth;
 use crate::config::{Mode, UpstreamConfig};
 use crate::metrics::Metrics;
 use muxgate_backend::deflate::negotiate::{self, Agreed, BadAnswer};
+use muxgate_backend::deflate::stream::{Counts, DeflateSettings, Deflating};
 use tracing::warn;
 
 /// Worst-case growth of a message inside a JSON mux frame (`\u0000` escapes).
@@ -36,8 +37,9 @@ const MUX_ENVELOPE_FACTOR: usize = 6;
 /// Room for the envelope's own fields.
 const MUX_ENVELOPE_SLACK: usize = 64 * 1024;
 
-/// A WebSocket to a target.
-pub(crate) type UpstreamSocket = WebSocketStream<UpstreamIo>;
+/// A WebSocket to a target, with permessage-deflate taken off and put on
+/// where the broker agreed it (a mux connection with `mux_compression`).
+pub(crate) type UpstreamSocket = WebSocketStream<Deflating<UpstreamIo>>;
 
 /// One target of an upstream.
 ///
@@ -348,9 +350,29 @@ pub(crate) struct Connected {
 }
 
 impl Connected {
-    /// The connection as a WebSocket (the broker is the client).
+    /// The connection as a WebSocket (the broker is the client), without
+    /// compression: the broker made no offer of its own, or it relays the
+    /// client's compressed frames as they are.
     pub(crate) async fn websocket(self, config: WebSocketConfig) -> UpstreamSocket {
-        WebSocketStream::from_raw_socket(self.io, Role::Client, Some(config)).await
+        WebSocketStream::from_raw_socket(Deflating::plain(self.io), Role::Client, Some(config))
+            .await
+    }
+
+    /// The connection as a WebSocket that compresses and inflates as the
+    /// target agreed to the broker's own permessage-deflate offer, with
+    /// what `settings` makes of the agreement; plain if it declined.
+    pub(crate) async fn compressed_websocket(
+        self,
+        config: WebSocketConfig,
+        settings: impl FnOnce(Agreed) -> (DeflateSettings, Counts),
+    ) -> UpstreamSocket {
+        let agreed = self.deflate.as_ref().map(|(agreed, _)| *agreed);
+        let mut socket = self.websocket(config).await;
+        if let Some(agreed) = agreed {
+            let (settings, counts) = settings(agreed);
+            socket.get_mut().enable(Role::Client, settings, counts);
+        }
+        socket
     }
 }
 

@@ -63,7 +63,8 @@ impl CompressionCounts for () {
     fn too_large(&self) {}
 }
 
-type Counts = Box<dyn CompressionCounts>;
+/// A compressed socket's [`CompressionCounts`].
+pub type Counts = Box<dyn CompressionCounts>;
 
 /// The longest frame header (RFC 6455 §5.2).
 const MAX_HEADER: usize = 14;
