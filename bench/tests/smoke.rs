@@ -31,7 +31,7 @@ fn run_sh_writes_every_number_and_chart() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
     let bin = Path::new(env!("CARGO_BIN_EXE_loadgen")).parent().unwrap();
     build_broker_binaries(root, bin);
-    let out = scratch_dir();
+    let out = scratch_dir("run");
     let started = Instant::now();
 
     let run = Command::new("timeout")
@@ -47,7 +47,7 @@ fn run_sh_writes_every_number_and_chart() {
         .env("BENCH_RATE", "1000")
         .env("BENCH_IDLE_DIRECT", "200")
         .env("BENCH_IDLE_MUX", "200")
-        .env("BENCH_PORT_BASE", free_port_base().to_string())
+        .env("BENCH_PORT_BASE", free_port_base(0).to_string())
         .output()
         .expect("run bench/run.sh");
     let log = format!(
@@ -127,6 +127,82 @@ fn run_sh_writes_every_number_and_chart() {
     std::fs::remove_dir_all(&out).unwrap();
 }
 
+/// bench/compression-cpu.sh runs end to end in a tiny configuration and
+/// leaves a number in every cell of its section: the five variants' CPU
+/// and latency, the bytes of each hop that compresses, the codec alone.
+#[test]
+fn compression_cpu_sh_writes_every_number() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let bin = Path::new(env!("CARGO_BIN_EXE_loadgen")).parent().unwrap();
+    build_broker_binaries(root, bin);
+    let out = scratch_dir("compression-cpu");
+    std::fs::create_dir_all(out.join("bench")).unwrap();
+    std::fs::write(out.join("BENCHMARKS.md"), "# Benchmarks\n").unwrap();
+    let run = Command::new("timeout")
+        .args(["120", "bash"])
+        .arg(root.join("bench/compression-cpu.sh"))
+        .env("BENCH_BIN", bin)
+        .env("BENCH_OUT", &out)
+        .env("BENCH_CPU_CONNECTIONS", "4")
+        .env("BENCH_CPU_RATE", "200")
+        .env("BENCH_CPU_DURATION", "300ms")
+        .env("BENCH_CODEC_MESSAGES", "200")
+        .env("BENCH_CODEC_STATES", "20")
+        .env("BENCH_PORT_BASE", free_port_base(1).to_string())
+        .output()
+        .expect("run bench/compression-cpu.sh");
+    let log = format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&run.stdout),
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert!(
+        run.status.success(),
+        "bench/compression-cpu.sh failed:\n{log}"
+    );
+    let report = std::fs::read_to_string(out.join("BENCHMARKS.md")).expect("BENCHMARKS.md");
+    assert!(report.contains("## Compression's CPU"), "{report}");
+    let rows: Vec<Vec<String>> = table_rows(&report)
+        .into_iter()
+        .filter(|row| !row[0].starts_with("variant") && !row[0].starts_with("sessions'"))
+        .collect();
+    assert_eq!(
+        rows.len(),
+        5 + 3,
+        "five variants, three codec runs:\n{report}"
+    );
+    let hops = |cell: &str| {
+        cell == "uncompressed"
+            || cell == "(direct)"
+            || (cell.contains(" MiB as ") && cell.contains('%'))
+    };
+    for row in &rows[..5] {
+        // round trips, CPU per round trip, latency p50 / p99, client hop, mux hop.
+        assert!(
+            is_number_cell(&row[1]) && is_number_cell(&row[2]),
+            "{row:?}\n{report}"
+        );
+        let (p50, p99) = row[3].split_once(" / ").expect("p50 / p99");
+        assert!(is_number_cell(p50) && is_number_cell(p99), "{row:?}");
+        assert!(hops(&row[4]) && hops(&row[5]), "{row:?}\n{report}");
+    }
+    // Where the broker compresses, it counted the bytes.
+    assert!(rows[1][4].contains(" MiB as "), "mux-client: {:?}", rows[1]);
+    assert!(
+        rows[2][5].contains(" MiB as "),
+        "mux-both's mux hop: {:?}",
+        rows[2]
+    );
+    for row in &rows[5..] {
+        let share = row[3].trim_end_matches('%');
+        assert!(
+            row[..3].iter().all(|c| is_number_cell(c)) && is_number_cell(share),
+            "{row:?}"
+        );
+    }
+    std::fs::remove_dir_all(&out).unwrap();
+}
+
 /// Builds (or finds up to date) the debug `muxgate` and `demo-upstream`
 /// next to this crate's own binaries: `cargo test -p muxgate-bench` alone
 /// builds only the bench crate's.
@@ -164,8 +240,9 @@ fn build_broker_binaries(root: &Path, bin: &Path) {
 }
 
 /// A scratch directory for this run's report, results and charts.
-fn scratch_dir() -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("muxgate-bench-smoke-{}", std::process::id()));
+fn scratch_dir(name: &str) -> PathBuf {
+    let dir =
+        std::env::temp_dir().join(format!("muxgate-bench-smoke-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir
@@ -173,9 +250,10 @@ fn scratch_dir() -> PathBuf {
 
 /// The first of 7 consecutive free ports on 127.0.0.1, below the ephemeral
 /// range, so that a smoke run never collides with a full bench/run.sh on the
-/// default ports or with another smoke run.
-fn free_port_base() -> u16 {
-    let start = 20_000 + (std::process::id() % 1000) as u16 * 10;
+/// default ports or with another smoke run; each `slot` (one per test)
+/// starts its search elsewhere, as the tests run at once.
+fn free_port_base(slot: u16) -> u16 {
+    let start = 20_000 + ((std::process::id() % 1000) as u16 + slot * 500) % 1000 * 10;
     (0..1000)
         .map(|i| 20_000 + (start - 20_000 + i * 10) % 10_000)
         .find(|&base| (base..base + 7).all(|p| TcpListener::bind(("127.0.0.1", p)).is_ok()))

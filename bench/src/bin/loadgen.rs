@@ -7,9 +7,12 @@
 //!   open loop at a fixed total rate; each message's latency counts from the
 //!   instant it was scheduled, not the instant it was sent, so a stall delays
 //!   the clock of every message behind it (no coordinated omission). Prints
-//!   the achieved rate and latency percentiles.
+//!   the achieved rate and latency percentiles. `--chat` sends chat JSON
+//!   as text instead of binary filler, `--deflate` offers permessage-deflate.
 //! - `loadgen idle --url URL -c 1000 --hold 30s`: opens the connections,
 //!   prints `open N` once all are up, holds them, then closes them.
+//! - `loadgen codec --states 50 --size 1024`: permessage-deflate's codec
+//!   alone, no sockets: time per message to compress and to inflate.
 //!
 //! Connections are spread over source addresses 127.0.0.1-127.0.0.254 so a
 //! run is not limited by one address's ephemeral ports.
@@ -32,16 +35,42 @@ use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
-/// `len` bytes of chat-like JSON: what compression is for.
-fn chat_json(len: usize) -> String {
-    let mut out = String::with_capacity(len + 64);
-    let mut k = 0;
+/// Words that chat lines are made of.
+const WORDS: [&str; 64] = [
+    "hello", "everyone", "anyone", "seen", "the", "new", "build", "it", "works", "for", "me",
+    "now", "thanks", "deploy", "is", "done", "lunch", "at", "noon", "meeting", "moved", "to",
+    "three", "can", "you", "review", "my", "change", "please", "looks", "good", "ship", "when",
+    "ready", "tests", "are", "green", "again", "who", "broke", "main", "sorry", "fixing", "that",
+    "in", "a", "minute", "coffee", "anybody", "release", "notes", "tomorrow", "morning", "ok",
+    "sounds", "great", "see", "you", "later", "on", "call", "brb", "back", "yes",
+];
+
+/// `len` bytes of chat JSON, lines of the kind a chat client sends (room,
+/// user, id, time and a few words, all varying), different for every
+/// `seed`: what compression is for. ASCII, so any cut is valid text.
+fn chat_json(len: usize, seed: u64) -> String {
+    // xorshift64*: varied, and the same for the same seed on every run.
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut next = move || {
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    };
+    let mut out = String::with_capacity(len + 256);
     while out.len() < len {
+        let r = next();
+        let words: Vec<&str> = (0..4 + r % 12)
+            .map(|_| WORDS[(next() % WORDS.len() as u64) as usize])
+            .collect();
         out.push_str(&format!(
-            "{{\"type\":\"message\",\"room\":\"lobby\",\"user\":\"user-{}\",\"text\":\"hello everyone, message {k}\"}}\n",
-            k % 17
+            "{{\"type\":\"message\",\"room\":\"room-{}\",\"user\":\"user-{}\",\"id\":{},\"sent\":{},\"text\":\"{}\"}}\n",
+            (r >> 8) % 8,
+            (r >> 16) % 500,
+            next() % 1_000_000_000,
+            1_764_800_000_000 + next() % 100_000_000,
+            words.join(" ")
         ));
-        k += 1;
     }
     out.truncate(len);
     out
@@ -87,6 +116,13 @@ enum Mode {
         duration: Duration,
         #[arg(long, value_parser = humantime::parse_duration, default_value = "2s")]
         warmup: Duration,
+        /// Send chat JSON as text messages (the send time in their first 16
+        /// characters, hex), each different: what compression is for.
+        #[arg(long)]
+        chat: bool,
+        /// Offer permessage-deflate (the server must agree).
+        #[arg(long)]
+        deflate: bool,
     },
     /// Short sessions at a steady rate: open, one echo, close. Prints one
     /// line per second: opened, failed.
@@ -98,6 +134,19 @@ enum Mode {
         rate: u32,
         #[arg(long, value_parser = humantime::parse_duration, default_value = "5s")]
         duration: Duration,
+    },
+    /// permessage-deflate's codec alone, no sockets: compresses and
+    /// inflates `messages` chat-JSON messages of `size` bytes, spread in
+    /// turn over `states` sessions' compressors and inflaters (context
+    /// takeover, window 15, level 1: the broker's defaults); prints the
+    /// time per message of each and the compressed share.
+    Codec {
+        #[arg(long, default_value_t = 50)]
+        states: usize,
+        #[arg(long, default_value_t = 1024)]
+        size: usize,
+        #[arg(long, default_value_t = 100_000)]
+        messages: usize,
     },
     /// Open connections and hold them idle.
     Idle {
@@ -121,16 +170,12 @@ enum Mode {
     },
 }
 
-/// A client socket; with permessage-deflate when `idle --deflate` asked
+/// A client socket; with permessage-deflate when `--deflate` asked
 /// and the server agreed (a pass-through otherwise).
 type Ws = WebSocketStream<Deflating<TcpStream>>;
 
-/// Connects from 127.0.0.`source` to the `ws://host:port/path` in `url`.
-async fn open(url: &str, source: u8) -> Ws {
-    open_with(url, source, &[]).await
-}
-
-/// [`open`] with extra handshake headers (`Name: value`).
+/// Connects from 127.0.0.`source` to the `ws://host:port/path` in `url`,
+/// with extra handshake headers (`Name: value`).
 async fn open_with(url: &str, source: u8, headers: &[String]) -> Ws {
     open_deflate(url, source, headers, false).await
 }
@@ -207,13 +252,25 @@ async fn main() {
             rate,
             duration,
             warmup,
+            chat,
+            deflate,
         } => {
             let schedule = Schedule {
                 interval: Duration::from_secs_f64(1.0 / f64::from(rate)),
                 warmup,
                 duration,
             };
-            latency(url, connections, size as usize, schedule).await
+            let payload = if chat {
+                assert!(size >= 16, "--chat needs --size 16 or more");
+                Payload::Chat
+            } else {
+                Payload::Filler
+            };
+            let sockets = Sockets {
+                connections,
+                deflate,
+            };
+            latency(url, sockets, size as usize, payload, schedule).await
         }
         Mode::Idle {
             url,
@@ -228,7 +285,65 @@ async fn main() {
             rate,
             duration,
         } => churn(url, rate, duration).await,
+        Mode::Codec {
+            states,
+            size,
+            messages,
+        } => codec(states.max(1), size, messages),
     }
+}
+
+fn codec(states: usize, size: usize, messages: usize) {
+    use muxgate_backend::deflate::codec::{Deflater, Inflated, Inflater, READ_PIECE};
+    // A session's messages differ as those of `latency --chat` do.
+    let bodies: Vec<Vec<Bytes>> = (0..states as u64)
+        .map(|s| {
+            (0..CHAT_MESSAGES)
+                .map(|j| Bytes::from(chat_json(size, s * CHAT_MESSAGES + j)))
+                .collect()
+        })
+        .collect();
+    let mut deflaters: Vec<Deflater> = (0..states)
+        .map(|_| Deflater::new(1, 15, false).expect("valid"))
+        .collect();
+    let mut inflaters: Vec<Inflater> = (0..states)
+        .map(|_| Inflater::new(15, false, 64 << 20).expect("valid"))
+        .collect();
+    let (mut deflating, mut inflating) = (Duration::ZERO, Duration::ZERO);
+    let (mut plain, mut packed) = (0u64, 0u64);
+    let mut out = vec![0u8; READ_PIECE];
+    for k in 0..messages {
+        let (session, turn) = (k % states, (k / states) as u64 % CHAT_MESSAGES);
+        let body = &bodies[session][turn as usize];
+        let started = Instant::now();
+        let mut compressed = Vec::new();
+        deflaters[session]
+            .compress(body, &mut compressed)
+            .expect("deflate");
+        deflating += started.elapsed();
+        plain += body.len() as u64;
+        packed += compressed.len() as u64;
+        let started = Instant::now();
+        let inflater = &mut inflaters[session];
+        inflater.push_frame(Bytes::from(compressed), true);
+        let mut inflated = 0;
+        loop {
+            match inflater.read(&mut out).expect("inflate") {
+                Inflated::Bytes(n) => inflated += n,
+                Inflated::MessageEnd => break,
+                Inflated::NeedFrame => panic!("one frame per message"),
+            }
+        }
+        inflating += started.elapsed();
+        assert_eq!(inflated, body.len());
+    }
+    let per = |d: Duration| d.as_secs_f64() * 1e6 / messages.max(1) as f64;
+    println!(
+        "states={states} size={size} messages={messages} deflate_us={:.2} inflate_us={:.2} compressed_percent={:.1}",
+        per(deflating),
+        per(inflating),
+        100.0 * packed as f64 / plain.max(1) as f64
+    );
 }
 
 async fn churn(url: String, rate: u32, duration: Duration) {
@@ -371,11 +486,71 @@ struct Received {
     total: u64,
 }
 
-async fn latency(url: String, connections: usize, size: usize, schedule: Schedule) {
+/// What a fixed-rate run sends: binary filler, or chat JSON as text.
+#[derive(Clone, Copy)]
+enum Payload {
+    Filler,
+    Chat,
+}
+
+/// Distinct chat messages each connection sends in turn: 64 of 1 KiB are
+/// twice a full deflate window, so no message repeats within one.
+const CHAT_MESSAGES: u64 = 64;
+
+impl Payload {
+    /// Connection `connection`'s `k`-th message of `size` bytes, carrying
+    /// `due` (nanoseconds after the start).
+    fn message(
+        self,
+        size: usize,
+        connection: u64,
+        k: u64,
+        due: u64,
+        cache: &mut Vec<String>,
+    ) -> Message {
+        match self {
+            Payload::Filler => {
+                let mut payload = vec![b'x'; size];
+                payload[..8].copy_from_slice(&due.to_le_bytes());
+                Message::Binary(Bytes::from(payload))
+            }
+            Payload::Chat => {
+                if cache.is_empty() {
+                    *cache = (0..CHAT_MESSAGES)
+                        .map(|j| chat_json(size, connection * CHAT_MESSAGES + j))
+                        .collect();
+                }
+                let body = &cache[(k % CHAT_MESSAGES) as usize];
+                Message::text(format!("{due:016x}{}", &body[16..]))
+            }
+        }
+    }
+
+    /// The due time an echo carries.
+    fn due(message: &Message) -> Option<u64> {
+        match message {
+            Message::Binary(b) => Some(u64::from_le_bytes(b[..8].try_into().ok()?)),
+            Message::Text(t) => u64::from_str_radix(t.as_str().get(..16)?, 16).ok(),
+            _ => None,
+        }
+    }
+}
+
+/// The sockets of a fixed-rate run.
+struct Sockets {
+    connections: usize,
+    deflate: bool,
+}
+
+async fn latency(url: String, sockets: Sockets, size: usize, payload: Payload, schedule: Schedule) {
+    let Sockets {
+        connections,
+        deflate,
+    } = sockets;
     let connections = connections.max(1);
     let mut sockets = Vec::with_capacity(connections);
     for i in 0..connections {
-        sockets.push(open(&url, (i % 254) as u8 + 1).await);
+        sockets.push(open_deflate(&url, (i % 254) as u8 + 1, &[], deflate).await);
     }
     let messages = schedule.messages();
     let start = Instant::now();
@@ -387,10 +562,11 @@ async fn latency(url: String, connections: usize, size: usize, schedule: Schedul
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Duration>(4096);
         due_txs.push(tx);
         writers.push(tokio::spawn(async move {
-            let mut payload = vec![b'x'; size];
+            let (mut cache, mut k) = (Vec::new(), 0);
             while let Some(due) = rx.recv().await {
-                payload[..8].copy_from_slice(&(due.as_nanos() as u64).to_le_bytes());
-                let message = Message::Binary(Bytes::copy_from_slice(&payload));
+                let due = due.as_nanos() as u64;
+                let message = payload.message(size, i as u64, k, due, &mut cache);
+                k += 1;
                 if sink.send(message).await.is_err() {
                     break;
                 }
@@ -469,11 +645,11 @@ async fn read_echoes(
         let Ok(Some(Ok(message))) = tokio::time::timeout_at(give_up, stream.next()).await else {
             break;
         };
-        let Message::Binary(b) = message else {
+        let Some(due) = Payload::due(&message) else {
             continue;
         };
         let now = Instant::now();
-        let due = Duration::from_nanos(u64::from_le_bytes(b[..8].try_into().expect("8 bytes")));
+        let due = Duration::from_nanos(due);
         r.total += 1;
         if window.contains(&now) {
             r.arrived_in_window += 1;
@@ -498,7 +674,7 @@ async fn idle(
     // 64 handshakes in flight: several times faster than one by one, and far
     // inside every listener's accept backlog.
     let url = &url;
-    let message = chat_json(warm);
+    let message = chat_json(warm, 0);
     let message = &message;
     let sockets: Vec<Ws> = futures_util::stream::iter(0..connections)
         .map(|i| async move {
