@@ -170,3 +170,25 @@ backend be
   server s1 127.0.0.1:$2
 CONF
 }
+
+# Writes the BENCHMARKS.md section $1 (its first line its `## ` heading) to
+# $out/bench/$2, and into $out/BENCHMARKS.md: in place of the section of an
+# earlier run, else before the hand-kept part that bench/run.sh appends
+# (bench/why.md); then prints it. For the scripts that measure on their own
+# (bench/run.sh takes in what they last wrote to bench/).
+put_section() {
+  local file=$out/bench/$2 heading
+  printf '%s\n' "$1" > "$file"
+  heading=$(head -n 1 "$file")
+  awk -v file="$file" -v heading="$heading" '
+    function put() { while ((getline line < file) > 0) print line; print ""; done = 1 }
+    $0 == heading { if (!done) put(); skip = 1; next }
+    skip && /^## / { skip = 0 }
+    skip { next }
+    /^## Why the relay is shaped as it is$/ && !done { put() }
+    { print }
+    END { if (!done) { print ""; put() } }
+  ' "$out/BENCHMARKS.md" > "$work/BENCHMARKS.md"
+  cp "$work/BENCHMARKS.md" "$out/BENCHMARKS.md"
+  printf '%s\n' "$1"
+}

@@ -165,17 +165,4 @@ ${codec_rows}
   common; these differ message by message, so the mux hop's share is the client hop's.
 MD
 )
-printf '%s\n' "$section" > "$out/bench/compression-cpu.md"
-# Into BENCHMARKS.md: in place of the section of an earlier run, else
-# before the hand-kept part that bench/run.sh appends (bench/why.md).
-awk -v file="$out/bench/compression-cpu.md" '
-  function put() { while ((getline line < file) > 0) print line; print ""; done = 1 }
-  /^## Compression.s CPU$/ { if (!done) put(); skip = 1; next }
-  skip && /^## / { skip = 0 }
-  skip { next }
-  /^## Why the relay is shaped as it is$/ && !done { put() }
-  { print }
-  END { if (!done) { print ""; put() } }
-' "$out/BENCHMARKS.md" > "$work/BENCHMARKS.md"
-cp "$work/BENCHMARKS.md" "$out/BENCHMARKS.md"
-printf '%s\n' "$section"
+put_section "$section" compression-cpu.md

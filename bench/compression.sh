@@ -107,17 +107,4 @@ ${rows}
   glibc's, see *Memory per idle session*); each message compresses from an empty window.
 MD
 )
-printf '%s\n' "$section" > "$out/bench/compression.md"
-# Into BENCHMARKS.md: in place of the section of an earlier run, else
-# before the hand-kept part that bench/run.sh appends (bench/why.md).
-awk -v file="$out/bench/compression.md" '
-  function put() { while ((getline line < file) > 0) print line; print ""; done = 1 }
-  /^## Compression.s memory$/ { if (!done) put(); skip = 1; next }
-  skip && /^## / { skip = 0 }
-  skip { next }
-  /^## Why the relay is shaped as it is$/ && !done { put() }
-  { print }
-  END { if (!done) { print ""; put() } }
-' "$out/BENCHMARKS.md" > "$work/BENCHMARKS.md"
-cp "$work/BENCHMARKS.md" "$out/BENCHMARKS.md"
-printf '%s\n' "$section"
+put_section "$section" compression.md

@@ -110,17 +110,4 @@ ${rows}
   number of clients.
 MD
 )
-printf '%s\n' "$section" > "$out/bench/replicas.md"
-# Into BENCHMARKS.md: in place of the section of an earlier run, else
-# before the hand-kept part that bench/run.sh appends (bench/why.md).
-awk -v file="$out/bench/replicas.md" '
-  function put() { while ((getline line < file) > 0) print line; print ""; done = 1 }
-  /^## Three processes on one port$/ { if (!done) put(); skip = 1; next }
-  skip && /^## / { skip = 0 }
-  skip { next }
-  /^## Why the relay is shaped as it is$/ && !done { put() }
-  { print }
-  END { if (!done) { print ""; put() } }
-' "$out/BENCHMARKS.md" > "$work/BENCHMARKS.md"
-cp "$work/BENCHMARKS.md" "$out/BENCHMARKS.md"
-printf '%s\n' "$section"
+put_section "$section" replicas.md
