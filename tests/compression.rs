@@ -570,3 +570,109 @@ async fn a_compressed_session_closes_cleanly() {
     }
     demo.stop().await;
 }
+
+/// A mux target that takes the broker's permessage-deflate offer
+/// (`mux_compression`) and answers each connection's hello with one
+/// compressed message of `zeros` bytes: a few KiB on the wire.
+async fn mux_target_sending(zeros: usize) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    use futures_util::{SinkExt, StreamExt};
+    use muxgate_backend::deflate::codec::MIN_DEFLATE_WINDOW_BITS;
+    use muxgate_backend::deflate::negotiate;
+    use muxgate_backend::deflate::stream::{DeflateSettings, Deflating};
+    use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
+    use tokio_tungstenite::tungstenite::protocol::Role;
+    use tokio_tungstenite::tungstenite::Message;
+
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut agreed = None;
+                #[allow(clippy::result_large_err)] // tungstenite's callback signature
+                let callback = |request: &Request, mut response: Response| {
+                    let headers = response.headers_mut();
+                    if let Some(p) = request.headers().get("sec-websocket-protocol") {
+                        headers.insert("sec-websocket-protocol", p.clone());
+                    }
+                    let offers = negotiate::offers(request.headers()).unwrap_or_default();
+                    let preferences = negotiate::Preferences::default();
+                    if let Some((a, answer)) =
+                        negotiate::accept(&offers, &preferences, MIN_DEFLATE_WINDOW_BITS)
+                    {
+                        headers.insert("sec-websocket-extensions", answer);
+                        agreed = Some(a);
+                    }
+                    Ok(response)
+                };
+                let Ok(mut ws) =
+                    tokio_tungstenite::accept_hdr_async(Deflating::plain(tcp), callback).await
+                else {
+                    return;
+                };
+                let agreed = agreed.expect("the broker offered permessage-deflate");
+                let settings = DeflateSettings {
+                    agreed,
+                    level: 1,
+                    min_size: 0,
+                    max_decompressed_size: 64 << 20,
+                };
+                ws.get_mut().enable(Role::Server, settings, Box::new(()));
+                // The hello first, then the envelope no mux connection may hold.
+                let _hello = ws.next().await;
+                let _ = ws.send(Message::binary(vec![0u8; zeros])).await;
+                while let Some(Ok(_)) = ws.next().await {}
+            });
+        }
+    });
+    (addr, task)
+}
+
+/// With `mux_compression` the broker inflates what a target sends only up
+/// to the mux connection's own message limit (here 70 KiB: 6 × 1 KiB
+/// `max_message_size` plus 64 KiB): a target whose compressed message would
+/// inflate to 1 MiB loses its connection at once, counted as a
+/// decompression-limit close of the mux hop, and the broker goes on.
+#[tokio::test]
+async fn a_mux_connections_inflating_stops_at_its_message_limit() {
+    let (target, task) = mux_target_sending(1 << 20).await;
+    let config = mux_config(
+        &[target],
+        "max_message_size: 1KiB\ncompression: {mux_compression: true}",
+        "health_checks: {passive: false}",
+        "",
+    );
+    let broker = start_broker(&config).await;
+    let m = broker
+        .metrics_when("a mux connection failed at the limit", |m| {
+            m.value(
+                "muxgate_decompression_limit_closes_total",
+                &[("upstream", "echo"), ("hop", "mux")],
+            ) >= 1.0
+        })
+        .await;
+    // Only what was inflated up to the cap counts as read.
+    let inflated = m.value(
+        "muxgate_compression_bytes_total",
+        &[
+            ("upstream", "echo"),
+            ("hop", "mux"),
+            ("direction", "upstream_to_client"),
+            ("form", "uncompressed"),
+        ],
+    );
+    let connections_failed = m.value(
+        "muxgate_decompression_limit_closes_total",
+        &[("upstream", "echo"), ("hop", "mux")],
+    );
+    eprintln!("{connections_failed} mux connections failed, {inflated} bytes inflated in all");
+    assert!(
+        inflated <= connections_failed * f64::from(70 * 1024 + 1),
+        "{inflated} bytes inflated by {connections_failed} connections"
+    );
+    broker.stop().await;
+    task.abort();
+}
