@@ -103,8 +103,9 @@ ${rows}
   between messages. Two of the broker's pings (ping_period ${ping}s here) without a compressed message
   between let the compressor go; the inflater stays, as the client's context takeover requires.
 - no-takeover: \`server_no_context_takeover\` and \`client_no_context_takeover\`: both states are
-  dropped after every message, so an idle session holds none (freed; what RSS keeps of them is
-  glibc's, see *Memory per idle session*); each message compresses from an empty window.
+  dropped after every message, so an idle session holds none (they are kept as a few spares per
+  thread for the next message, see *Memory per idle session*); each message compresses from an
+  empty window.
 MD
 )
 put_section "$section" compression.md
