@@ -9,8 +9,8 @@
 #   passes everything);
 # - fuzzingclient, sections 12 and 13 (permessage-deflate): the same, the
 #   demo's echo taking the extension, and once more through multiplexed
-#   mode; the frame relay passes it end to end, the message relay and
-#   multiplexed mode terminate it;
+#   mode (with mux_compression); the frame relay passes it end to end, the
+#   message relay and multiplexed mode terminate it;
 # - fuzzingserver: Autobahn plays a misbehaving server, and an echoing client
 #   (scripts/autobahn_echo_client.py, Python `websockets`) connects to it
 #   directly and through the broker (both relays again).
@@ -76,6 +76,7 @@ upstreams:
     targets: [{url: "ws://127.0.0.1:9002"}]
     websocket_config:
       enable_direct_communication: false
+      compression: {mux_compression: true}
       max_message_size: 64MiB
       read_buffer_size: 64KiB
       write_buffer_size: 64KiB
@@ -144,7 +145,9 @@ done
 # permessage-deflate (sections 12 and 13): against the demo's echo, which
 # takes it (muxgate_backend::deflate), then through the frame relay in front
 # of it (end to end), and through the message relay and multiplexed mode,
-# where the broker terminates it (the upstream hop is uncompressed).
+# where the broker terminates it (the message relay's upstream hop is
+# uncompressed; multiplexed mode's mux connections compress on their own,
+# mux_compression).
 for run in "direct ws://127.0.0.1:9002/" "muxgate-frames ws://127.0.0.1:9001/" \
            "muxgate-messages ws://127.0.0.1:9001/messages" "muxgate-mux ws://127.0.0.1:9001/mux"; do
   part deflate || break
