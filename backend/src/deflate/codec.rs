@@ -1714,10 +1714,7 @@ mod tests {
                 );
             } else {
                 assert_eq!(heap.bytes_current, 0, "left on the heap: {heap:?}");
-                assert!(
-                    heap.bytes_max < 100_000,
-                    "states were made again: {heap:?}"
-                );
+                assert!(heap.bytes_max < 100_000, "states were made again: {heap:?}");
             }
         }
     }
