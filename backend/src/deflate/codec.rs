@@ -601,9 +601,7 @@ impl Inflater {
                     }
                     // The peer's stream ended; its next message starts a
                     // new one.
-                    if let Some(state) = self.state.take() {
-                        spare::give_decompressor(state);
-                    }
+                    self.give_back();
                     return Ok(self.end_message());
                 }
             }
@@ -653,12 +651,17 @@ impl Inflater {
         })
     }
 
+    /// Lets the state go between messages, as a spare for the next.
+    fn give_back(&mut self) {
+        if let Some(state) = self.state.take() {
+            spare::give_decompressor(state);
+        }
+    }
+
     /// Ends the current message and readies the next.
     fn end_message(&mut self) -> Inflated {
         if self.peer_no_context_takeover {
-            if let Some(state) = self.state.take() {
-                spare::give_decompressor(state);
-            }
+            self.give_back();
         }
         self.frame = Bytes::new();
         self.stage = Stage::Idle;
