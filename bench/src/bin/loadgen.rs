@@ -296,13 +296,7 @@ async fn main() {
 fn codec(states: usize, size: usize, messages: usize) {
     use muxgate_backend::deflate::codec::{Deflater, Inflated, Inflater, READ_PIECE};
     // A session's messages differ as those of `latency --chat` do.
-    let bodies: Vec<Vec<Bytes>> = (0..states as u64)
-        .map(|s| {
-            (0..CHAT_MESSAGES)
-                .map(|j| Bytes::from(chat_json(size, s * CHAT_MESSAGES + j)))
-                .collect()
-        })
-        .collect();
+    let bodies: Vec<Vec<String>> = (0..states as u64).map(|s| chat_messages(size, s)).collect();
     let mut deflaters: Vec<Deflater> = (0..states)
         .map(|_| Deflater::new(1, 15, false).expect("valid"))
         .collect();
@@ -318,7 +312,7 @@ fn codec(states: usize, size: usize, messages: usize) {
         let started = Instant::now();
         let mut compressed = Vec::new();
         deflaters[session]
-            .compress(body, &mut compressed)
+            .compress(body.as_bytes(), &mut compressed)
             .expect("deflate");
         deflating += started.elapsed();
         plain += body.len() as u64;
@@ -497,17 +491,28 @@ enum Payload {
 /// twice a full deflate window, so no message repeats within one.
 const CHAT_MESSAGES: u64 = 64;
 
+/// The [`CHAT_MESSAGES`] chat-JSON messages of `size` bytes that session
+/// `session` sends in turn, different from every other session's.
+fn chat_messages(size: usize, session: u64) -> Vec<String> {
+    (0..CHAT_MESSAGES)
+        .map(|j| chat_json(size, session * CHAT_MESSAGES + j))
+        .collect()
+}
+
 impl Payload {
-    /// Connection `connection`'s `k`-th message of `size` bytes, carrying
-    /// `due` (nanoseconds after the start).
-    fn message(
-        self,
-        size: usize,
-        connection: u64,
-        k: u64,
-        due: u64,
-        cache: &mut Vec<String>,
-    ) -> Message {
+    /// What connection `connection` sends in turn: its chat messages, or
+    /// none (filler is made per message).
+    fn bodies(self, size: usize, connection: u64) -> Vec<String> {
+        match self {
+            Payload::Filler => Vec::new(),
+            Payload::Chat => chat_messages(size, connection),
+        }
+    }
+
+    /// The `k`-th message of `size` bytes of a connection whose
+    /// [`Payload::bodies`] are `bodies`, carrying `due` (nanoseconds after
+    /// the start).
+    fn message(self, size: usize, bodies: &[String], k: u64, due: u64) -> Message {
         match self {
             Payload::Filler => {
                 let mut payload = vec![b'x'; size];
@@ -515,12 +520,7 @@ impl Payload {
                 Message::Binary(Bytes::from(payload))
             }
             Payload::Chat => {
-                if cache.is_empty() {
-                    *cache = (0..CHAT_MESSAGES)
-                        .map(|j| chat_json(size, connection * CHAT_MESSAGES + j))
-                        .collect();
-                }
-                let body = &cache[(k % CHAT_MESSAGES) as usize];
+                let body = &bodies[(k % CHAT_MESSAGES) as usize];
                 Message::text(format!("{due:016x}{}", &body[16..]))
             }
         }
@@ -562,10 +562,10 @@ async fn latency(url: String, sockets: Sockets, size: usize, payload: Payload, s
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Duration>(4096);
         due_txs.push(tx);
         writers.push(tokio::spawn(async move {
-            let (mut cache, mut k) = (Vec::new(), 0);
+            let (bodies, mut k) = (payload.bodies(size, i as u64), 0);
             while let Some(due) = rx.recv().await {
                 let due = due.as_nanos() as u64;
-                let message = payload.message(size, i as u64, k, due, &mut cache);
+                let message = payload.message(size, &bodies, k, due);
                 k += 1;
                 if sink.send(message).await.is_err() {
                     break;
