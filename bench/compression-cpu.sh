@@ -105,15 +105,15 @@ YAML
   trips=$(sum_metric muxgate_messages_total 'direction="client_to_upstream"')
   us=$(awk -v r="$ran" -v t="$trips" 'BEGIN {printf "%.1f", r / t / 1000}')
   case $variant in
-    mux-plain|frames-plain) client="uncompressed" mux="uncompressed" ;;
+    mux-plain) client="uncompressed" mux="uncompressed" ;;
     mux-client) client=$(hop_bytes client) mux="uncompressed" ;;
     mux-both) client=$(hop_bytes client) mux=$(hop_bytes mux) ;;
+    frames-plain) client="uncompressed" mux="(direct)" ;;
     frames-end-to-end)
       relayed=$(sum_metric muxgate_message_bytes_total)
       client="$(awk -v r="$relayed" -v m="$((2 * size * trips))" 'BEGIN {printf "%.1f MiB as %.1f MiB (%.0f%%), by the peers", m / 1048576, r / 1048576, 100 * r / m}')"
-      mux="" ;;
+      mux="(direct)" ;;
   esac
-  [ "$direct" = true ] && mux="(direct)"
   p50=$(field p50_us "$line") p99=$(field p99_us "$line")
   rows+="| $variant | $trips | $us | $p50 / $p99 | $client | $mux |"$'\n'
   echo "$variant: $us us of broker CPU per round trip, p50/p99 $p50/$p99 us; client hop $client; mux hop $mux" >&2
