@@ -353,22 +353,8 @@ async fn the_broker_terminates_permessage_deflate_where_it_reads_messages() {
                 ) == 0.0
             })
             .await;
-        let bytes = |direction: &str, form: &str| {
-            m.value(
-                "muxgate_compression_bytes_total",
-                &[
-                    ("upstream", "echo"),
-                    ("hop", "client"),
-                    ("direction", direction),
-                    ("form", form),
-                ],
-            )
-        };
         for direction in ["client_to_upstream", "upstream_to_client"] {
-            let (message, wire) = (
-                bytes(direction, "uncompressed"),
-                bytes(direction, "compressed"),
-            );
+            let (message, wire) = m.hop_bytes("echo", "client", direction);
             assert!(
                 wire > 0.0 && wire < 0.8 * message,
                 "{what}, {direction}: {wire} compressed bytes for {message}"
@@ -655,15 +641,7 @@ async fn a_mux_connections_inflating_stops_at_its_message_limit() {
         })
         .await;
     // Only what was inflated up to the cap counts as read.
-    let inflated = m.value(
-        "muxgate_compression_bytes_total",
-        &[
-            ("upstream", "echo"),
-            ("hop", "mux"),
-            ("direction", "upstream_to_client"),
-            ("form", "uncompressed"),
-        ],
-    );
+    let (inflated, _) = m.hop_bytes("echo", "mux", "upstream_to_client");
     let connections_failed = m.value(
         "muxgate_decompression_limit_closes_total",
         &[("upstream", "echo"), ("hop", "mux")],

@@ -181,23 +181,6 @@ async fn the_same_clients_pass_in_both_modes() {
     within("demo stop", demo).await.unwrap();
 }
 
-/// The mux connection's own bytes before and after compression, in
-/// `direction`: (message bytes, compressed payload bytes).
-fn mux_hop_bytes(m: &Metrics, direction: &str) -> (f64, f64) {
-    let bytes = |form: &str| {
-        m.value(
-            "muxgate_compression_bytes_total",
-            &[
-                ("upstream", "demo"),
-                ("hop", "mux"),
-                ("direction", direction),
-                ("form", form),
-            ],
-        )
-    };
-    (bytes("uncompressed"), bytes("compressed"))
-}
-
 /// With `mux_compression` the broker offers permessage-deflate on its mux
 /// connections. The Python example accepts it with `websockets`' own
 /// implementation (whose defaults answer `server_max_window_bits=12`), the
@@ -224,7 +207,7 @@ async fn both_upstreams_take_mux_compression_in_both_encodings() {
             chat_scenario(&broker).await;
             let m = broker.metrics().await;
             for direction in ["client_to_upstream", "upstream_to_client"] {
-                let (message, wire) = mux_hop_bytes(&m, direction);
+                let (message, wire) = m.hop_bytes("demo", "mux", direction);
                 eprintln!("{who}, {envelope}, {direction}: {message} envelope bytes as {wire}");
                 assert!(
                     message > 0.0 && wire > 0.0 && wire < message,

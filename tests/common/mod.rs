@@ -382,6 +382,24 @@ impl Metrics {
             .sum()
     }
 
+    /// What `muxgate_compression_bytes_total` counts for one hop
+    /// (`client` or `mux`) of `upstream` in `direction`: the message bytes
+    /// and the compressed payload bytes that carried them.
+    pub fn hop_bytes(&self, upstream: &str, hop: &str, direction: &str) -> (f64, f64) {
+        let form = |form: &str| {
+            self.value(
+                "muxgate_compression_bytes_total",
+                &[
+                    ("upstream", upstream),
+                    ("hop", hop),
+                    ("direction", direction),
+                    ("form", form),
+                ],
+            )
+        };
+        (form("uncompressed"), form("compressed"))
+    }
+
     /// Whether the exposition declares `name` with a `# TYPE` line.
     pub fn has_family(&self, name: &str) -> bool {
         self.0.docs.contains_key(name)
