@@ -5,7 +5,15 @@
 //! Which mode then serves the session is the app's choice
 //! (`crate::app::clients`); this module knows neither mode.
 //!
-//! Statuses: unknown path 404, not GET 405, no WebSocket upgrade 426,
+//! A WebSocket opens the same way over either HTTP the client listener
+//! speaks: a GET with `Upgrade: websocket` over HTTP/1.1, answered 101
+//! (RFC 6455), or an extended CONNECT with `:protocol websocket` on a
+//! stream of an HTTP/2 connection, answered 200 (RFC 8441). Everything
+//! after the request's form (routing, origin, plugins, limits, the modes)
+//! is the same for both, and so is every refusal's status.
+//!
+//! Statuses: unknown path 404, not GET (over HTTP/2: not CONNECT) 405, no
+//! WebSocket upgrade 426,
 //! malformed upgrade 400, bad `Origin` 403, per-IP limit 429, global limit,
 //! shutdown or no healthy target 503, upstream refused or failed its
 //! handshake 502, upstream handshake timed out 504.
@@ -34,8 +42,9 @@ use muxgate_plugins::Rejection;
 pub(crate) enum HandshakeError {
     #[error("no route for this path")]
     NotFound,
-    #[error("only GET can open a WebSocket")]
-    MethodNotAllowed,
+    /// The method that can (GET, or CONNECT over HTTP/2).
+    #[error("only {0} can open a WebSocket")]
+    MethodNotAllowed(&'static str),
     #[error("this path serves WebSocket only; send an Upgrade: websocket request")]
     UpgradeRequired,
     #[error("malformed WebSocket upgrade: {0}")]
@@ -68,7 +77,7 @@ impl HandshakeError {
         use HandshakeError::*;
         match self {
             NotFound => StatusCode::NOT_FOUND,
-            MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             UpgradeRequired => StatusCode::UPGRADE_REQUIRED,
             BadRequest(_) | UnsupportedVersion => StatusCode::BAD_REQUEST,
             OriginNotAllowed => StatusCode::FORBIDDEN,
@@ -88,7 +97,7 @@ impl HandshakeError {
         use HandshakeError::*;
         match self {
             NotFound => "not_found",
-            MethodNotAllowed => "method_not_allowed",
+            MethodNotAllowed(_) => "method_not_allowed",
             UpgradeRequired => "upgrade_required",
             BadRequest(_) => "bad_request",
             UnsupportedVersion => "unsupported_version",
@@ -123,8 +132,8 @@ impl HandshakeError {
         let mut response = (self.status(), body).into_response();
         let h = response.headers_mut();
         match self {
-            HandshakeError::MethodNotAllowed => {
-                h.insert(header::ALLOW, HeaderValue::from_static("GET"));
+            HandshakeError::MethodNotAllowed(allowed) => {
+                h.insert(header::ALLOW, HeaderValue::from_static(allowed));
             }
             HandshakeError::UpgradeRequired => {
                 h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
@@ -160,10 +169,97 @@ fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
         .any(|t| t.trim().eq_ignore_ascii_case(token))
 }
 
-/// Checks the upgrade request itself (RFC 6455 §4.2.1) and returns the key.
-pub(crate) fn check_upgrade(request: &Request) -> Result<HeaderValue, HandshakeError> {
+/// The HTTP a client's WebSocket came over: a label of the session's
+/// metrics (`http_version`) and logs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum HttpVersion {
+    Http1,
+    Http2,
+}
+
+impl HttpVersion {
+    /// The request's: HTTP/2, or (HTTP/1.0 and 1.1 alike) HTTP/1.1.
+    pub(crate) fn of(request: &Request) -> HttpVersion {
+        if request.version() == http::Version::HTTP_2 {
+            HttpVersion::Http2
+        } else {
+            HttpVersion::Http1
+        }
+    }
+
+    /// `1.1` or `2`.
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            HttpVersion::Http1 => "1.1",
+            HttpVersion::Http2 => "2",
+        }
+    }
+}
+
+/// A request that can open a WebSocket, of either form.
+pub(crate) enum Upgrade {
+    /// An HTTP/1.1 upgrade, with the client's `Sec-WebSocket-Key`.
+    Http1 { key: HeaderValue },
+    /// An HTTP/2 extended CONNECT, which has no key (RFC 8441 §5).
+    Http2,
+}
+
+impl Upgrade {
+    /// The answer that accepts it: 101 with `Sec-WebSocket-Accept`, or,
+    /// over HTTP/2, 200; the mode adds the subprotocol and extensions.
+    pub(crate) fn accepted(&self, request_id: &str) -> Response {
+        let mut response = match self {
+            Upgrade::Http1 { key } => switching_protocols(key),
+            Upgrade::Http2 => Response::new(Body::empty()),
+        };
+        if let Ok(v) = HeaderValue::from_str(request_id) {
+            response.headers_mut().insert("x-request-id", v);
+        }
+        response
+    }
+}
+
+/// Checks that the request can open a WebSocket: an HTTP/1.1 upgrade
+/// (RFC 6455 §4.2.1) or an HTTP/2 extended CONNECT (RFC 8441 §5).
+pub(crate) fn check_upgrade(request: &Request) -> Result<Upgrade, HandshakeError> {
+    if HttpVersion::of(request) == HttpVersion::Http2 {
+        check_extended_connect(request)?;
+        return Ok(Upgrade::Http2);
+    }
+    check_http1_upgrade(request).map(|key| Upgrade::Http1 { key })
+}
+
+/// An HTTP/2 stream's request: CONNECT with `:protocol websocket` and
+/// `Sec-WebSocket-Version: 13`. A GET is a plain request to a WebSocket
+/// path, answered 426 as over HTTP/1.1.
+fn check_extended_connect(request: &Request) -> Result<(), HandshakeError> {
+    if request.method() == Method::GET {
+        return Err(HandshakeError::UpgradeRequired);
+    }
+    if request.method() != Method::CONNECT {
+        return Err(HandshakeError::MethodNotAllowed("CONNECT"));
+    }
+    let protocol = request.extensions().get::<hyper::ext::Protocol>();
+    if !protocol.is_some_and(|p| p.as_str().eq_ignore_ascii_case("websocket")) {
+        return Err(HandshakeError::BadRequest(
+            "an HTTP/2 CONNECT opens a WebSocket only with :protocol websocket",
+        ));
+    }
+    check_version(request.headers())
+}
+
+fn check_version(headers: &HeaderMap) -> Result<(), HandshakeError> {
+    match headers.get(header::SEC_WEBSOCKET_VERSION) {
+        Some(v) if v.as_bytes() == b"13" => Ok(()),
+        Some(_) => Err(HandshakeError::UnsupportedVersion),
+        None => Err(HandshakeError::BadRequest("missing Sec-WebSocket-Version")),
+    }
+}
+
+/// Checks an HTTP/1.1 upgrade request (RFC 6455 §4.2.1) and returns its key.
+fn check_http1_upgrade(request: &Request) -> Result<HeaderValue, HandshakeError> {
     if request.method() != Method::GET {
-        return Err(HandshakeError::MethodNotAllowed);
+        return Err(HandshakeError::MethodNotAllowed("GET"));
     }
     let headers = request.headers();
     if !has_token(headers, header::UPGRADE, "websocket") {
@@ -184,11 +280,7 @@ pub(crate) fn check_upgrade(request: &Request) -> Result<HeaderValue, HandshakeE
             "Connection header must include Upgrade",
         ));
     }
-    match headers.get(header::SEC_WEBSOCKET_VERSION) {
-        Some(v) if v.as_bytes() == b"13" => {}
-        Some(_) => return Err(HandshakeError::UnsupportedVersion),
-        None => return Err(HandshakeError::BadRequest("missing Sec-WebSocket-Version")),
-    }
+    check_version(headers)?;
     let key = headers
         .get(header::SEC_WEBSOCKET_KEY)
         .ok_or(HandshakeError::BadRequest("missing Sec-WebSocket-Key"))?;
@@ -252,8 +344,13 @@ pub(crate) fn upstream_headers(
         "x-forwarded-proto",
         HeaderValue::from_static(if secure { "https" } else { "http" }),
     );
-    if let Some(host) = incoming.get(header::HOST) {
-        out.insert("x-forwarded-host", host.clone());
+    // Over HTTP/2 the host is the request's `:authority`.
+    let authority = || {
+        let authority = request.uri().authority()?;
+        HeaderValue::from_str(authority.as_str()).ok()
+    };
+    if let Some(host) = incoming.get(header::HOST).cloned().or_else(authority) {
+        out.insert("x-forwarded-host", host);
     }
     if let Ok(v) = HeaderValue::from_str(request_id) {
         out.insert("x-request-id", v);
@@ -330,9 +427,8 @@ pub(crate) fn request_id(headers: &HeaderMap) -> String {
         .unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
 }
 
-/// The 101 that accepts the upgrade with `key`; the mode adds the
-/// subprotocol, if one was chosen.
-pub(crate) fn switching_protocols(key: &HeaderValue, request_id: &str) -> Response {
+/// The 101 that accepts the HTTP/1.1 upgrade with `key`.
+fn switching_protocols(key: &HeaderValue) -> Response {
     let mut response = Response::new(Body::empty());
     *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     let h = response.headers_mut();
@@ -342,8 +438,5 @@ pub(crate) fn switching_protocols(key: &HeaderValue, request_id: &str) -> Respon
         header::SEC_WEBSOCKET_ACCEPT,
         HeaderValue::from_str(&derive_accept_key(key.as_bytes())).expect("base64 accept key"),
     );
-    if let Ok(v) = HeaderValue::from_str(request_id) {
-        h.insert("x-request-id", v);
-    }
     response
 }

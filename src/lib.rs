@@ -23,7 +23,10 @@
 //! - `transport/event_loops.rs`: thread-per-core; the `server.workers` loops that serve clients.
 //! - `transport/accept.rs`: the loops take accepted connections in turn; a handover closes them.
 //! - `transport/tls.rs`: the `wss://` listener and `wss://` upstream streams (rustls).
-//! - `transport/http1.rs`: the client listeners' HTTP/1 server (hyper, on the broker's own sockets).
+//! - `transport/server.rs`: the client listeners' HTTP server (hyper, on the broker's own sockets): which HTTP each connection speaks.
+//! - `transport/client_conn.rs`: what serving one client connection needs, its limits and tokens.
+//! - `transport/http1.rs`: an HTTP/1.1 client connection, whose upgrade hands its socket over.
+//! - `transport/http2.rs`: an HTTP/2 client connection, whose streams carry WebSockets (RFC 8441).
 //! - `transport/upgraded.rs`: client and upstream sockets taken back out of hyper after the upgrade.
 //! - `transport/chunked.rs`: reads through one buffer per event loop.
 //!

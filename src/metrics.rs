@@ -76,8 +76,8 @@ impl Metrics {
         };
         let sessions_total = counter(
             "sessions_total",
-            "Client sessions opened, by upstream and mode.",
-            &["upstream", "mode"],
+            "Client sessions opened, by upstream, mode and the HTTP version their WebSocket came over (1.1 or 2).",
+            &["upstream", "mode", "http_version"],
         );
         let messages_total = counter(
             "messages_total",
@@ -116,8 +116,8 @@ impl Metrics {
         );
         let handshakes_rejected_total = counter(
             "handshakes_rejected_total",
-            "Client handshakes answered with an HTTP error, by status and reason.",
-            &["status", "reason"],
+            "Client handshakes answered with an HTTP error, by status, reason and the request's HTTP version (1.1 or 2).",
+            &["status", "reason", "http_version"],
         );
         let mux_frames_total = counter(
             "mux_frames_total",
@@ -184,8 +184,8 @@ impl Metrics {
         };
         let sessions_active = gauge(
             "sessions_active",
-            "Client sessions open now, by upstream and mode.",
-            &["upstream", "mode"],
+            "Client sessions open now, by upstream, mode and the HTTP version their WebSocket came over (1.1 or 2).",
+            &["upstream", "mode", "http_version"],
         );
         let sessions_draining = gauge(
             "sessions_draining",
@@ -318,12 +318,18 @@ impl Metrics {
         String::from_utf8(buf).expect("exposition is UTF-8")
     }
 
-    pub(crate) fn session_opened(&self, upstream: &str, mode: &str, compressed: bool) {
+    pub(crate) fn session_opened(
+        &self,
+        upstream: &str,
+        mode: &str,
+        compressed: bool,
+        http_version: &str,
+    ) {
         self.sessions_total
-            .with_label_values(&[upstream, mode])
+            .with_label_values(&[upstream, mode, http_version])
             .inc();
         self.sessions_active
-            .with_label_values(&[upstream, mode])
+            .with_label_values(&[upstream, mode, http_version])
             .inc();
         if compressed {
             self.compressed_sessions_active
@@ -332,9 +338,15 @@ impl Metrics {
         }
     }
 
-    pub(crate) fn session_closed(&self, upstream: &str, mode: &str, compressed: bool) {
+    pub(crate) fn session_closed(
+        &self,
+        upstream: &str,
+        mode: &str,
+        compressed: bool,
+        http_version: &str,
+    ) {
         self.sessions_active
-            .with_label_values(&[upstream, mode])
+            .with_label_values(&[upstream, mode, http_version])
             .dec();
         if compressed {
             self.compressed_sessions_active
@@ -535,12 +547,12 @@ impl Metrics {
     /// `server.max_request_head_size` (answered 431 by the HTTP server).
     pub(crate) fn heads_too_large(&self) -> IntCounter {
         self.handshakes_rejected_total
-            .with_label_values(&["431", "request_head_too_large"])
+            .with_label_values(&["431", "request_head_too_large", "1.1"])
     }
 
-    pub(crate) fn handshake_rejected(&self, status: u16, reason: &str) {
+    pub(crate) fn handshake_rejected(&self, status: u16, reason: &str, http_version: &str) {
         self.handshakes_rejected_total
-            .with_label_values(&[&status.to_string(), reason])
+            .with_label_values(&[&status.to_string(), reason, http_version])
             .inc();
     }
 }

@@ -89,3 +89,90 @@ async fn chromium_gets_permessage_deflate_on_the_shipped_routes() {
     stop.cancel();
     within("demo stop", task).await.unwrap();
 }
+
+/// Chromium reaches a TLS listener (its certificate signed by a test CA
+/// that Chromium trusts through an NSS database of its own) over HTTP/2:
+/// the page is the broker's 404 for an unknown path, which opens the
+/// connection; a no-cors fetch of that path goes over it, and so does the
+/// `wss://` WebSocket that follows, as a stream, as the broker's metrics
+/// show.
+#[tokio::test]
+async fn chromium_opens_a_websocket_over_http2_after_a_fetch() {
+    let pki = common::pki::Pki::new();
+    // Chromium reads trusted CAs from $HOME/.pki/nssdb.
+    let home = pki.dir.join("home");
+    let nssdb = home.join(".pki/nssdb");
+    std::fs::create_dir_all(&nssdb).unwrap();
+    let db = format!("sql:{}", nssdb.display());
+    for args in [
+        vec!["-N", "-d", &db, "--empty-password"],
+        vec![
+            "-A",
+            "-d",
+            &db,
+            "-n",
+            "muxgate-test-ca",
+            "-t",
+            "C,,",
+            "-i",
+            pki.ca.to_str().unwrap(),
+        ],
+    ] {
+        let status = Command::new("certutil")
+            .args(&args)
+            .status()
+            .await
+            .expect("certutil (apt-get install libnss3-tools)");
+        assert!(status.success(), "certutil {args:?}");
+    }
+    let up = common::upstream::TestUpstream::start().await;
+    let tls = format!(
+        "tls: {{cert_file: '{}', key_file: '{}'}}",
+        pki.cert.display(),
+        pki.key.display()
+    );
+    let broker = start_broker(&direct_config(&[up.addr], "", "", &tls)).await;
+    let origin = format!("localhost:{}", broker.client_addr.port());
+    let out = within(
+        "Chromium",
+        Command::new("node")
+            .current_dir(BROWSER_DIR)
+            .env("HOME", &home)
+            .env("WARM_UP", format!("https://{origin}/no-such-page"))
+            .arg("websockets.mjs")
+            .arg(format!("wss://{origin}"))
+            .arg("/ws/echo")
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("node (and `npm ci --prefix tests/browser`)");
+    assert!(
+        out.status.success(),
+        "the browser script failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON line");
+    eprintln!("chromium over HTTP/2: {report}");
+    let seen = &report["/ws/echo"];
+    assert_eq!(seen["textBack"], true, "{seen}");
+    assert_eq!(seen["binaryBack"], true, "{seen}");
+    assert_eq!(seen["closed"], 1000, "{seen}");
+    let m = broker
+        .metrics_when("the session ended", |m| {
+            m.value("muxgate_sessions_active", &[]) == 0.0
+        })
+        .await;
+    // The page's and the fetch's 404s (and the page's favicon's), and
+    // the WebSocket, all over HTTP/2.
+    let not_found = m.value(
+        "muxgate_handshakes_rejected_total",
+        &[("status", "404"), ("http_version", "2")],
+    );
+    assert!(not_found >= 2.0, "{not_found} 404s over HTTP/2");
+    assert_eq!(
+        m.value("muxgate_sessions_total", &[("http_version", "2")]),
+        1.0,
+        "the WebSocket came over HTTP/1.1"
+    );
+}

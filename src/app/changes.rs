@@ -223,6 +223,9 @@ fn server(old: &ServerConfig, new: &ServerConfig) -> Vec<ServerChange> {
     field(timeout_changed, "header_read_timeout", restart);
     let head_changed = old.max_request_head_size != new.max_request_head_size;
     field(head_changed, "max_request_head_size", restart);
+    field(old.serves_http2() != new.serves_http2(), "http2", restart);
+    let streams_changed = old.http2_max_concurrent_streams != new.http2_max_concurrent_streams;
+    field(streams_changed, "http2_max_concurrent_streams", restart);
     field(
         old.max_connections != new.max_connections,
         "max_connections",

@@ -20,14 +20,14 @@ use super::snapshot::Snapshot;
 use super::state::AppState;
 use crate::config::Mode;
 use crate::direct::{self, DirectSession, UpstreamUnavailable};
-use crate::handshake::{self, HandshakeError};
+use crate::handshake::{self, HandshakeError, HttpVersion};
 use crate::mux::pool::Tenancy;
 use crate::mux::session::MuxSession;
 use crate::routing::Route;
 use crate::session::{Placement, SessionGuard};
 use crate::transport::accept::BalancedListener;
 use crate::transport::event_loops::ServeFuture;
-use crate::transport::{http1, tls};
+use crate::transport::{client_conn, http2, server, tls};
 use crate::upstream::Upstream;
 use muxgate_backend::deflate::negotiate;
 use muxgate_plugins::{HandshakeCtx, SessionCtx, SessionHooks};
@@ -39,6 +39,8 @@ pub(super) struct ClientLimits {
     pub header_read_timeout: Duration,
     /// `max_request_head_size`, in bytes.
     pub max_request_head: usize,
+    /// `http2` and its settings; `None` where HTTP/2 is off.
+    pub http2: Option<http2::Settings>,
 }
 
 /// Serves client handshakes on `listener` until its listener closes (and,
@@ -52,7 +54,7 @@ pub(super) fn serve_clients(
     state: Arc<AppState>,
 ) -> ServeFuture {
     let accepted = state.metrics.accepted_on(index);
-    let limits = http1::Limits {
+    let limits = client_conn::Limits {
         header_read_timeout: client.header_read_timeout,
         header_timeouts: state.metrics.header_timeouts_on(index),
         max_head: client.max_request_head,
@@ -60,7 +62,7 @@ pub(super) fn serve_clients(
     };
     let shutdown = state.shutdown.clone();
     let router = Router::new().fallback(handle).with_state(state);
-    let server = http1::Server::new(router, limits, accepted, shutdown.clone());
+    let server = server::Server::new(router, limits, client.http2, accepted, shutdown.clone());
     Box::pin(async move {
         match tls {
             None => server.run(listener).await,
@@ -92,9 +94,10 @@ async fn handle(
         Ok(response) => response,
         Err(error) => {
             let status = error.status();
+            let http_version = HttpVersion::of(&request).as_str();
             app.metrics
-                .handshake_rejected(status.as_u16(), error.reason());
-            debug!(%remote, path = %request.uri().path(), status = status.as_u16(), %error, "handshake refused");
+                .handshake_rejected(status.as_u16(), error.reason(), http_version);
+            debug!(%remote, path = %request.uri().path(), http_version, status = status.as_u16(), %error, "handshake refused");
             error.into_response_with(details)
         }
     }
@@ -125,7 +128,8 @@ async fn accept(
     started: Instant,
 ) -> Result<Response, HandshakeError> {
     let route = route.ok_or(HandshakeError::NotFound)?;
-    let key = handshake::check_upgrade(request)?;
+    let upgrade = handshake::check_upgrade(request)?;
+    let http_version = HttpVersion::of(request);
     // Not yet during a handover: a connection the closed listener had
     // taken is served as any other.
     if app.shutdown.has_begun() {
@@ -153,7 +157,7 @@ async fn accept(
         .ok_or(HandshakeError::NotUpgradable)?;
 
     let path = route.upstream_path(request.uri().query());
-    let mut response = handshake::switching_protocols(&key, &request_id);
+    let mut response = upgrade.accepted(&request_id);
     let ws = &upstream.config.websocket_config;
     let deflate_offers = handshake::deflate_offers(request.headers(), &ws.compression)?;
     if upstream.mode() == Mode::Multiplexed {
@@ -185,6 +189,7 @@ async fn accept(
                 mode: Mode::Multiplexed,
                 target: None,
                 compressed: deflate.is_some(),
+                http_version,
             },
             remote,
             request_id,
@@ -262,6 +267,7 @@ async fn accept(
             mode: Mode::Direct,
             target: Some(Arc::clone(&lease.target().label)),
             compressed: connected.deflate.is_some() || client_deflate.is_some(),
+            http_version,
         },
         remote,
         request_id,

@@ -133,9 +133,10 @@ impl Broker {
                 source,
             })
         };
+        let http2 = config.server.serves_http2();
         let tls = match &config.server.tls {
             Some(t) => Some(Arc::new(arc_swap::ArcSwap::new(
-                crate::transport::tls::server_config(&t.cert_file, &t.key_file)
+                crate::transport::tls::server_config(&t.cert_file, &t.key_file, http2)
                     .map_err(StartError::Tls)?,
             ))),
             None => None,
@@ -154,6 +155,9 @@ impl Broker {
         let client_limits = ClientLimits {
             header_read_timeout: config.server.header_read_timeout,
             max_request_head: config.server.max_request_head_size.bytes(),
+            http2: http2.then_some(crate::transport::http2::Settings {
+                max_concurrent_streams: config.server.http2_max_concurrent_streams,
+            }),
         };
         let limits = ConnectionLimits::new(
             config.server.max_connections,
@@ -167,6 +171,7 @@ impl Broker {
             metrics,
             shutdown,
             tls: tls.clone(),
+            http2,
             changing: tokio::sync::Mutex::new(()),
         });
         Ok(Broker {

@@ -148,7 +148,8 @@ impl AppState {
         let (Some(running), Some(config)) = (&self.tls, config) else {
             return;
         };
-        match crate::transport::tls::server_config(&config.cert_file, &config.key_file) {
+        match crate::transport::tls::server_config(&config.cert_file, &config.key_file, self.http2)
+        {
             Ok(next) => {
                 running.store(next);
                 info!(cert_file = %config.cert_file, "TLS certificate and key read again for new handshakes");

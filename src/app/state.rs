@@ -28,6 +28,9 @@ pub(crate) struct AppState {
     /// (`wss://`, and `X-Forwarded-Proto: https` upstream); a reload
     /// re-reads the certificate and key into it.
     pub tls: Option<ServerTls>,
+    /// The client listener serves HTTP/2 (`server.http2`, bound at start):
+    /// its TLS settings, read again, offer `h2` by ALPN.
+    pub http2: bool,
     /// Held by a reload or a live mode change from reading the snapshot
     /// to swapping in the next, so that two of them never build on the
     /// same one.

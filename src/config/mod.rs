@@ -40,6 +40,9 @@ pub const WATCH_DEBOUNCE: Duration = Duration::from_millis(250);
 /// How long a client connection may take to send a request's head (and
 /// how long it may stay idle between requests): hyper's default.
 pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// `server.http2_max_concurrent_streams` when unset: what browsers expect
+/// of a server (and Envoy's and HAProxy's default).
+pub const DEFAULT_HTTP2_MAX_CONCURRENT_STREAMS: u32 = 100;
 /// `server.max_request_head_size`: HAProxy's default buffer; NGINX takes
 /// up to 4 x 8 KiB.
 pub const DEFAULT_MAX_REQUEST_HEAD_SIZE: u64 = 16 * 1024;
@@ -172,6 +175,16 @@ pub struct ServerConfig {
     pub max_request_head_size: Size,
     #[serde(default)]
     pub tls: Option<TlsConfig>,
+    /// Serve HTTP/2 (and so WebSockets over HTTP/2, RFC 8441) on the client
+    /// listener beside HTTP/1.1: by ALPN `h2` with TLS, by prior knowledge
+    /// (h2c) without. Unset is on with TLS and off without (see
+    /// [`ServerConfig::serves_http2`]).
+    #[serde(default)]
+    pub http2: Option<bool>,
+    /// The most streams (WebSockets and requests) one HTTP/2 connection may
+    /// have open at once (`SETTINGS_MAX_CONCURRENT_STREAMS`).
+    #[serde(default = "default_http2_max_concurrent_streams")]
+    pub http2_max_concurrent_streams: u32,
     /// Event loops serving clients; unset is one per core (see
     /// [`ServerConfig::event_loops`]).
     #[serde(default)]
@@ -187,6 +200,13 @@ impl ServerConfig {
             .unwrap_or_else(|| {
                 std::thread::available_parallelism().unwrap_or(std::num::NonZeroUsize::MIN)
             })
+    }
+
+    /// Whether the client listener serves HTTP/2: `http2` when set, else
+    /// only with TLS (where browsers ask for it by ALPN; cleartext HTTP/2
+    /// is for clients that know it is there).
+    pub fn serves_http2(&self) -> bool {
+        self.http2.unwrap_or(self.tls.is_some())
     }
 }
 
@@ -204,6 +224,8 @@ impl Default for ServerConfig {
             header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
             max_request_head_size: default_max_request_head_size(),
             tls: None,
+            http2: None,
+            http2_max_concurrent_streams: DEFAULT_HTTP2_MAX_CONCURRENT_STREAMS,
             workers: None,
         }
     }
@@ -571,6 +593,10 @@ fn default_handshake_timeout() -> Duration {
 fn default_close_timeout() -> Duration {
     DEFAULT_CLOSE_TIMEOUT
 }
+fn default_http2_max_concurrent_streams() -> u32 {
+    DEFAULT_HTTP2_MAX_CONCURRENT_STREAMS
+}
+
 fn default_max_request_head_size() -> Size {
     Size(DEFAULT_MAX_REQUEST_HEAD_SIZE)
 }

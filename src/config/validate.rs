@@ -46,6 +46,12 @@ pub(super) fn validate(config: &Config) -> Vec<Problem> {
             "must be from 1 KiB to 1 MiB",
         );
     }
+    if config.server.http2_max_concurrent_streams == 0 {
+        out.push(
+            server.key("http2_max_concurrent_streams"),
+            "must be at least 1",
+        );
+    }
     match config.server.workers {
         Some(0) => out.push(
             server.key("workers"),
@@ -64,7 +70,7 @@ pub(super) fn validate(config: &Config) -> Vec<Problem> {
         );
     }
     if let Some(tls) = &config.server.tls {
-        if let Err(e) = crate::transport::tls::server_config(&tls.cert_file, &tls.key_file) {
+        if let Err(e) = crate::transport::tls::server_config(&tls.cert_file, &tls.key_file, false) {
             out.push(server.key("tls"), e.to_string());
         }
     }

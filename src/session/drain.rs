@@ -96,6 +96,7 @@ mod tests {
             mode: Mode::Direct,
             target: Some(target.into()),
             compressed: false,
+            http_version: crate::handshake::HttpVersion::Http1,
         }
     }
 

@@ -243,6 +243,7 @@ pub(crate) fn log_opened(handle: &SessionHandle, target: Option<&Target>, relay:
         target_url = target.map(|t| tracing::field::display(&t.label)),
         mode = handle.mode.as_str(),
         relay,
+        http_version = handle.http_version.as_str(),
         remote = %handle.remote,
         request_id = %handle.request_id,
         "session opened"

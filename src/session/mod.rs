@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::config::Mode;
+use crate::handshake::HttpVersion;
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
 
@@ -71,6 +72,8 @@ pub(crate) struct SessionHandle {
     /// permessage-deflate was agreed with the client (whoever compresses):
     /// `muxgate_compressed_sessions_active` counts it.
     pub compressed: bool,
+    /// The HTTP its WebSocket came over (`http_version` in metrics).
+    pub http_version: HttpVersion,
     /// A reload or an admin drain took its route or target away (see
     /// [`drain`]): `muxgate_sessions_draining` counts it.
     draining: AtomicBool,
@@ -89,6 +92,7 @@ pub(crate) struct Placement {
     pub mode: Mode,
     pub target: Option<Arc<str>>,
     pub compressed: bool,
+    pub http_version: HttpVersion,
 }
 
 /// The registry of open sessions.
@@ -120,6 +124,7 @@ impl SessionManager {
             mode,
             target,
             compressed,
+            http_version,
         } = placement;
         let handle = Arc::new(SessionHandle {
             id: SessionId::new(),
@@ -132,10 +137,15 @@ impl SessionManager {
             started: Instant::now(),
             cancel: self.shutdown.token(),
             compressed,
+            http_version,
             draining: AtomicBool::new(false),
         });
-        self.metrics
-            .session_opened(&handle.upstream, mode.as_str(), compressed);
+        self.metrics.session_opened(
+            &handle.upstream,
+            mode.as_str(),
+            compressed,
+            http_version.as_str(),
+        );
         self.sessions.insert(handle.id, Arc::clone(&handle));
         SessionGuard {
             manager: Arc::clone(self),
@@ -167,6 +177,7 @@ impl Drop for SessionGuard {
             &self.handle.upstream,
             self.handle.mode.as_str(),
             self.handle.compressed,
+            self.handle.http_version.as_str(),
         );
         if self.handle.draining.swap(false, Ordering::AcqRel) {
             self.manager

@@ -10,6 +10,10 @@
 //! [`crate::transport::http1`]), so it knows what is inside and takes the
 //! socket back out of `Upgraded`, together with whatever hyper had read
 //! past the request or the 101.
+//!
+//! A WebSocket over HTTP/2 is a stream, not a socket: its `Upgraded` is
+//! hyper's bridge to the stream's DATA frames, kept as it is
+//! ([`ClientIo::Http2`]).
 
 use std::io;
 use std::pin::Pin;
@@ -32,8 +36,27 @@ pub(crate) struct UpgradedIo<S> {
 
 /// An upstream connection after its 101 response.
 pub(crate) type UpstreamIo = UpgradedIo<UpstreamStream>;
-/// A client's connection after the broker's 101 response.
-pub(crate) type ClientIo = UpgradedIo<ClientStream>;
+
+/// What a client's WebSocket runs on once the broker accepted it.
+pub(crate) enum ClientIo {
+    /// An HTTP/1.1 connection after the broker's 101: the socket itself.
+    Http1(UpgradedIo<ClientStream>),
+    /// A stream of an HTTP/2 connection after the broker's 200 to its
+    /// extended CONNECT; the connection is served by its own task
+    /// ([`crate::transport::http2`]).
+    Http2(TokioIo<Upgraded>),
+}
+
+impl ClientIo {
+    /// See [`UpgradedIo::read_surely_pending`]; never over HTTP/2, whose
+    /// stream's readiness is hyper's to know.
+    pub(crate) fn read_surely_pending(&self) -> bool {
+        match self {
+            ClientIo::Http1(io) => io.read_surely_pending(),
+            ClientIo::Http2(_) => false,
+        }
+    }
+}
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> UpgradedIo<S> {
     /// Takes the socket out of `upgraded`, which must wrap the
@@ -61,10 +84,63 @@ impl<T> UpgradedIo<MaybeTls<T>> {
     }
 }
 
-/// The client's connection once hyper has sent the 101 and handed it over.
+/// The client's connection once hyper has sent the 101 (or, over
+/// HTTP/2, the 200) and handed it over.
 pub(crate) async fn client(on_upgrade: OnUpgrade) -> io::Result<ClientIo> {
     let upgraded = on_upgrade.await.map_err(io::Error::other)?;
-    ClientIo::take(upgraded)
+    // An HTTP/1 connection is served on the `TokioIo<ClientStream>` of
+    // `transport::http1`; an HTTP/2 stream's `Upgraded` holds hyper's own.
+    Ok(match upgraded.downcast::<TokioIo<ClientStream>>() {
+        Ok(parts) => ClientIo::Http1(UpgradedIo {
+            early: unshared(parts.read_buf),
+            stream: parts.io.into_inner(),
+        }),
+        Err(stream) => ClientIo::Http2(TokioIo::new(stream)),
+    })
+}
+
+impl AsyncRead for ClientIo {
+    // Always: as for `MaybeTls`, a match on every read and write.
+    #[inline(always)]
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ClientIo::Http1(io) => Pin::new(io).poll_read(cx, buf),
+            ClientIo::Http2(io) => Pin::new(io).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for ClientIo {
+    #[inline(always)]
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            ClientIo::Http1(io) => Pin::new(io).poll_write(cx, buf),
+            ClientIo::Http2(io) => Pin::new(io).poll_write(cx, buf),
+        }
+    }
+
+    #[inline(always)]
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ClientIo::Http1(io) => Pin::new(io).poll_flush(cx),
+            ClientIo::Http2(io) => Pin::new(io).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ClientIo::Http1(io) => Pin::new(io).poll_shutdown(cx),
+            ClientIo::Http2(io) => Pin::new(io).poll_shutdown(cx),
+        }
+    }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for UpgradedIo<S> {

@@ -2,9 +2,14 @@
 // line, what each saw: the extensions the handshake agreed
 // (`ws.extensions`) and whether text and binary messages came back byte for
 // byte. tests/browser.rs runs it:  node websockets.mjs BASE_URL PATH...
+// With WARM_UP set to a URL, each WebSocket is preceded by a no-cors fetch
+// of it: over HTTPS that opens the page's HTTP/2 connection to the origin,
+// which Chromium then reuses for a wss:// WebSocket (RFC 8441) if the
+// server allows extended CONNECT.
 import { chromium } from "playwright-core";
 
 const [base, ...paths] = process.argv.slice(2);
+const warmUp = process.env.WARM_UP ?? null;
 const browser = await chromium.launch({
   executablePath: process.env.CHROMIUM ?? "/usr/bin/chromium",
   // This machine's network is closed: without these, Chromium's own
@@ -21,9 +26,16 @@ const browser = await chromium.launch({
 });
 try {
   const page = await browser.newPage();
+  // A page on the broker's origin (its 404): a WebSocket from an opaque
+  // origin such as about:blank shares no connection with anything.
+  if (warmUp) await page.goto(warmUp);
   const results = {};
   for (const path of paths) {
-    results[path] = await page.evaluate(async (url) => {
+    results[path] = await page.evaluate(async ([url, warmUp]) => {
+      // Any answer will do (a 404 for an unknown path): only the
+      // connection matters. Credentials as a WebSocket's, so that both
+      // share one connection pool.
+      if (warmUp) await fetch(warmUp, { mode: "no-cors", credentials: "include" });
       const ws = new WebSocket(url);
       ws.binaryType = "arraybuffer";
       const queue = [];
@@ -55,7 +67,7 @@ try {
       ws.close(1000, "done");
       const closed = await new Promise((resolve) => (ws.onclose = (e) => resolve(e.code)));
       return { extensions, textBack, binaryBack, closed };
-    }, base + path);
+    }, [base + path, warmUp]);
   }
   console.log(JSON.stringify(results));
 } finally {

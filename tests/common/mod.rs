@@ -5,6 +5,8 @@
 //! every helper awaits the event it needs, under a timeout.
 #![allow(dead_code)]
 
+pub mod h2ws;
+pub mod pki;
 pub mod raw;
 pub mod upstream;
 

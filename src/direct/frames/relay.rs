@@ -11,7 +11,7 @@ use hyper::upgrade::OnUpgrade;
 
 use super::super::DirectSession;
 use super::closing::end;
-use super::pump::{stop_of, Pump};
+use super::pump::{stop_of, Pump, PumpEnd};
 use crate::session::alarms::{Alarm, Alarms};
 use crate::session::ending::{log_opened, Stop};
 use crate::session::keepalive::{Due, Keepalive};
@@ -85,6 +85,10 @@ pub(in crate::direct) async fn run(
         timer_deadline(&session, &keepalive, &up, &down),
     );
     tokio::pin!(alarms);
+    // The client's close passed and then its side ended: an HTTP/2 client
+    // ends its stream with its close frame (and an HTTP/1.1 one may shut
+    // its socket's write side down), and still reads the upstream's answer.
+    let mut client_finished = false;
     let stop = loop {
         tokio::select! {
             biased;
@@ -114,14 +118,28 @@ pub(in crate::direct) async fn run(
             // Both directions read into the loop's one buffer.
             // A direction whose source did not wake the task is skipped.
             stop = poll_fn(|cx| chunked::with_read_buffer(up.chunk.max(down.chunk), |buf| {
-                let polled = if up.asleep(|| client.read_surely_pending()) {
+                let polled = if client_finished {
+                    // Only what the upstream is still owed (the close) goes.
+                    match up.poll_drain(&mut upstream, cx) {
+                        Poll::Ready(Ok(())) => match up.poll_flush(&mut upstream, cx) {
+                            Poll::Ready(Err(e)) => Poll::Ready(PumpEnd::Write(e)),
+                            _ => Poll::Pending,
+                        },
+                        Poll::Ready(Err(e)) => Poll::Ready(PumpEnd::Write(e)),
+                        Poll::Pending => Poll::Pending,
+                    }
+                } else if up.asleep(|| client.read_surely_pending()) {
                     Poll::Pending
                 } else {
                     up.poll_pump(&mut client, &mut upstream, cx, buf, &session.metrics, &session.upstream)
                 };
                 if let Poll::Ready(end) = polled {
                     let closed = up.scan.closed.is_some();
-                    return Poll::Ready(stop_of(end, Side::Client, Side::Upstream, closed));
+                    if matches!(end, PumpEnd::Eof) && closed && down.scan.closed.is_none() {
+                        client_finished = true;
+                    } else {
+                        return Poll::Ready(stop_of(end, Side::Client, Side::Upstream, closed));
+                    }
                 }
                 if handshake_done(&up, &down) {
                     return Poll::Ready(Stop::Ended { side: Side::Client, clean: true });
