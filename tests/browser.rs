@@ -90,14 +90,14 @@ async fn chromium_gets_permessage_deflate_on_the_shipped_routes() {
     within("demo stop", task).await.unwrap();
 }
 
-/// Chromium reaches a TLS listener (its certificate signed by a test CA
+/// Chromium reaches the shipped config on a TLS listener (its certificate signed by a test CA
 /// that Chromium trusts through an NSS database of its own) over HTTP/2:
 /// the page is the broker's 404 for an unknown path, which opens the
 /// connection; a no-cors fetch of that path goes over it, and so does the
-/// `wss://` WebSocket that follows, as a stream, as the broker's metrics
-/// show.
+/// `wss://` WebSockets that follow, on both shipped routes (direct and
+/// multiplexed), as streams, as the broker's metrics show.
 #[tokio::test]
-async fn chromium_opens_a_websocket_over_http2_after_a_fetch() {
+async fn chromium_opens_websockets_over_http2_after_loading_a_page() {
     let pki = common::pki::Pki::new();
     // Chromium reads trusted CAs from $HOME/.pki/nssdb.
     let home = pki.dir.join("home");
@@ -125,13 +125,23 @@ async fn chromium_opens_a_websocket_over_http2_after_a_fetch() {
             .expect("certutil (apt-get install libnss3-tools)");
         assert!(status.success(), "certutil {args:?}");
     }
-    let up = common::upstream::TestUpstream::start().await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let demo = listener.local_addr().unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(muxgate_backend::demo::serve(listener, stop.clone()));
+    // The shipped config with a TLS listener (HTTP/2 on by default).
     let tls = format!(
-        "tls: {{cert_file: '{}', key_file: '{}'}}",
+        "server:\n  tls: {{cert_file: '{}', key_file: '{}'}}\n",
         pki.cert.display(),
         pki.key.display()
     );
-    let broker = start_broker(&direct_config(&[up.addr], "", "", &tls)).await;
+    let yaml = shipped_config(demo).replacen("server:\n", &tls, 1);
+    let broker = start_broker(&yaml).await;
+    broker
+        .metrics_when("a live mux connection", |m| {
+            m.value("muxgate_mux_connections", &[("state", "live")]) > 0.0
+        })
+        .await;
     let origin = format!("localhost:{}", broker.client_addr.port());
     let out = within(
         "Chromium",
@@ -141,7 +151,7 @@ async fn chromium_opens_a_websocket_over_http2_after_a_fetch() {
             .env("WARM_UP", format!("https://{origin}/no-such-page"))
             .arg("websockets.mjs")
             .arg(format!("wss://{origin}"))
-            .arg("/ws/echo")
+            .args(["/ws/echo", "/ws/chat"])
             .kill_on_drop(true)
             .output(),
     )
@@ -154,12 +164,16 @@ async fn chromium_opens_a_websocket_over_http2_after_a_fetch() {
     );
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON line");
     eprintln!("chromium over HTTP/2: {report}");
-    let seen = &report["/ws/echo"];
-    assert_eq!(seen["textBack"], true, "{seen}");
-    assert_eq!(seen["binaryBack"], true, "{seen}");
-    assert_eq!(seen["closed"], 1000, "{seen}");
+    // Both modes, each with permessage-deflate as over HTTP/1.1.
+    for path in ["/ws/echo", "/ws/chat"] {
+        let seen = &report[path];
+        assert_eq!(seen["extensions"], "permessage-deflate", "{path}: {seen}");
+        assert_eq!(seen["textBack"], true, "{path}: {seen}");
+        assert_eq!(seen["binaryBack"], true, "{path}: {seen}");
+        assert_eq!(seen["closed"], 1000, "{path}: {seen}");
+    }
     let m = broker
-        .metrics_when("the session ended", |m| {
+        .metrics_when("the sessions ended", |m| {
             m.value("muxgate_sessions_active", &[]) == 0.0
         })
         .await;
@@ -170,9 +184,17 @@ async fn chromium_opens_a_websocket_over_http2_after_a_fetch() {
         &[("status", "404"), ("http_version", "2")],
     );
     assert!(not_found >= 2.0, "{not_found} 404s over HTTP/2");
-    assert_eq!(
-        m.value("muxgate_sessions_total", &[("http_version", "2")]),
-        1.0,
-        "the WebSocket came over HTTP/1.1"
-    );
+    for mode in ["direct", "multiplexed"] {
+        assert_eq!(
+            m.value(
+                "muxgate_sessions_total",
+                &[("http_version", "2"), ("mode", mode)]
+            ),
+            1.0,
+            "the {mode} WebSocket did not come over HTTP/2"
+        );
+    }
+    broker.stop().await;
+    stop.cancel();
+    within("demo stop", task).await.unwrap();
 }

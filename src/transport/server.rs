@@ -364,4 +364,35 @@ mod tests {
         assert!(answer.contains("\r\nconnection: upgrade\r\n"), "{answer:?}");
         assert!(shutdown.listeners_stopped(Duration::from_secs(5)).await);
     }
+
+    /// The first bytes decide: HTTP/2's preface (whole, or in pieces) is
+    /// HTTP/2, a request line is HTTP/1, and a client that sends nothing
+    /// by the deadline gets neither.
+    #[tokio::test]
+    async fn the_first_bytes_tell_http2_from_http1() {
+        let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = tcp.local_addr().unwrap();
+        let soon = || Instant::now() + Duration::from_secs(5);
+        for (pieces, expected) in [
+            (vec![&PREFACE[..]], Some(true)),
+            (vec![&PREFACE[..10], &PREFACE[10..]], Some(true)),
+            (vec![&b"GET / HTTP/1.1\r\n\r\n"[..]], Some(false)),
+            (vec![&b"PRI * HTTP/1.1\r\n"[..]], Some(false)),
+        ] {
+            let mut client = TcpStream::connect(addr).await.unwrap();
+            let (server, _) = tcp.accept().await.unwrap();
+            let decided = async {
+                for piece in &pieces {
+                    client.write_all(piece).await.unwrap();
+                    tokio::task::yield_now().await;
+                }
+            };
+            let (opened, ()) = tokio::join!(opens_with_preface(&server, soon()), decided);
+            assert_eq!(opened, expected, "{pieces:?}");
+        }
+        let _silent = TcpStream::connect(addr).await.unwrap();
+        let (server, _) = tcp.accept().await.unwrap();
+        let deadline = Instant::now() + Duration::from_millis(50);
+        assert_eq!(opens_with_preface(&server, deadline).await, None);
+    }
 }
