@@ -25,29 +25,51 @@ fn shipped_config(demo: std::net::SocketAddr) -> String {
         .replace("ws://127.0.0.1:3000", &format!("ws://{demo}"))
 }
 
-/// Chromium agrees permessage-deflate with the broker on both shipped
-/// routes (the demo upstream is multiplexed: the broker compresses), and
-/// text and binary messages come back byte for byte.
-#[tokio::test]
-async fn chromium_gets_permessage_deflate_on_the_shipped_routes() {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let demo = listener.local_addr().unwrap();
-    let stop = tokio_util::sync::CancellationToken::new();
-    let task = tokio::spawn(muxgate_backend::demo::serve(listener, stop.clone()));
-    let broker = start_broker(&shipped_config(demo)).await;
-    // The pool must be live before a browser's handshake can succeed.
-    broker
-        .metrics_when("a live mux connection", |m| {
-            m.value("muxgate_mux_connections", &[("state", "live")]) > 0.0
-        })
-        .await;
+/// The shipped config with its demo upstream, served until [`Shipped::stop`].
+struct Shipped {
+    broker: Running,
+    stop: tokio_util::sync::CancellationToken,
+    demo: tokio::task::JoinHandle<()>,
+}
+
+impl Shipped {
+    /// Starts the demo upstream and the broker on the shipped config, with
+    /// `server` (YAML lines) added to its `server` section, and waits for
+    /// the mux pool: a browser's handshake on a multiplexed route needs a
+    /// live connection.
+    async fn start(server: &str) -> Shipped {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = tokio_util::sync::CancellationToken::new();
+        let demo = tokio::spawn(muxgate_backend::demo::serve(listener, stop.clone()));
+        let yaml = shipped_config(addr).replacen("server:\n", &format!("server:\n{server}"), 1);
+        let broker = start_broker(&yaml).await;
+        broker
+            .metrics_when("a live mux connection", |m| {
+                m.value("muxgate_mux_connections", &[("state", "live")]) > 0.0
+            })
+            .await;
+        Shipped { broker, stop, demo }
+    }
+
+    async fn stop(self) {
+        self.broker.stop().await;
+        self.stop.cancel();
+        within("demo stop", self.demo).await.unwrap();
+    }
+}
+
+/// Runs tests/browser/websockets.mjs on `base` and `paths` with `env`, and
+/// returns its report: per path, what the browser's WebSocket saw.
+async fn browse(base: &str, paths: &[&str], env: &[(&str, &std::ffi::OsStr)]) -> serde_json::Value {
     let out = within(
         "Chromium",
         Command::new("node")
             .current_dir(BROWSER_DIR)
+            .envs(env.iter().copied())
             .arg("websockets.mjs")
-            .arg(format!("ws://{}", broker.client_addr))
-            .args(["/ws/echo", "/ws/chat"])
+            .arg(base)
+            .args(paths)
             .kill_on_drop(true)
             .output(),
     )
@@ -58,8 +80,14 @@ async fn chromium_gets_permessage_deflate_on_the_shipped_routes() {
         "the browser script failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON line");
-    eprintln!("chromium: {report}");
+    let report = serde_json::from_slice(&out.stdout).expect("one JSON line");
+    eprintln!("chromium on {base}: {report}");
+    report
+}
+
+/// Both shipped routes agreed permessage-deflate, echoed text and binary
+/// byte for byte, and closed with 1000.
+fn assert_both_routes_served(report: &serde_json::Value) {
     for path in ["/ws/echo", "/ws/chat"] {
         let seen = &report[path];
         assert_eq!(seen["extensions"], "permessage-deflate", "{path}: {seen}");
@@ -67,6 +95,18 @@ async fn chromium_gets_permessage_deflate_on_the_shipped_routes() {
         assert_eq!(seen["binaryBack"], true, "{path}: {seen}");
         assert_eq!(seen["closed"], 1000, "{path}: {seen}");
     }
+}
+
+/// Chromium agrees permessage-deflate with the broker on both shipped
+/// routes (the demo upstream is multiplexed: the broker compresses), and
+/// text and binary messages come back byte for byte.
+#[tokio::test]
+async fn chromium_gets_permessage_deflate_on_the_shipped_routes() {
+    let shipped = Shipped::start("").await;
+    let broker = &shipped.broker;
+    let base = format!("ws://{}", broker.client_addr);
+    let report = browse(&base, &["/ws/echo", "/ws/chat"], &[]).await;
+    assert_both_routes_served(&report);
     let m = broker
         .metrics_when("both sessions ended", |m| {
             m.value("muxgate_sessions_active", &[]) == 0.0
@@ -85,17 +125,15 @@ async fn chromium_gets_permessage_deflate_on_the_shipped_routes() {
         compressed > 0.0 && compressed < uncompressed,
         "{compressed} compressed bytes for {uncompressed}"
     );
-    broker.stop().await;
-    stop.cancel();
-    within("demo stop", task).await.unwrap();
+    shipped.stop().await;
 }
 
-/// Chromium reaches the shipped config on a TLS listener (its certificate signed by a test CA
-/// that Chromium trusts through an NSS database of its own) over HTTP/2:
-/// the page is the broker's 404 for an unknown path, which opens the
-/// connection; a no-cors fetch of that path goes over it, and so does the
-/// `wss://` WebSockets that follow, on both shipped routes (direct and
-/// multiplexed), as streams, as the broker's metrics show.
+/// Chromium reaches the shipped config on a TLS listener (its certificate
+/// signed by a test CA that Chromium trusts through an NSS database of its
+/// own) over HTTP/2: the page is the broker's 404 for an unknown path,
+/// which opens the connection; a no-cors fetch of that path goes over it,
+/// and so do the `wss://` WebSockets that follow, on both shipped routes
+/// (direct and multiplexed), as streams, as the broker's metrics show.
 #[tokio::test]
 async fn chromium_opens_websockets_over_http2_after_loading_a_page() {
     let pki = common::pki::Pki::new();
@@ -125,60 +163,26 @@ async fn chromium_opens_websockets_over_http2_after_loading_a_page() {
             .expect("certutil (apt-get install libnss3-tools)");
         assert!(status.success(), "certutil {args:?}");
     }
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let demo = listener.local_addr().unwrap();
-    let stop = tokio_util::sync::CancellationToken::new();
-    let task = tokio::spawn(muxgate_backend::demo::serve(listener, stop.clone()));
-    // The shipped config with a TLS listener (HTTP/2 on by default).
+    // A TLS listener: HTTP/2 is on by default.
     let tls = format!(
-        "server:\n  tls: {{cert_file: '{}', key_file: '{}'}}\n",
+        "  tls: {{cert_file: '{}', key_file: '{}'}}\n",
         pki.cert.display(),
         pki.key.display()
     );
-    let yaml = shipped_config(demo).replacen("server:\n", &tls, 1);
-    let broker = start_broker(&yaml).await;
-    broker
-        .metrics_when("a live mux connection", |m| {
-            m.value("muxgate_mux_connections", &[("state", "live")]) > 0.0
-        })
-        .await;
+    let shipped = Shipped::start(&tls).await;
+    let broker = &shipped.broker;
     let origin = format!("localhost:{}", broker.client_addr.port());
-    let out = within(
-        "Chromium",
-        Command::new("node")
-            .current_dir(BROWSER_DIR)
-            .env("HOME", &home)
-            .env("WARM_UP", format!("https://{origin}/no-such-page"))
-            .arg("websockets.mjs")
-            .arg(format!("wss://{origin}"))
-            .args(["/ws/echo", "/ws/chat"])
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .expect("node (and `npm ci --prefix tests/browser`)");
-    assert!(
-        out.status.success(),
-        "the browser script failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON line");
-    eprintln!("chromium over HTTP/2: {report}");
-    // Both modes, each with permessage-deflate as over HTTP/1.1.
-    for path in ["/ws/echo", "/ws/chat"] {
-        let seen = &report[path];
-        assert_eq!(seen["extensions"], "permessage-deflate", "{path}: {seen}");
-        assert_eq!(seen["textBack"], true, "{path}: {seen}");
-        assert_eq!(seen["binaryBack"], true, "{path}: {seen}");
-        assert_eq!(seen["closed"], 1000, "{path}: {seen}");
-    }
+    let warm_up = format!("https://{origin}/no-such-page");
+    let env = [("HOME", home.as_os_str()), ("WARM_UP", warm_up.as_ref())];
+    let report = browse(&format!("wss://{origin}"), &["/ws/echo", "/ws/chat"], &env).await;
+    assert_both_routes_served(&report);
     let m = broker
         .metrics_when("the sessions ended", |m| {
             m.value("muxgate_sessions_active", &[]) == 0.0
         })
         .await;
     // The page's and the fetch's 404s (and the page's favicon's), and
-    // the WebSocket, all over HTTP/2.
+    // the WebSockets, all over HTTP/2.
     let not_found = m.value(
         "muxgate_handshakes_rejected_total",
         &[("status", "404"), ("http_version", "2")],
@@ -194,7 +198,5 @@ async fn chromium_opens_websockets_over_http2_after_loading_a_page() {
             "the {mode} WebSocket did not come over HTTP/2"
         );
     }
-    broker.stop().await;
-    stop.cancel();
-    within("demo stop", task).await.unwrap();
+    shipped.stop().await;
 }

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use muxgate::shutdown::{DrainOutcome, Shutdown};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
 use tokio::task::JoinHandle;
@@ -172,7 +172,9 @@ pub async fn connect(
 }
 
 /// The next data or close message from `ws` (pings and pongs skipped).
-pub async fn next_message(ws: &mut Client) -> Option<Message> {
+pub async fn next_message<S: AsyncRead + AsyncWrite + Unpin>(
+    ws: &mut WebSocketStream<S>,
+) -> Option<Message> {
     within("a message", async {
         loop {
             match ws.next().await {
@@ -186,7 +188,9 @@ pub async fn next_message(ws: &mut Client) -> Option<Message> {
 }
 
 /// Reads until the broker's close frame arrives; returns it (code, reason).
-pub async fn expect_close(ws: &mut Client) -> (u16, String) {
+pub async fn expect_close<S: AsyncRead + AsyncWrite + Unpin>(
+    ws: &mut WebSocketStream<S>,
+) -> (u16, String) {
     match next_message(ws).await {
         Some(Message::Close(Some(CloseFrame { code, reason }))) => {
             (code.into(), reason.to_string())
@@ -195,8 +199,9 @@ pub async fn expect_close(ws: &mut Client) -> (u16, String) {
     }
 }
 
-/// Reads until the stream ends (the broker closed the TCP connection).
-pub async fn expect_end(ws: &mut Client) {
+/// Reads until the stream ends (the broker closed the TCP connection, or
+/// over HTTP/2 the stream).
+pub async fn expect_end<S: AsyncRead + AsyncWrite + Unpin>(ws: &mut WebSocketStream<S>) {
     within("the connection to end", async {
         while let Some(Ok(_)) = ws.next().await {}
     })
@@ -204,7 +209,10 @@ pub async fn expect_end(ws: &mut Client) {
 }
 
 /// Sends `msg` and asserts the echo equals it.
-pub async fn echo_roundtrip(ws: &mut Client, msg: Message) {
+pub async fn echo_roundtrip<S: AsyncRead + AsyncWrite + Unpin>(
+    ws: &mut WebSocketStream<S>,
+    msg: Message,
+) {
     ws.send(msg.clone()).await.expect("send");
     let got = next_message(ws).await.expect("an echo");
     assert_eq!(got, msg, "echo differs");
