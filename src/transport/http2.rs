@@ -25,6 +25,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::{ConnectInfo, Request};
 use hyper::body::Incoming;
@@ -43,6 +44,13 @@ use crate::transport::tls::ClientStream;
 /// before the broker reads it. 256 KiB keeps one stream at full speed on
 /// a LAN and bounds what a stalled session leaves buffered.
 pub(crate) const STREAM_WINDOW: u32 = 256 * 1024;
+
+/// A connection the client has sent nothing on for this long is sent a
+/// PING; one that does not answer within [`KEEP_ALIVE_TIMEOUT`] is closed.
+/// Its sessions' own pings find a dead client too, but not once they have
+/// ended: this is what closes an idle connection whose peer is gone.
+const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(60);
+const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// `server.http2*`, for every HTTP/2 connection of a listener.
 #[derive(Clone, Copy, Debug)]
@@ -108,6 +116,8 @@ pub(super) async fn serve(
         .max_header_list_size(max_head)
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(settings.connection_window())
+        .keep_alive_interval(KEEP_ALIVE_INTERVAL)
+        .keep_alive_timeout(KEEP_ALIVE_TIMEOUT)
         .serve_connection(TokioIo::new(io), TowerToHyperService::new(service));
     tokio::pin!(served);
     // The preface and a first request within header_read_timeout, as an
