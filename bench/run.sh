@@ -299,11 +299,12 @@ elapsed=$SECONDS
   echo "The numbers behind the tables and charts are in [bench/results.tsv](bench/results.tsv); the charts"
   echo "are redrawn from it by \`target/release/charts bench/results.tsv bench/charts\`."
   echo
-  # What bench/replicas.sh, compression.sh and compression-cpu.sh last
-  # measured into the same place, if they did.
+  # What bench/replicas.sh, compression.sh, compression-cpu.sh and
+  # http2.sh last measured into the same place, if they did.
   [ ! -f "$out/bench/replicas.md" ] || { cat "$out/bench/replicas.md"; echo; }
   [ ! -f "$out/bench/compression.md" ] || { cat "$out/bench/compression.md"; echo; }
   [ ! -f "$out/bench/compression-cpu.md" ] || { cat "$out/bench/compression-cpu.md"; echo; }
+  [ ! -f "$out/bench/http2.md" ] || { cat "$out/bench/http2.md"; echo; }
   # The reasons behind the relay's shape, kept by hand.
   cat "$(dirname "$0")/why.md"
 } > "$out/BENCHMARKS.md"

@@ -203,6 +203,75 @@ fn compression_cpu_sh_writes_every_number() {
     std::fs::remove_dir_all(&out).unwrap();
 }
 
+/// bench/http2.sh runs end to end with a few sessions and leaves a number
+/// in every cell of its section: the four variants' RSS, client
+/// connections and open files, the HTTP/2 ones' sessions sharing a few
+/// connections.
+#[test]
+fn http2_sh_writes_every_number() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let bin = Path::new(env!("CARGO_BIN_EXE_loadgen")).parent().unwrap();
+    build_broker_binaries(root, bin);
+    let out = scratch_dir("http2");
+    std::fs::create_dir_all(out.join("bench")).unwrap();
+    std::fs::write(out.join("BENCHMARKS.md"), "# Benchmarks\n").unwrap();
+    let run = Command::new("timeout")
+        .args(["120", "bash"])
+        .arg(root.join("bench/http2.sh"))
+        .env("BENCH_BIN", bin)
+        .env("BENCH_OUT", &out)
+        .env("BENCH_HTTP2_SESSIONS", "200")
+        // Several streams on each of several connections per loadgen.
+        .env("BENCH_HTTP2_STREAMS", "30")
+        .env("BENCH_PORT_BASE", free_port_base(2).to_string())
+        .output()
+        .expect("run bench/http2.sh");
+    let log = format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&run.stdout),
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert!(run.status.success(), "bench/http2.sh failed:\n{log}");
+    let report = std::fs::read_to_string(out.join("BENCHMARKS.md")).expect("BENCHMARKS.md");
+    assert!(
+        report.contains("## Memory per idle session over HTTP/2"),
+        "{report}"
+    );
+    let rows: Vec<Vec<String>> = table_rows(&report)
+        .into_iter()
+        .filter(|row| !row[0].starts_with("variant"))
+        .collect();
+    let variants: Vec<&str> = rows.iter().map(|row| row[0].as_str()).collect();
+    assert_eq!(
+        variants,
+        [
+            "direct, HTTP/1.1",
+            "direct, HTTP/2",
+            "multiplexed, HTTP/1.1",
+            "multiplexed, HTTP/2"
+        ],
+        "{report}"
+    );
+    for row in &rows {
+        // sessions, client connections, RSS before / after, per session, open files.
+        assert_eq!(row.len(), 7, "{row:?}\n{report}");
+        assert!(
+            row[1..].iter().all(|c| is_number_cell(c)),
+            "not a number in {row:?}\n{report}"
+        );
+        assert_eq!(row[1], "200", "{row:?}");
+        // hold_idle's two loadgens hold 100 sessions each: one connection
+        // apiece over HTTP/1.1, ceil(100 / 30) = 4 apiece over HTTP/2.
+        let connections = if row[0].ends_with("HTTP/2") {
+            "8"
+        } else {
+            "200"
+        };
+        assert_eq!(row[2], connections, "{row:?}\n{report}");
+    }
+    std::fs::remove_dir_all(&out).unwrap();
+}
+
 /// Builds (or finds up to date) the debug `muxgate` and `demo-upstream`
 /// next to this crate's own binaries: `cargo test -p muxgate-bench` alone
 /// builds only the bench crate's.

@@ -11,6 +11,8 @@
 //!   as text instead of binary filler, `--deflate` offers permessage-deflate.
 //! - `loadgen idle --url URL -c 1000 --hold 30s`: opens the connections,
 //!   prints `open N` once all are up, holds them, then closes them.
+//!   `--http2` opens them as streams of HTTP/2 connections instead (RFC
+//!   8441), `--streams-per-connection` (100) on each.
 //! - `loadgen codec --states 50 --size 1024`: permessage-deflate's codec
 //!   alone, no sockets: time per message to compress and to inflate.
 //!
@@ -19,18 +21,25 @@
 
 #![forbid(unsafe_code)]
 
+use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Buf, Bytes};
 use clap::{Parser, Subcommand};
 use futures_util::{SinkExt, StreamExt};
+use h2::client::SendRequest;
+use h2::{RecvStream, SendStream};
 use hdrhistogram::Histogram;
 use muxgate_backend::deflate::negotiate;
 use muxgate_backend::deflate::stream::{DeflateSettings, Deflating};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpSocket, TcpStream};
+use tokio_tungstenite::tungstenite::http;
 use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
@@ -167,7 +176,46 @@ enum Mode {
         /// so that a compressing server has made its compression states.
         #[arg(long, default_value_t = 0)]
         warm: usize,
+        /// Open the WebSockets as streams of HTTP/2 connections (RFC 8441:
+        /// prior-knowledge h2c, one extended CONNECT each) instead of one
+        /// HTTP/1.1 connection each, so that a benchmark sees what a
+        /// session costs the server when it shares its client connection.
+        /// permessage-deflate is not offered over HTTP/2 here.
+        #[arg(long, conflicts_with = "deflate")]
+        http2: bool,
+        /// With `--http2`: the most WebSockets on one HTTP/2 connection.
+        /// The connections are ceil(connections / this), the WebSockets
+        /// spread evenly over them; the server must allow that many streams
+        /// (`server.http2_max_concurrent_streams`).
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
+        streams_per_connection: u32,
     },
+}
+
+/// The address and the path (`/` when none) of a `ws://IP:PORT/path` URL.
+fn split_url(url: &str) -> (SocketAddr, &str) {
+    let rest = url.strip_prefix("ws://").expect("ws:// URL");
+    let (authority, path) = match rest.find('/') {
+        Some(slash) => rest.split_at(slash),
+        None => (rest, "/"),
+    };
+    (authority.parse().expect("IP:PORT in URL"), path)
+}
+
+/// A TCP connection (no Nagle) to `addr` from 127.0.0.`source` (0 counts
+/// as 1), so that many of them are not limited by one source address's
+/// ephemeral ports.
+async fn connect_from(addr: SocketAddr, source: u8) -> TcpStream {
+    let socket = TcpSocket::new_v4().expect("socket");
+    socket
+        .bind(SocketAddr::from((
+            Ipv4Addr::new(127, 0, 0, source.max(1)),
+            0,
+        )))
+        .expect("bind source address");
+    let tcp = socket.connect(addr).await.expect("connect");
+    tcp.set_nodelay(true).expect("nodelay");
+    tcp
 }
 
 /// A client socket; with permessage-deflate when `--deflate` asked
@@ -184,18 +232,8 @@ async fn open_with(url: &str, source: u8, headers: &[String]) -> Ws {
 /// windows, context takeover unless the server says otherwise); panics if
 /// the server does not agree to it.
 async fn open_deflate(url: &str, source: u8, headers: &[String], deflate: bool) -> Ws {
-    let rest = url.strip_prefix("ws://").expect("ws:// URL");
-    let (authority, _) = rest.split_once('/').unwrap_or((rest, ""));
-    let addr: SocketAddr = authority.parse().expect("IP:PORT in URL");
-    let socket = TcpSocket::new_v4().expect("socket");
-    socket
-        .bind(SocketAddr::from((
-            Ipv4Addr::new(127, 0, 0, source.max(1)),
-            0,
-        )))
-        .expect("bind source address");
-    let tcp = socket.connect(addr).await.expect("connect");
-    tcp.set_nodelay(true).expect("nodelay");
+    let (addr, _) = split_url(url);
+    let tcp = connect_from(addr, source).await;
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
     let mut request = url.into_client_request().expect("request");
     for h in headers {
@@ -279,7 +317,16 @@ async fn main() {
             hold,
             deflate,
             warm,
-        } => idle(url, connections, source_offset, hold, deflate, warm).await,
+            http2,
+            streams_per_connection,
+        } => {
+            if http2 {
+                let per = streams_per_connection as usize;
+                idle_http2(url, connections, per, source_offset, hold, warm).await
+            } else {
+                idle(url, connections, source_offset, hold, deflate, warm).await
+            }
+        }
         Mode::Churn {
             url,
             rate,
@@ -680,22 +727,77 @@ async fn idle(
         .map(|i| async move {
             let source = source_offset.wrapping_add((i % 254) as u8).max(1);
             let mut ws = open_deflate(url, source, &[], deflate).await;
-            if !message.is_empty() {
-                ws.send(Message::text(message.clone())).await.expect("send");
-                loop {
-                    match ws.next().await {
-                        Some(Ok(Message::Text(t))) if t.as_str() == message => break,
-                        Some(Ok(Message::Text(_) | Message::Binary(_))) => panic!("another echo"),
-                        Some(Ok(_)) => {}
-                        other => panic!("no echo: {other:?}"),
-                    }
-                }
-            }
+            warm_up(&mut ws, message).await;
             ws
         })
         .buffer_unordered(64)
         .collect()
         .await;
+    hold_open(sockets, hold).await;
+}
+
+/// `idle --http2`: the `connections` WebSockets as streams of
+/// ceil(connections / `per_connection`) HTTP/2 connections, each from the
+/// next source address after 127.0.0.`source_offset`; otherwise as
+/// [`idle`].
+async fn idle_http2(
+    url: String,
+    connections: usize,
+    per_connection: usize,
+    source_offset: u8,
+    hold: Duration,
+    warm: usize,
+) {
+    let (addr, path) = split_url(&url);
+    let count = connections.div_ceil(per_connection.max(1));
+    // Session i goes on connection i % count: none carries more than
+    // ceil(connections / count) <= per_connection.
+    let most = connections.div_ceil(count.max(1));
+    let mut h2s = Vec::with_capacity(count);
+    for j in 0..count {
+        let source = source_offset.wrapping_add((j % 254) as u8).max(1);
+        h2s.push(H2Connection::open(addr, source, most).await);
+    }
+    let (h2s, message) = (&h2s, &chat_json(warm, 0));
+    // 64 CONNECTs in flight, as `idle` has handshakes.
+    let sockets: Vec<H2Ws> = futures_util::stream::iter(0..connections)
+        .map(|i| async move {
+            let mut ws = h2s[i % count].websocket(path).await;
+            warm_up(&mut ws, message).await;
+            ws
+        })
+        .buffer_unordered(64)
+        .collect()
+        .await;
+    hold_open(sockets, hold).await;
+}
+
+/// Sends `message` (none if empty) on `ws` and waits for its echo: what
+/// `idle --warm` does before a socket idles. Ignores pings and pongs;
+/// panics on any other message or the socket's end.
+async fn warm_up<S: AsyncRead + AsyncWrite + Unpin>(ws: &mut WebSocketStream<S>, message: &str) {
+    if message.is_empty() {
+        return;
+    }
+    ws.send(Message::text(message)).await.expect("send");
+    loop {
+        match ws.next().await {
+            Some(Ok(Message::Text(t))) if t.as_str() == message => break,
+            Some(Ok(Message::Text(_) | Message::Binary(_))) => panic!("another echo"),
+            Some(Ok(_)) => {}
+            other => panic!("no echo: {other:?}"),
+        }
+    }
+}
+
+/// Prints `open N` and holds the sockets for `hold` (or until SIGINT),
+/// unread: an idle client that reads nothing, so what the server sends
+/// meanwhile (its pings) waits in the socket's (or the HTTP/2 stream's)
+/// buffer. Then closes them.
+async fn hold_open<S: AsyncRead + AsyncWrite + Unpin>(
+    sockets: Vec<WebSocketStream<S>>,
+    hold: Duration,
+) {
     println!("open {}", sockets.len());
     tokio::select! {
         _ = tokio::time::sleep(hold) => {}
@@ -703,5 +805,185 @@ async fn idle(
     }
     for mut ws in sockets {
         let _ = ws.close(None).await;
+    }
+}
+
+/// `idle --http2`'s receive windows, per stream and per connection: the
+/// most the server may send before the client reads. An idle session is
+/// sent next to nothing (a ping now and then, unread), so small windows
+/// cost nothing and bound what the client could be made to buffer: 64
+/// KiB a stream, and 1 MiB a connection of 100 streams, not the 64 MiB
+/// h2's per-stream default would allow.
+const H2_STREAM_WINDOW: u32 = 64 * 1024;
+const H2_CONNECTION_WINDOW: u32 = 1 << 20;
+
+/// A WebSocket on one stream of an HTTP/2 connection.
+type H2Ws = WebSocketStream<H2Stream>;
+
+/// One prior-knowledge HTTP/2 (h2c) connection to the server, on which
+/// WebSockets open as extended CONNECT streams (RFC 8441); a task of its
+/// own drives its frames (and answers the server's PINGs) until the
+/// connection ends.
+struct H2Connection {
+    send: SendRequest<Bytes>,
+    /// `http://IP:PORT`: the CONNECTs' `:scheme` and `:authority`.
+    origin: String,
+}
+
+impl H2Connection {
+    /// Connects from 127.0.0.`source` to `addr` and returns once the
+    /// server's SETTINGS have arrived (a PING sent after the preface is
+    /// answered after the server's own preface, its SETTINGS), so that
+    /// extended CONNECT and `streams` streams at once can be checked
+    /// before any is opened: a stream over the server's limit would wait
+    /// for one of the others to end, and idle ones never do.
+    async fn open(addr: SocketAddr, source: u8, streams: usize) -> H2Connection {
+        let tcp = connect_from(addr, source).await;
+        let (send, mut connection) = h2::client::Builder::new()
+            .initial_window_size(H2_STREAM_WINDOW)
+            .initial_connection_window_size(H2_CONNECTION_WINDOW)
+            .handshake::<_, Bytes>(tcp)
+            .await
+            .unwrap_or_else(|e| panic!("HTTP/2 handshake with {addr}: {e}"));
+        let mut ping = connection.ping_pong().expect("ping_pong taken once");
+        tokio::spawn(async move {
+            // Its streams end with it: say why, for the run's log.
+            if let Err(e) = connection.await {
+                eprintln!("loadgen: HTTP/2 connection to {addr} from 127.0.0.{source} failed: {e}");
+            }
+        });
+        ping.ping(h2::Ping::opaque())
+            .await
+            .unwrap_or_else(|e| panic!("no SETTINGS from {addr} (does it serve HTTP/2?): {e}"));
+        assert!(
+            send.is_extended_connect_protocol_enabled(),
+            "{addr} does not allow extended CONNECT (SETTINGS_ENABLE_CONNECT_PROTOCOL)"
+        );
+        let most = send.current_max_send_streams();
+        assert!(
+            most >= streams,
+            "{addr} allows {most} streams per HTTP/2 connection, {streams} asked (--streams-per-connection)"
+        );
+        H2Connection {
+            send,
+            origin: format!("http://{addr}"),
+        }
+    }
+
+    /// Opens a WebSocket on `path`: an extended CONNECT (`:protocol
+    /// websocket`), which the server must answer 200.
+    async fn websocket(&self, path: &str) -> H2Ws {
+        let request = http::Request::builder()
+            .method(http::Method::CONNECT)
+            .uri(format!("{}{path}", self.origin))
+            .extension(h2::ext::Protocol::from_static("websocket"))
+            .header("sec-websocket-version", "13")
+            .body(())
+            .expect("a valid CONNECT request");
+        let mut send = self
+            .send
+            .clone()
+            .ready()
+            .await
+            .unwrap_or_else(|e| panic!("HTTP/2 connection to {}: {e}", self.origin));
+        let (response, stream) = send
+            .send_request(request, false)
+            .unwrap_or_else(|e| panic!("CONNECT to {}{path}: {e}", self.origin));
+        let (head, recv) = response
+            .await
+            .unwrap_or_else(|e| panic!("CONNECT to {}{path} unanswered: {e}", self.origin))
+            .into_parts();
+        assert_eq!(
+            head.status, 200,
+            "CONNECT to {}{path} refused: {head:?}",
+            self.origin
+        );
+        let io = H2Stream {
+            send: stream,
+            recv,
+            unread: Bytes::new(),
+        };
+        WebSocketStream::from_raw_socket(io, Role::Client, None).await
+    }
+}
+
+/// A stream's DATA frames as bytes to read and write: what a WebSocket
+/// runs on over HTTP/2.
+struct H2Stream {
+    send: SendStream<Bytes>,
+    recv: RecvStream,
+    /// Part of a DATA frame a read had no room for.
+    unread: Bytes,
+}
+
+fn broken(e: h2::Error) -> io::Error {
+    io::Error::other(e)
+}
+
+impl AsyncRead for H2Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        while this.unread.is_empty() {
+            match ready!(this.recv.poll_data(cx)) {
+                Some(Ok(data)) => {
+                    // Taken off the window: the server may send as much again.
+                    let _ = this.recv.flow_control().release_capacity(data.len());
+                    this.unread = data;
+                }
+                Some(Err(e)) => return Poll::Ready(Err(broken(e))),
+                None => return Poll::Ready(Ok(())),
+            }
+        }
+        let n = this.unread.len().min(buf.remaining());
+        buf.put_slice(&this.unread[..n]);
+        this.unread.advance(n);
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for H2Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if buf.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        // What the server's window allows now; the rest waits for credit.
+        this.send.reserve_capacity(buf.len());
+        loop {
+            let room = this.send.capacity();
+            if room > 0 {
+                let n = room.min(buf.len());
+                this.send
+                    .send_data(Bytes::copy_from_slice(&buf[..n]), false)
+                    .map_err(broken)?;
+                return Poll::Ready(Ok(n));
+            }
+            match ready!(this.send.poll_capacity(cx)) {
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Poll::Ready(Err(broken(e))),
+                None => return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into())),
+            }
+        }
+    }
+
+    /// Nothing to flush: the connection's task writes what `send_data`
+    /// queued.
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        // END_STREAM; a stream the server already reset has nothing to end.
+        let _ = this.send.send_data(Bytes::new(), true);
+        Poll::Ready(Ok(()))
     }
 }
