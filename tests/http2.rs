@@ -741,3 +741,33 @@ async fn a_python_h2_and_wsproto_client_opens_websockets_in_both_modes() {
         2.0
     );
 }
+
+/// A reload reaches HTTP/2 sessions as it does any: the sessions of a
+/// route it removes close with 1001 once `drain_timeout` is over, while
+/// the other streams of the same connection go on.
+#[tokio::test]
+async fn a_reload_that_removes_a_route_closes_its_streams_with_1001() {
+    let up = TestUpstream::start().await;
+    let peer = MuxPeer::start(Behavior::Echo).await;
+    let dir = std::env::temp_dir().join(format!("muxgate-h2-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("upstreams.yaml");
+    let server = "http2: true\ndrain_timeout: 200ms";
+    std::fs::write(&file, both_modes(up.addr, peer.addr, server)).unwrap();
+    let broker = start_broker_from_file(&file).await;
+    let h2 = H2Connection::cleartext(broker.client_addr).await;
+    let (mut kept, _) = h2.open("/ws/echo", &[]).await;
+    let (mut removed, _) = h2.open("/ws/mux", &[]).await;
+    echo_roundtrip(&mut removed, Message::text("before")).await;
+
+    // The same file without the multiplexed upstream.
+    std::fs::write(&file, direct_config(&[up.addr], "", "", server)).unwrap();
+    let reload = "POST /admin/reload HTTP/1.1\r\nHost: admin\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+    let (status, _, body) = raw_http(broker.admin_addr, reload).await;
+    assert_eq!(status, 200, "{body}");
+    let (code, _) = expect_close(&mut removed).await;
+    assert_eq!(code, 1001);
+    expect_end(&mut removed).await;
+    echo_roundtrip(&mut kept, Message::text("still here")).await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
