@@ -64,6 +64,12 @@ pub(super) struct Pump {
     /// with the task's waker registered on the socket (not for want of
     /// coop budget); see [`Pump::asleep`].
     armed: bool,
+    /// The source ended its side after its close frame passed (an HTTP/2
+    /// client ends its stream with its close, as Chromium does; an HTTP/1.1
+    /// one may shut its socket's write side down) while the other side's
+    /// answer is still to come: nothing more is read from it, and what it
+    /// is owed still goes.
+    pub(super) source_finished: bool,
     /// Whether the source has been heard from (keepalive; noted with a
     /// store, not a clock read, on the relay's hottest path).
     pub(super) liveness: Liveness,
@@ -90,6 +96,7 @@ impl Pump {
             chunk,
             unflushed: false,
             armed: false,
+            source_finished: false,
             liveness: Liveness::new(Instant::now()),
             counters,
             messages_read: 0,

@@ -85,10 +85,6 @@ pub(in crate::direct) async fn run(
         timer_deadline(&session, &keepalive, &up, &down),
     );
     tokio::pin!(alarms);
-    // The client's close passed and then its side ended: an HTTP/2 client
-    // ends its stream with its close frame (and an HTTP/1.1 one may shut
-    // its socket's write side down), and still reads the upstream's answer.
-    let mut client_finished = false;
     let stop = loop {
         tokio::select! {
             biased;
@@ -118,7 +114,7 @@ pub(in crate::direct) async fn run(
             // Both directions read into the loop's one buffer.
             // A direction whose source did not wake the task is skipped.
             stop = poll_fn(|cx| chunked::with_read_buffer(up.chunk.max(down.chunk), |buf| {
-                let polled = if client_finished {
+                let polled = if up.source_finished {
                     // Only what the upstream is still owed (the close) goes.
                     match up.poll_drain(&mut upstream, cx) {
                         Poll::Ready(Ok(())) => match up.poll_flush(&mut upstream, cx) {
@@ -136,7 +132,7 @@ pub(in crate::direct) async fn run(
                 if let Poll::Ready(end) = polled {
                     let closed = up.scan.closed.is_some();
                     if matches!(end, PumpEnd::Eof) && closed && down.scan.closed.is_none() {
-                        client_finished = true;
+                        up.source_finished = true;
                     } else {
                         return Poll::Ready(stop_of(end, Side::Client, Side::Upstream, closed));
                     }
