@@ -771,3 +771,33 @@ async fn a_reload_that_removes_a_route_closes_its_streams_with_1001() {
     echo_roundtrip(&mut kept, Message::text("still here")).await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// In a restart's handover (the listener closes first, sessions go on
+/// until the drain begins) an HTTP/2 connection gets GOAWAY at once: its
+/// open WebSocket goes on, a new stream is refused (the client opens it
+/// on a new connection, which the kernel gives the other process), and
+/// when shutdown begins the WebSocket closes with 1001.
+#[tokio::test]
+async fn a_handover_sends_goaway_and_keeps_the_open_streams_until_the_drain() {
+    let up = TestUpstream::start().await;
+    let broker = start_broker(&direct_config(&[up.addr], "", "", "http2: true")).await;
+    let h2 = H2Connection::cleartext(broker.client_addr).await;
+    let (mut ws, _) = h2.open("/ws/echo", &[]).await;
+    echo_roundtrip(&mut ws, Message::text("before")).await;
+    broker.shutdown.hand_over();
+    // A stream sent before GOAWAY reached the client is still served (as
+    // the handover serves every request it had taken); once it arrived,
+    // new streams are refused.
+    within("GOAWAY", async {
+        while let Ok((_, stream)) = h2.connect("/ws/echo", &[]).await {
+            drop(stream);
+        }
+    })
+    .await;
+    echo_roundtrip(&mut ws, Message::text("during the handover")).await;
+    broker.shutdown.begin();
+    assert_eq!(expect_close(&mut ws).await.0, 1001);
+    expect_end(&mut ws).await;
+    let ended = within("the connection's end", h2.driver).await.unwrap();
+    assert!(ended.is_ok(), "the connection ended cleanly: {ended:?}");
+}
