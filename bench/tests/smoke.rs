@@ -203,10 +203,11 @@ fn compression_cpu_sh_writes_every_number() {
     std::fs::remove_dir_all(&out).unwrap();
 }
 
-/// bench/http2.sh runs end to end with a few sessions and leaves a number
-/// in every cell of its section: the four variants' RSS, client
-/// connections and open files, the HTTP/2 ones' sessions sharing a few
-/// connections.
+/// bench/http2.sh runs end to end with a few sessions and short echo runs
+/// and leaves a number in every cell of its section: the four variants'
+/// RSS, client connections and open files, the HTTP/2 ones' sessions
+/// sharing a few connections; and their round trips per second and CPU
+/// per round trip, with the ratios to HTTP/1.1.
 #[test]
 fn http2_sh_writes_every_number() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
@@ -223,6 +224,8 @@ fn http2_sh_writes_every_number() {
         .env("BENCH_HTTP2_SESSIONS", "200")
         // Several streams on each of several connections per loadgen.
         .env("BENCH_HTTP2_STREAMS", "30")
+        .env("BENCH_HTTP2_DURATION", "1s")
+        .env("BENCH_HTTP2_ROUNDS", "1")
         .env("BENCH_PORT_BASE", free_port_base(2).to_string())
         .output()
         .expect("run bench/http2.sh");
@@ -237,22 +240,40 @@ fn http2_sh_writes_every_number() {
         report.contains("## Memory per idle session over HTTP/2"),
         "{report}"
     );
-    let rows: Vec<Vec<String>> = table_rows(&report)
-        .into_iter()
-        .filter(|row| !row[0].starts_with("variant"))
-        .collect();
-    let variants: Vec<&str> = rows.iter().map(|row| row[0].as_str()).collect();
-    assert_eq!(
-        variants,
-        [
-            "direct, HTTP/1.1",
-            "direct, HTTP/2",
-            "multiplexed, HTTP/1.1",
-            "multiplexed, HTTP/2"
-        ],
-        "{report}"
-    );
-    for row in &rows {
+    let (memory, relaying) = report
+        .split_once("### Relaying over HTTP/2")
+        .unwrap_or_else(|| panic!("no relaying table:\n{report}"));
+    let rows = |table: &str| -> Vec<Vec<String>> {
+        let rows: Vec<Vec<String>> = table_rows(table)
+            .into_iter()
+            .filter(|row| !row[0].starts_with("variant"))
+            .collect();
+        let variants: Vec<&str> = rows.iter().map(|row| row[0].as_str()).collect();
+        assert_eq!(
+            variants,
+            [
+                "direct, HTTP/1.1",
+                "direct, HTTP/2",
+                "multiplexed, HTTP/1.1",
+                "multiplexed, HTTP/2"
+            ],
+            "{report}"
+        );
+        rows
+    };
+    for row in &rows(relaying) {
+        // Round trips/s and CPU per round trip (each "median (range)"),
+        // their ratios to HTTP/1.1: 1 for HTTP/1.1 itself.
+        assert_eq!(row.len(), 5, "{row:?}\n{report}");
+        assert!(
+            row[1..].iter().all(|c| is_number_cell(c)),
+            "not a number in {row:?}\n{report}"
+        );
+        if row[0].ends_with("HTTP/1.1") {
+            assert_eq!(row[3..], ["1.00", "1.00"], "{row:?}\n{report}");
+        }
+    }
+    for row in &rows(memory) {
         // sessions, client connections, RSS before / after, per session, open files.
         assert_eq!(row.len(), 7, "{row:?}\n{report}");
         assert!(

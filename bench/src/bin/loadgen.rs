@@ -2,7 +2,9 @@
 //!
 //! - `loadgen echo --url URL -c 100 --size 64 --duration 10s`: each
 //!   connection keeps one message in flight and waits for its echo; prints
-//!   round trips per second and latency percentiles.
+//!   round trips per second and latency percentiles. `--http2` runs the
+//!   WebSockets as streams of HTTP/2 connections instead (RFC 8441),
+//!   `--streams-per-connection` (100) on each.
 //! - `loadgen latency --url URL -c 100 --size 64 --rate 5000 --duration 10s`:
 //!   open loop at a fixed total rate; each message's latency counts from the
 //!   instant it was scheduled, not the instant it was sent, so a stall delays
@@ -105,9 +107,12 @@ enum Mode {
         duration: Duration,
         #[arg(long, value_parser = humantime::parse_duration, default_value = "2s")]
         warmup: Duration,
-        /// Extra handshake header, `Name: value` (repeatable).
-        #[arg(long = "header")]
+        /// Extra handshake header, `Name: value` (repeatable; HTTP/1.1
+        /// only).
+        #[arg(long = "header", conflicts_with = "http2")]
         headers: Vec<String>,
+        #[command(flatten)]
+        http2: Http2Args,
     },
     /// Echo at a fixed total rate, spread evenly over the connections.
     Latency {
@@ -168,28 +173,42 @@ enum Mode {
         source_offset: u8,
         #[arg(long, value_parser = humantime::parse_duration, default_value = "30s")]
         hold: Duration,
-        /// Offer permessage-deflate (the server must agree).
-        #[arg(long)]
+        /// Offer permessage-deflate (the server must agree; HTTP/1.1 only:
+        /// it is not offered over HTTP/2 here).
+        #[arg(long, conflicts_with = "http2")]
         deflate: bool,
         /// Send one message of this many bytes of chat JSON on each
         /// connection and read its echo before holding it idle (0: none),
         /// so that a compressing server has made its compression states.
         #[arg(long, default_value_t = 0)]
         warm: usize,
-        /// Open the WebSockets as streams of HTTP/2 connections (RFC 8441:
-        /// prior-knowledge h2c, one extended CONNECT each) instead of one
-        /// HTTP/1.1 connection each, so that a benchmark sees what a
-        /// session costs the server when it shares its client connection.
-        /// permessage-deflate is not offered over HTTP/2 here.
-        #[arg(long, conflicts_with = "deflate")]
-        http2: bool,
-        /// With `--http2`: the most WebSockets on one HTTP/2 connection.
-        /// The connections are ceil(connections / this), the WebSockets
-        /// spread evenly over them; the server must allow that many streams
-        /// (`server.http2_max_concurrent_streams`).
-        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
-        streams_per_connection: u32,
+        #[command(flatten)]
+        http2: Http2Args,
     },
+}
+
+/// `--http2` and `--streams-per-connection`, of `echo` and `idle`.
+#[derive(clap::Args)]
+struct Http2Args {
+    /// Open the WebSockets as streams of HTTP/2 connections (RFC 8441:
+    /// prior-knowledge h2c, one extended CONNECT each) instead of one
+    /// HTTP/1.1 connection each, so that a benchmark sees what a
+    /// session costs the server when it shares its client connection.
+    #[arg(long)]
+    http2: bool,
+    /// With `--http2`: the most WebSockets on one HTTP/2 connection.
+    /// The connections are ceil(connections / this), the WebSockets
+    /// spread evenly over them; the server must allow that many streams
+    /// (`server.http2_max_concurrent_streams`).
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
+    streams_per_connection: u32,
+}
+
+impl Http2Args {
+    /// WebSockets per HTTP/2 connection with `--http2`; none without.
+    fn streams(&self) -> Option<usize> {
+        self.http2.then_some(self.streams_per_connection as usize)
+    }
 }
 
 /// The address and the path (`/` when none) of a `ws://IP:PORT/path` URL.
@@ -282,7 +301,27 @@ async fn main() {
             duration,
             warmup,
             headers,
-        } => echo(url, connections, size, duration, warmup, &headers).await,
+            http2,
+        } => {
+            let test = EchoTest {
+                size,
+                duration,
+                warmup,
+            };
+            match http2.streams() {
+                None => {
+                    let mut sockets = Vec::with_capacity(connections);
+                    for i in 0..connections {
+                        sockets.push(open_with(&url, (i % 254) as u8 + 1, &headers).await);
+                    }
+                    echo(sockets, test).await
+                }
+                Some(per) => {
+                    let (_h2s, sockets) = open_http2(&url, connections, per, 1, ECHO_WINDOWS).await;
+                    echo(sockets, test).await
+                }
+            }
+        }
         Mode::Latency {
             url,
             connections,
@@ -318,15 +357,10 @@ async fn main() {
             deflate,
             warm,
             http2,
-            streams_per_connection,
-        } => {
-            if http2 {
-                let per = streams_per_connection as usize;
-                idle_http2(url, connections, per, source_offset, hold, warm).await
-            } else {
-                idle(url, connections, source_offset, hold, deflate, warm).await
-            }
-        }
+        } => match http2.streams() {
+            Some(per) => idle_http2(url, connections, per, source_offset, hold, warm).await,
+            None => idle(url, connections, source_offset, hold, deflate, warm).await,
+        },
         Mode::Churn {
             url,
             rate,
@@ -427,20 +461,32 @@ async fn churn(url: String, rate: u32, duration: Duration) {
     );
 }
 
-async fn echo(
-    url: String,
-    connections: usize,
+/// What an `echo` run sends and for how long.
+#[derive(Clone, Copy)]
+struct EchoTest {
     size: usize,
     duration: Duration,
     warmup: Duration,
-    headers: &[String],
-) {
+}
+
+/// `echo` on open sockets (HTTP/1.1 connections or HTTP/2 streams alike):
+/// each keeps one message in flight, the round trips of `test.duration`
+/// after `test.warmup` counted.
+async fn echo<S>(sockets: Vec<WebSocketStream<S>>, test: EchoTest)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let EchoTest {
+        size,
+        duration,
+        warmup,
+    } = test;
+    let connections = sockets.len();
     let payload = Bytes::from(vec![b'x'; size]);
     let measuring = Arc::new(AtomicBool::new(false));
     let stop = Arc::new(AtomicBool::new(false));
     let mut tasks = Vec::new();
-    for i in 0..connections {
-        let mut ws = open_with(&url, (i % 254) as u8 + 1, headers).await;
+    for mut ws in sockets {
         let payload = payload.clone();
         let measuring = Arc::clone(&measuring);
         let stop = Arc::clone(&stop);
@@ -736,10 +782,8 @@ async fn idle(
     hold_open(sockets, hold).await;
 }
 
-/// `idle --http2`: the `connections` WebSockets as streams of
-/// ceil(connections / `per_connection`) HTTP/2 connections, each from the
-/// next source address after 127.0.0.`source_offset`; otherwise as
-/// [`idle`].
+/// `idle --http2`: the `connections` WebSockets as streams of HTTP/2
+/// connections ([`open_http2`]); otherwise as [`idle`].
 async fn idle_http2(
     url: String,
     connections: usize,
@@ -748,21 +792,17 @@ async fn idle_http2(
     hold: Duration,
     warm: usize,
 ) {
-    let (addr, path) = split_url(&url);
-    let count = connections.div_ceil(per_connection.max(1));
-    // Session i goes on connection i % count: none carries more than
-    // ceil(connections / count) <= per_connection.
-    let most = connections.div_ceil(count.max(1));
-    let mut h2s = Vec::with_capacity(count);
-    for j in 0..count {
-        let source = source_offset.wrapping_add((j % 254) as u8).max(1);
-        h2s.push(H2Connection::open(addr, source, most).await);
-    }
-    let (h2s, message) = (&h2s, &chat_json(warm, 0));
-    // 64 CONNECTs in flight, as `idle` has handshakes.
-    let sockets: Vec<H2Ws> = futures_util::stream::iter(0..connections)
-        .map(|i| async move {
-            let mut ws = h2s[i % count].websocket(path).await;
+    let (_h2s, sockets) = open_http2(
+        &url,
+        connections,
+        per_connection,
+        source_offset,
+        IDLE_WINDOWS,
+    )
+    .await;
+    let message = &chat_json(warm, 0);
+    let sockets: Vec<H2Ws> = futures_util::stream::iter(sockets)
+        .map(|mut ws| async move {
             warm_up(&mut ws, message).await;
             ws
         })
@@ -770,6 +810,38 @@ async fn idle_http2(
         .collect()
         .await;
     hold_open(sockets, hold).await;
+}
+
+/// `connections` WebSockets to the `ws://IP:PORT/path` in `url` as streams
+/// of ceil(connections / `per_connection`) HTTP/2 connections, each from
+/// the next source address after 127.0.0.`source_offset`, offering
+/// `windows`; and the connections, which the caller keeps while it uses
+/// the WebSockets.
+async fn open_http2(
+    url: &str,
+    connections: usize,
+    per_connection: usize,
+    source_offset: u8,
+    windows: H2Windows,
+) -> (Vec<H2Connection>, Vec<H2Ws>) {
+    let (addr, path) = split_url(url);
+    let count = connections.div_ceil(per_connection.max(1));
+    // Session i goes on connection i % count: none carries more than
+    // ceil(connections / count) <= per_connection.
+    let most = connections.div_ceil(count.max(1));
+    let mut h2s = Vec::with_capacity(count);
+    for j in 0..count {
+        let source = source_offset.wrapping_add((j % 254) as u8).max(1);
+        h2s.push(H2Connection::open(addr, source, most, windows).await);
+    }
+    let h2s_ref = &h2s;
+    // 64 CONNECTs in flight, as `idle` has handshakes.
+    let sockets = futures_util::stream::iter(0..connections)
+        .map(|i| h2s_ref[i % count].websocket(path))
+        .buffer_unordered(64)
+        .collect()
+        .await;
+    (h2s, sockets)
 }
 
 /// Sends `message` (none if empty) on `ws` and waits for its echo: what
@@ -808,14 +880,31 @@ async fn hold_open<S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
-/// `idle --http2`'s receive windows, per stream and per connection: the
-/// most the server may send before the client reads. An idle session is
-/// sent next to nothing (a ping now and then, unread), so small windows
-/// cost nothing and bound what the client could be made to buffer: 64
-/// KiB a stream, and 1 MiB a connection of 100 streams, not the 64 MiB
-/// h2's per-stream default would allow.
-const H2_STREAM_WINDOW: u32 = 64 * 1024;
-const H2_CONNECTION_WINDOW: u32 = 1 << 20;
+/// The receive windows an HTTP/2 client connection offers, per stream and
+/// per connection: the most the server may send before the client reads.
+#[derive(Clone, Copy)]
+struct H2Windows {
+    stream: u32,
+    connection: u32,
+}
+
+/// `idle --http2`'s: an idle session is sent next to nothing (a ping now
+/// and then, unread), so small windows cost nothing and bound what the
+/// client could be made to buffer: 64 KiB a stream, and 1 MiB a
+/// connection of 100 streams, not the 64 MiB h2's per-stream default
+/// would allow.
+const IDLE_WINDOWS: H2Windows = H2Windows {
+    stream: 64 * 1024,
+    connection: 1 << 20,
+};
+
+/// `echo --http2`'s: one small message in flight per stream needs little,
+/// but the client must never be what throttles the server's writes: 1 MiB
+/// a stream, 16 MiB a connection.
+const ECHO_WINDOWS: H2Windows = H2Windows {
+    stream: 1 << 20,
+    connection: 16 << 20,
+};
 
 /// A WebSocket on one stream of an HTTP/2 connection.
 type H2Ws = WebSocketStream<H2Stream>;
@@ -836,12 +925,18 @@ impl H2Connection {
     /// answered after the server's own preface, its SETTINGS), so that
     /// extended CONNECT and `streams` streams at once can be checked
     /// before any is opened: a stream over the server's limit would wait
-    /// for one of the others to end, and idle ones never do.
-    async fn open(addr: SocketAddr, source: u8, streams: usize) -> H2Connection {
+    /// for one of the others to end, and idle ones never do. Offers
+    /// `windows` as its receive windows.
+    async fn open(
+        addr: SocketAddr,
+        source: u8,
+        streams: usize,
+        windows: H2Windows,
+    ) -> H2Connection {
         let tcp = connect_from(addr, source).await;
         let (send, mut connection) = h2::client::Builder::new()
-            .initial_window_size(H2_STREAM_WINDOW)
-            .initial_connection_window_size(H2_CONNECTION_WINDOW)
+            .initial_window_size(windows.stream)
+            .initial_connection_window_size(windows.connection)
             .handshake::<_, Bytes>(tcp)
             .await
             .unwrap_or_else(|e| panic!("HTTP/2 handshake with {addr}: {e}"));
