@@ -1,16 +1,9 @@
-//! WebSockets over HTTP/2 (RFC 8441) for tests, on the `h2` crate: one
-//! HTTP/2 connection to the broker, and WebSockets opened on it as
-//! extended CONNECT streams, each a tungstenite client over the stream's
-//! DATA frames.
+//! WebSockets over HTTP/2 (RFC 8441) for tests: `muxgate_backend::h2ws`'s
+//! client, each step under [`within`], and tungstenite clients on its
+//! streams.
 
-use std::io;
-use std::pin::Pin;
-use std::task::{ready, Context, Poll};
-
-use bytes::{Buf, Bytes};
-use h2::client::SendRequest;
-use h2::{RecvStream, SendStream};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use muxgate_backend::h2ws::{Connection, Stream, Windows};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::WebSocketStream;
@@ -22,13 +15,12 @@ pub const STREAM_WINDOW: u32 = 1 << 20;
 
 /// A WebSocket on one stream of an HTTP/2 connection.
 pub type H2Client = WebSocketStream<H2Stream>;
+/// A stream's DATA frames as bytes to read and write.
+pub type H2Stream = Stream;
 
-/// One HTTP/2 connection to the broker; its frames are driven by a task
-/// of its own, which ends with the connection.
+/// One HTTP/2 connection to the broker.
 pub struct H2Connection {
-    send: SendRequest<Bytes>,
-    scheme: &'static str,
-    authority: String,
+    connection: Connection,
     /// Resolves when the connection has ended (after GOAWAY, or an error).
     pub driver: tokio::task::JoinHandle<Result<(), h2::Error>>,
 }
@@ -42,9 +34,8 @@ impl H2Connection {
     }
 
     /// HTTP/2 on `io`, with each stream's receive window `window` (the
-    /// connection's holds 64 of them). Returns once the broker's SETTINGS
-    /// have arrived and allow extended CONNECT: a PING sent after the
-    /// preface is answered after the server's own preface, its SETTINGS.
+    /// connection's holds 64 of them); returns once the broker's SETTINGS
+    /// have arrived, which must allow extended CONNECT.
     pub async fn over<T>(
         io: T,
         scheme: &'static str,
@@ -54,32 +45,27 @@ impl H2Connection {
     where
         T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let (send, mut connection) = h2::client::Builder::new()
-            .initial_window_size(window)
-            .initial_connection_window_size(window.saturating_mul(64).min(i32::MAX as u32))
-            .handshake::<_, Bytes>(io)
-            .await
-            .expect("HTTP/2 handshake");
-        let mut ping = connection.ping_pong().expect("ping_pong taken once");
-        let driver = tokio::spawn(connection);
-        within("the broker's SETTINGS", ping.ping(h2::Ping::opaque()))
-            .await
-            .expect("PING answered");
+        let windows = Windows {
+            stream: window,
+            connection: window.saturating_mul(64).min(i32::MAX as u32),
+        };
+        let origin = format!("{scheme}://{authority}");
+        let (connection, driver) = within(
+            "the broker's SETTINGS",
+            Connection::handshake(io, origin, windows),
+        )
+        .await
+        .expect("HTTP/2 handshake, PING answered");
         assert!(
-            send.is_extended_connect_protocol_enabled(),
+            connection.allows_extended_connect(),
             "the broker's SETTINGS allow extended CONNECT"
         );
-        H2Connection {
-            send,
-            scheme,
-            authority,
-            driver,
-        }
+        H2Connection { connection, driver }
     }
 
     /// The most streams the broker lets this connection open at once.
     pub fn max_streams(&self) -> usize {
-        self.send.current_max_send_streams()
+        self.connection.max_streams()
     }
 
     /// Sends an extended CONNECT for `path` with `headers` and returns the
@@ -89,25 +75,11 @@ impl H2Connection {
         path: &str,
         headers: &[(&str, &str)],
     ) -> Result<(http::response::Parts, H2Stream), h2::Error> {
-        let mut request = http::Request::builder()
-            .method(http::Method::CONNECT)
-            .uri(format!("{}://{}{}", self.scheme, self.authority, path))
-            .extension(h2::ext::Protocol::from_static("websocket"))
-            .header("sec-websocket-version", "13");
-        for (k, v) in headers {
-            request = request.header(*k, *v);
-        }
-        let mut send = self.send.clone().ready().await?;
-        let (response, stream) = send.send_request(request.body(()).unwrap(), false)?;
-        let (head, recv) = within("the CONNECT's answer", response).await?.into_parts();
-        Ok((
-            head,
-            H2Stream {
-                send: stream,
-                recv,
-                unread: Bytes::new(),
-            },
-        ))
+        within(
+            "the CONNECT's answer",
+            self.connection.connect(path, headers),
+        )
+        .await
     }
 
     /// Opens a WebSocket on `path`, which must be accepted (200).
@@ -124,94 +96,10 @@ impl H2Connection {
 
     /// Any request on a new stream (a GET, say): its status.
     pub async fn request(&self, method: http::Method, path: &str) -> u16 {
-        let request = http::Request::builder()
-            .method(method)
-            .uri(format!("{}://{}{}", self.scheme, self.authority, path))
-            .body(())
-            .unwrap();
-        let mut send = self.send.clone().ready().await.expect("ready");
-        let (response, _) = send.send_request(request, true).expect("request sent");
-        within("the answer", response)
+        within("the answer", self.connection.request(method, path))
             .await
             .expect("answer")
-            .status()
+            .status
             .as_u16()
-    }
-}
-
-/// A stream's DATA frames as bytes to read and write.
-pub struct H2Stream {
-    send: SendStream<Bytes>,
-    recv: RecvStream,
-    /// Part of a DATA frame a read had no room for.
-    unread: Bytes,
-}
-
-fn broken(e: h2::Error) -> io::Error {
-    io::Error::other(e)
-}
-
-impl AsyncRead for H2Stream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        while this.unread.is_empty() {
-            match ready!(this.recv.poll_data(cx)) {
-                Some(Ok(data)) => {
-                    // Read: the broker may send as much again.
-                    let _ = this.recv.flow_control().release_capacity(data.len());
-                    this.unread = data;
-                }
-                Some(Err(e)) => return Poll::Ready(Err(broken(e))),
-                None => return Poll::Ready(Ok(())),
-            }
-        }
-        let n = this.unread.len().min(buf.remaining());
-        buf.put_slice(&this.unread[..n]);
-        this.unread.advance(n);
-        Poll::Ready(Ok(()))
-    }
-}
-
-impl AsyncWrite for H2Stream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        if buf.is_empty() {
-            return Poll::Ready(Ok(0));
-        }
-        this.send.reserve_capacity(buf.len());
-        loop {
-            let room = this.send.capacity();
-            if room > 0 {
-                let n = room.min(buf.len());
-                this.send
-                    .send_data(Bytes::copy_from_slice(&buf[..n]), false)
-                    .map_err(broken)?;
-                return Poll::Ready(Ok(n));
-            }
-            match ready!(this.send.poll_capacity(cx)) {
-                Some(Ok(_)) => {}
-                Some(Err(e)) => return Poll::Ready(Err(broken(e))),
-                None => return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into())),
-            }
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        // END_STREAM; a stream the broker already reset has nothing to end.
-        let _ = this.send.send_data(Bytes::new(), true);
-        Poll::Ready(Ok(()))
     }
 }

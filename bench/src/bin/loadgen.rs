@@ -23,25 +23,20 @@
 
 #![forbid(unsafe_code)]
 
-use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 
-use bytes::{Buf, Bytes};
+use bytes::Bytes;
 use clap::{Parser, Subcommand};
 use futures_util::{SinkExt, StreamExt};
-use h2::client::SendRequest;
-use h2::{RecvStream, SendStream};
 use hdrhistogram::Histogram;
 use muxgate_backend::deflate::negotiate;
 use muxgate_backend::deflate::stream::{DeflateSettings, Deflating};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use muxgate_backend::h2ws::{Connection, Stream, Windows};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpSocket, TcpStream};
-use tokio_tungstenite::tungstenite::http;
 use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
@@ -822,7 +817,7 @@ async fn open_http2(
     connections: usize,
     per_connection: usize,
     source_offset: u8,
-    windows: H2Windows,
+    windows: Windows,
 ) -> (Vec<H2Connection>, Vec<H2Ws>) {
     let (addr, path) = split_url(url);
     let count = connections.div_ceil(per_connection.max(1));
@@ -880,20 +875,12 @@ async fn hold_open<S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
-/// The receive windows an HTTP/2 client connection offers, per stream and
-/// per connection: the most the server may send before the client reads.
-#[derive(Clone, Copy)]
-struct H2Windows {
-    stream: u32,
-    connection: u32,
-}
-
 /// `idle --http2`'s: an idle session is sent next to nothing (a ping now
 /// and then, unread), so small windows cost nothing and bound what the
 /// client could be made to buffer: 64 KiB a stream, and 1 MiB a
 /// connection of 100 streams, not the 64 MiB h2's per-stream default
 /// would allow.
-const IDLE_WINDOWS: H2Windows = H2Windows {
+const IDLE_WINDOWS: Windows = Windows {
     stream: 64 * 1024,
     connection: 1 << 20,
 };
@@ -901,184 +888,64 @@ const IDLE_WINDOWS: H2Windows = H2Windows {
 /// `echo --http2`'s: one small message in flight per stream needs little,
 /// but the client must never be what throttles the server's writes: 1 MiB
 /// a stream, 16 MiB a connection.
-const ECHO_WINDOWS: H2Windows = H2Windows {
+const ECHO_WINDOWS: Windows = Windows {
     stream: 1 << 20,
     connection: 16 << 20,
 };
 
 /// A WebSocket on one stream of an HTTP/2 connection.
-type H2Ws = WebSocketStream<H2Stream>;
+type H2Ws = WebSocketStream<Stream>;
 
 /// One prior-knowledge HTTP/2 (h2c) connection to the server, on which
 /// WebSockets open as extended CONNECT streams (RFC 8441); a task of its
 /// own drives its frames (and answers the server's PINGs) until the
 /// connection ends.
-struct H2Connection {
-    send: SendRequest<Bytes>,
-    /// `http://IP:PORT`: the CONNECTs' `:scheme` and `:authority`.
-    origin: String,
-}
+struct H2Connection(Connection);
 
 impl H2Connection {
     /// Connects from 127.0.0.`source` to `addr` and returns once the
-    /// server's SETTINGS have arrived (a PING sent after the preface is
-    /// answered after the server's own preface, its SETTINGS), so that
-    /// extended CONNECT and `streams` streams at once can be checked
-    /// before any is opened: a stream over the server's limit would wait
-    /// for one of the others to end, and idle ones never do. Offers
-    /// `windows` as its receive windows.
-    async fn open(
-        addr: SocketAddr,
-        source: u8,
-        streams: usize,
-        windows: H2Windows,
-    ) -> H2Connection {
+    /// server's SETTINGS have arrived, so that extended CONNECT and
+    /// `streams` streams at once can be checked before any is opened: a
+    /// stream over the server's limit would wait for one of the others to
+    /// end, and idle ones never do. Offers `windows` as its receive windows.
+    async fn open(addr: SocketAddr, source: u8, streams: usize, windows: Windows) -> H2Connection {
         let tcp = connect_from(addr, source).await;
-        let (send, mut connection) = h2::client::Builder::new()
-            .initial_window_size(windows.stream)
-            .initial_connection_window_size(windows.connection)
-            .handshake::<_, Bytes>(tcp)
+        let (connection, driver) = Connection::handshake(tcp, format!("http://{addr}"), windows)
             .await
-            .unwrap_or_else(|e| panic!("HTTP/2 handshake with {addr}: {e}"));
-        let mut ping = connection.ping_pong().expect("ping_pong taken once");
+            .unwrap_or_else(|e| {
+                panic!("HTTP/2 handshake with {addr} (does it serve HTTP/2?): {e}")
+            });
         tokio::spawn(async move {
             // Its streams end with it: say why, for the run's log.
-            if let Err(e) = connection.await {
+            if let Ok(Err(e)) = driver.await {
                 eprintln!("loadgen: HTTP/2 connection to {addr} from 127.0.0.{source} failed: {e}");
             }
         });
-        ping.ping(h2::Ping::opaque())
-            .await
-            .unwrap_or_else(|e| panic!("no SETTINGS from {addr} (does it serve HTTP/2?): {e}"));
         assert!(
-            send.is_extended_connect_protocol_enabled(),
+            connection.allows_extended_connect(),
             "{addr} does not allow extended CONNECT (SETTINGS_ENABLE_CONNECT_PROTOCOL)"
         );
-        let most = send.current_max_send_streams();
+        let most = connection.max_streams();
         assert!(
             most >= streams,
             "{addr} allows {most} streams per HTTP/2 connection, {streams} asked (--streams-per-connection)"
         );
-        H2Connection {
-            send,
-            origin: format!("http://{addr}"),
-        }
+        H2Connection(connection)
     }
 
     /// Opens a WebSocket on `path`: an extended CONNECT (`:protocol
     /// websocket`), which the server must answer 200.
     async fn websocket(&self, path: &str) -> H2Ws {
-        let request = http::Request::builder()
-            .method(http::Method::CONNECT)
-            .uri(format!("{}{path}", self.origin))
-            .extension(h2::ext::Protocol::from_static("websocket"))
-            .header("sec-websocket-version", "13")
-            .body(())
-            .expect("a valid CONNECT request");
-        let mut send = self
-            .send
-            .clone()
-            .ready()
+        let origin = self.0.origin();
+        let (head, io) = self
+            .0
+            .connect(path, &[])
             .await
-            .unwrap_or_else(|e| panic!("HTTP/2 connection to {}: {e}", self.origin));
-        let (response, stream) = send
-            .send_request(request, false)
-            .unwrap_or_else(|e| panic!("CONNECT to {}{path}: {e}", self.origin));
-        let (head, recv) = response
-            .await
-            .unwrap_or_else(|e| panic!("CONNECT to {}{path} unanswered: {e}", self.origin))
-            .into_parts();
+            .unwrap_or_else(|e| panic!("CONNECT to {origin}{path}: {e}"));
         assert_eq!(
             head.status, 200,
-            "CONNECT to {}{path} refused: {head:?}",
-            self.origin
+            "CONNECT to {origin}{path} refused: {head:?}"
         );
-        let io = H2Stream {
-            send: stream,
-            recv,
-            unread: Bytes::new(),
-        };
         WebSocketStream::from_raw_socket(io, Role::Client, None).await
-    }
-}
-
-/// A stream's DATA frames as bytes to read and write: what a WebSocket
-/// runs on over HTTP/2.
-struct H2Stream {
-    send: SendStream<Bytes>,
-    recv: RecvStream,
-    /// Part of a DATA frame a read had no room for.
-    unread: Bytes,
-}
-
-fn broken(e: h2::Error) -> io::Error {
-    io::Error::other(e)
-}
-
-impl AsyncRead for H2Stream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        while this.unread.is_empty() {
-            match ready!(this.recv.poll_data(cx)) {
-                Some(Ok(data)) => {
-                    // Taken off the window: the server may send as much again.
-                    let _ = this.recv.flow_control().release_capacity(data.len());
-                    this.unread = data;
-                }
-                Some(Err(e)) => return Poll::Ready(Err(broken(e))),
-                None => return Poll::Ready(Ok(())),
-            }
-        }
-        let n = this.unread.len().min(buf.remaining());
-        buf.put_slice(&this.unread[..n]);
-        this.unread.advance(n);
-        Poll::Ready(Ok(()))
-    }
-}
-
-impl AsyncWrite for H2Stream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        if buf.is_empty() {
-            return Poll::Ready(Ok(0));
-        }
-        // What the server's window allows now; the rest waits for credit.
-        this.send.reserve_capacity(buf.len());
-        loop {
-            let room = this.send.capacity();
-            if room > 0 {
-                let n = room.min(buf.len());
-                this.send
-                    .send_data(Bytes::copy_from_slice(&buf[..n]), false)
-                    .map_err(broken)?;
-                return Poll::Ready(Ok(n));
-            }
-            match ready!(this.send.poll_capacity(cx)) {
-                Some(Ok(_)) => {}
-                Some(Err(e)) => return Poll::Ready(Err(broken(e))),
-                None => return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into())),
-            }
-        }
-    }
-
-    /// Nothing to flush: the connection's task writes what `send_data`
-    /// queued.
-    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        // END_STREAM; a stream the server already reset has nothing to end.
-        let _ = this.send.send_data(Bytes::new(), true);
-        Poll::Ready(Ok(()))
     }
 }
