@@ -205,6 +205,14 @@ pub(crate) enum Upgrade {
 }
 
 impl Upgrade {
+    /// The HTTP it came over.
+    pub(crate) fn http_version(&self) -> HttpVersion {
+        match self {
+            Upgrade::Http1 { .. } => HttpVersion::Http1,
+            Upgrade::Http2 => HttpVersion::Http2,
+        }
+    }
+
     /// The answer that accepts it: 101 with `Sec-WebSocket-Accept`, or,
     /// over HTTP/2, 200; the mode adds the subprotocol and extensions.
     pub(crate) fn accepted(&self, request_id: &str) -> Response {

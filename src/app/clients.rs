@@ -129,7 +129,7 @@ async fn accept(
 ) -> Result<Response, HandshakeError> {
     let route = route.ok_or(HandshakeError::NotFound)?;
     let upgrade = handshake::check_upgrade(request)?;
-    let http_version = HttpVersion::of(request);
+    let http_version = upgrade.http_version();
     // Not yet during a handover: a connection the closed listener had
     // taken is served as any other.
     if app.shutdown.has_begun() {
